@@ -64,8 +64,8 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05
     seed: int = 0
-    # Documents per Ray task when tokenising; each task writes one shard per split.
-    docs_per_task: int = 64
+    # Source files per Ray task when tokenising; each task writes one shard per split.
+    files_per_task: int = 32
 
 
 @dataclass
@@ -196,7 +196,7 @@ def validate(cfg: JobConfig) -> JobConfig:
 
     _require(data.seq_len >= 8, "data.seq_len", data.seq_len, "expected at least 8 tokens")
     _require(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "expected a fraction in [0, 1)")
-    _require(data.docs_per_task >= 1, "data.docs_per_task", data.docs_per_task, "expected at least 1")
+    _require(data.files_per_task >= 1, "data.files_per_task", data.files_per_task, "expected at least 1")
     _require(
         data.tokenizer.path is not None or data.tokenizer.vocab_size >= 256 + 1,
         "data.tokenizer.vocab_size", data.tokenizer.vocab_size, "expected more than 256 (the byte alphabet)",
@@ -207,12 +207,12 @@ def validate(cfg: JobConfig) -> JobConfig:
             f"data.sources[{i}].format", source.format, f"expected one of {_TEXT_FORMATS}",
         )
 
-    _validate_model(model)
+    _validate_model(model, data.seq_len)
     return cfg
 
 
-def _validate_model(model: ModelConfig) -> None:
-    from transformers import CONFIG_MAPPING
+def _validate_model(model: ModelConfig, seq_len: int) -> None:
+    from transformers import AutoConfig, CONFIG_MAPPING
 
     if model.pretrained_path is not None:
         path = Path(model.pretrained_path)
@@ -220,7 +220,20 @@ def _validate_model(model: ModelConfig) -> None:
             (path / "config.json").is_file(),
             "model.pretrained_path", model.pretrained_path, "expected a local Hugging Face model folder with config.json",
         )
-        return
+        config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+    else:
+        _validate_arch(model)
+        config = CONFIG_MAPPING[model.arch](**model.hf_config)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    _require(
+        positions is None or positions >= seq_len,
+        "data.seq_len", seq_len, f"longer than the model's {positions} positions (model={model.name})",
+    )
+
+
+def _validate_arch(model: ModelConfig) -> None:
+    from transformers import CONFIG_MAPPING
+
     _require(
         model.arch in CONFIG_MAPPING,
         "model.arch", model.arch, "expected a transformers model_type such as llama, gpt2 or mistral",

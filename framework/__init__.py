@@ -1,0 +1,1 @@
+"""Train, sweep and serve language models on Ray from one Hydra config tree."""

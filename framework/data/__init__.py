@@ -1,0 +1,1 @@
+"""Data preparation (tokenizer, packed Parquet token shards, manifest) and per-worker streaming."""

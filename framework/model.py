@@ -1,0 +1,80 @@
+"""The causal LM: built from config with `transformers` (or loaded from a local folder); FLOPs per token for MFU."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from framework.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per GPU, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def hf_config(model: ModelConfig, vocab_size: int, special_ids: Dict[str, Optional[int]]) -> PretrainedConfig:
+    """The transformers config: the pretrained folder's own, or `arch` + `hf_config` with the tokenizer's vocab."""
+    if model.pretrained_path:
+        return AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+    return AutoConfig.for_model(model.arch, vocab_size=vocab_size, **special_ids, **model.hf_config)
+
+
+def build_model(model: ModelConfig, config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """The model in fp32 (DeepSpeed casts for mixed precision); the same seed gives the same weights on every rank."""
+    torch.manual_seed(seed)
+    if model.pretrained_path:
+        net = AutoModelForCausalLM.from_pretrained(model.pretrained_path, local_files_only=True, dtype=torch.float32)
+    else:
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model.activation_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.config.use_cache = False  # no KV cache while training
+    return net
+
+
+def max_positions(config: PretrainedConfig) -> Optional[int]:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def count_params(net: torch.nn.Module) -> int:
+    # ds_numel holds the full size of a ZeRO-3 partitioned parameter.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
+
+
+def flops_per_token(net: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token, 6·N + 12·L·d·T (PaLM appendix B; nanoGPT's estimate_mfu).
+
+    N counts the parameters that take part in matrix multiplies: the input embedding is a lookup,
+    so it is left out unless it is tied to the output projection, which is a real matmul.
+    """
+    config = net.config
+    n = count_params(net)
+    embeddings = net.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False):
+        n -= getattr(embeddings.weight, "ds_numel", embeddings.weight.numel())
+    wpe = getattr(getattr(net, "transformer", None), "wpe", None)  # GPT-2 learned positions: a lookup too
+    if wpe is not None:
+        n -= getattr(wpe.weight, "ds_numel", wpe.weight.numel())
+    layers = config.num_hidden_layers
+    hidden = config.hidden_size
+    return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def peak_tflops(override: Optional[float]) -> Optional[float]:
+    """Peak TFLOP/s of this worker's GPU, or None on CPU / an unknown GPU (then no MFU is reported)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def special_token_ids(tokenizer: Any) -> Dict[str, Optional[int]]:
+    """bos/eos/pad ids for the model config, so that `generate` stops at the end of a document."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }

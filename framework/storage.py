@@ -1,0 +1,52 @@
+"""Paths that may be local directories or object-store URIs, read and written through pyarrow.fs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Tuple
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> Tuple[pafs.FileSystem, str]:
+    """The filesystem and in-filesystem path for a local path or a URI such as s3://bucket/key."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_json(uri: str, obj: Any) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory to `uri` (a no-op copy when both are the same local place)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy the directory at `uri` into a local directory (created if missing)."""
+    fs, path = resolve(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

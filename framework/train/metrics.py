@@ -1,0 +1,86 @@
+"""Step metrics on rank 0: a readable line per interval, TensorBoard events, and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; on a resumed run it drops whatever was logged after the checkpoint."""
+
+    def __init__(self, log_dir: str, enabled: bool, start_step: int, max_steps: int):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.writer = None
+        self.jsonl: Optional[str] = None
+        self.started, self.start_step = time.perf_counter(), start_step
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(log_dir, exist_ok=True)
+        # purge_step hides events past the checkpoint, so a resumed loss curve continues seamlessly.
+        self.writer = SummaryWriter(log_dir, purge_step=start_step if start_step else None)
+        self.jsonl = os.path.join(log_dir, "metrics.jsonl")
+        self._truncate_after(start_step)
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.jsonl):
+            return
+        with open(self.jsonl) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(self.jsonl, "w") as f:
+            f.writelines(kept)
+
+    def log(self, records: List[Dict[str, float]]) -> None:
+        """One record per step: TensorBoard scalars and a JSON line each; the last one also printed."""
+        if not self.enabled or not records:
+            return
+        with open(self.jsonl, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+                for key, value in record.items():
+                    if key != "step":
+                        self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+        last = records[-1]
+        done = last["step"] - self.start_step
+        eta = (time.perf_counter() - self.started) / done * (self.max_steps - last["step"]) if done else 0.0
+        print(format_line(last, self.max_steps, eta), flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+
+def format_line(record: Dict[str, float], max_steps: int, eta_s: float) -> str:
+    """`step 120/300 (40%) | loss 3.412 | val 3.51 (ppl 33.4) | ... | eta 1:05` for people watching the run."""
+    step = int(record["step"])
+    parts = [f"step {step}/{max_steps} ({step / max_steps:.0%})"]
+    for key, fmt in (
+        ("train/loss", "loss {:.4f}"),
+        ("val/loss", "val {:.4f}"),
+        ("val/perplexity", "val ppl {:.1f}"),
+        ("train/lr", "lr {:.2e}"),
+        ("train/grad_norm", "gnorm {:.3f}"),
+        ("perf/tokens_per_s", "{:,.0f} tok/s"),
+        ("perf/mfu", "mfu {:.1%}"),
+        ("perf/peak_mem_gb", "mem {:.2f} GB"),
+    ):
+        if key in record:
+            parts.append(fmt.format(record[key]))
+    parts.append(f"eta {int(eta_s) // 60}:{int(eta_s) % 60:02d}")
+    return " | ".join(parts)

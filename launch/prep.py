@@ -1,0 +1,16 @@
+"""Prepare token shards: `python launch/prep.py [data=stdlib] [data.seq_len=512] ...`"""
+
+from omegaconf import DictConfig
+
+from framework.config import hydra_entry, to_job_config
+
+
+@hydra_entry()
+def main(cfg: DictConfig) -> None:
+    from framework.data.prepare import run
+
+    run(to_job_config(cfg))
+
+
+if __name__ == "__main__":
+    main()
