@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # Any `transformers` model_type (llama, gpt2, mistral, ...); built with AutoConfig.for_model.
+    # Any `transformers` model_type (llama, gpt2, mistral, ...), built with AutoConfig.for_model;
+    # or `pretrained`, which loads `pretrained_path` and requires it.
     arch: str = "llama"
     # Keyword arguments for the transformers config class; vocab_size comes from the tokenizer.
     hf_config: Dict[str, Any] = field(default_factory=dict)
@@ -214,11 +215,11 @@ def validate(cfg: JobConfig) -> JobConfig:
 def _validate_model(model: ModelConfig, seq_len: int) -> None:
     from transformers import AutoConfig, CONFIG_MAPPING
 
-    if model.pretrained_path is not None:
-        path = Path(model.pretrained_path)
+    if model.pretrained_path is not None or model.arch == "pretrained":
+        path = Path(model.pretrained_path or "")
         _require(
             (path / "config.json").is_file(),
-            "model.pretrained_path", model.pretrained_path, "expected a local Hugging Face model folder with config.json",
+            "model.pretrained_path", model.pretrained_path, f"expected a local Hugging Face model folder with config.json (model={model.name})",
         )
         config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
     else:

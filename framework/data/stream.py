@@ -14,8 +14,8 @@ from framework.data.shards import COLUMN, shard_uris
 
 def build_datasets(data_dir: str, manifest: Dict[str, Any], eval_rows: int) -> Dict[str, ray.data.Dataset]:
     """The train split, and the first `eval_rows` rows of the validation split (a fixed evaluation set)."""
-    train = ray.data.read_parquet(shard_uris(data_dir, manifest, "train"), columns=[COLUMN])
-    validation = ray.data.read_parquet(shard_uris(data_dir, manifest, "validation"), columns=[COLUMN]).limit(eval_rows)
+    train = ray.data.read_parquet(shard_uris(data_dir, manifest, "train")).select_columns([COLUMN])
+    validation = ray.data.read_parquet(shard_uris(data_dir, manifest, "validation")).select_columns([COLUMN]).limit(eval_rows)
     return {"train": train, "validation": validation}
 
 

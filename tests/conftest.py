@@ -1,0 +1,104 @@
+"""Shared, expensive artefacts: one local Ray cluster, one small prepared corpus, tiny trained runs."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STDLIB = sysconfig.get_paths()["stdlib"]
+# A small slice of real text: stdlib modules whose names start with a-c (~40 files, ~1.5 MB).
+SMALL_CORPUS = f"{STDLIB}/[a-c]*.py"
+
+
+def run_overrides(data_dir: str, storage: str, name: str, **extra: object) -> List[str]:
+    """Overrides for a ~20-step tiny-model run on the small corpus: seconds of compute per step."""
+    overrides = {
+        "model": "tiny",
+        "data.output_dir": data_dir,
+        "data.seq_len": 64,
+        "run.name": name,
+        "run.storage_path": storage,
+        "run.num_workers": 2,
+        "run.max_steps": 20,
+        "run.global_batch_size": 8,
+        "run.micro_batch_size": 2,
+        "run.log_interval": 5,
+        "run.eval_interval": 10,
+        "run.checkpoint_interval": 10,
+        "run.eval_batches": 2,
+        "run.max_failures": 0,
+        "optim.warmup_steps": 2,
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole session (2 CPUs, as on CI)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, ray_session) -> str:
+    """The small corpus prepared with a 1k BPE vocabulary and 64-token sequences."""
+    from framework.config import load_job_config
+    from framework.data.prepare import run
+
+    out = str(tmp_path_factory.mktemp("data") / "small")
+    run(load_job_config([
+        f"data.sources.0.path='{SMALL_CORPUS}'",
+        "data.tokenizer.vocab_size=1024",
+        "data.seq_len=64",
+        "data.files_per_task=8",
+        f"data.output_dir={out}",
+    ]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_storage(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="session")
+def trained_runs(prepared_data, run_storage, ray_session) -> Dict[int, str]:
+    """Run directories of the same 20-step, 2-worker run under ZeRO stages 1, 2 and 3."""
+    from framework.config import load_job_config
+    from framework.train.trainer import run
+
+    runs = {}
+    for stage in (1, 2, 3):
+        name = f"zero{stage}"
+        run(load_job_config(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}")))
+        runs[stage] = os.path.join(run_storage, name)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(trained_runs) -> Dict[int, str]:
+    """The final (step 20) checkpoint directory of each ZeRO stage's run."""
+    from framework.train.checkpoint import latest_checkpoint
+
+    return {stage: latest_checkpoint(path) for stage, path in trained_runs.items()}
+
+
+def launch(script: str, *args: str, env: Dict[str, str] | None = None, timeout: float = 600):
+    """Run `python launch/<script> args...` as a user would, from the project root."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,60 @@
+"""Bad configs fail at once, in one line naming the key, before any Ray cluster starts."""
+
+import os
+
+import pytest
+
+from conftest import launch
+from framework.config import ConfigError, load_job_config
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("run.num_workerz=2", "run.num_workerz"),  # misspelt key
+        ("run.num_workers=two", "run.num_workers"),  # wrong type
+        ("run.global_batch_size=30", "run.global_batch_size=30"),  # 30 is not a multiple of 2 workers × 4
+        ("deepspeed=zero9", "deepspeed"),  # no such config group option
+    ],
+)
+def test_bad_config_fails_in_one_line_without_starting_ray(tmp_path, override, expected):
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    result = launch("train.py", override, env={"RAY_TMPDIR": str(ray_tmp)}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ConfigError: ") and expected in lines[0], result.stderr
+    assert list(ray_tmp.iterdir()) == [], "a Ray session was started for an invalid config"
+
+
+def test_batch_arithmetic_message_names_the_numbers():
+    with pytest.raises(ConfigError, match=r"run.global_batch_size=30: expected a multiple of .* = 2 × 4 = 8"):
+        load_job_config(["run.global_batch_size=30"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("+model.hf_config.hidden_sise=64", "model.hf_config.hidden_sise"),
+        ("deepspeed.offload_param=true", "deepspeed.offload_param"),  # needs ZeRO-3
+        ("run.precision=bf16", "run.precision"),  # half precision on CPU workers
+        ("data.seq_len=4096", "data.seq_len"),  # beyond the tiny model's 1024 positions
+        ("optim.warmup_steps=1000", "optim.warmup_steps"),
+        ("model=hf-local", "model.pretrained_path"),  # mandatory value left unset
+    ],
+)
+def test_impossible_combinations_are_rejected(override, key):
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        load_job_config([override])
+
+
+def test_presets_compose_and_validate():
+    for overrides in ([], ["experiment=smoke"], ["experiment=llama-125m-gpu"], ["model=gpt2-small"], ["deepspeed=zero3-offload"]):
+        job = load_job_config(overrides)
+        assert job.run.global_batch_size % (job.run.num_workers * job.run.micro_batch_size) == 0
+
+
+def test_cli_override_reaches_the_typed_config():
+    job = load_job_config(["model=llama-125m", "deepspeed=zero3", "run.num_workers=4", "optim.lr=3e-4", "run.global_batch_size=32"])
+    assert (job.model.hf_config["hidden_size"], job.deepspeed.stage, job.run.num_workers, job.optim.lr) == (768, 3, 4, 3e-4)
+    assert os.path.basename(job.data.output_dir) == "stdlib"
