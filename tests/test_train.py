@@ -60,7 +60,8 @@ def test_checkpoints_hold_every_rank_and_the_run_state(trained_checkpoints):
     assert os.path.isfile(os.path.join(z3, "tokenizer", "tokenizer.json"))
     assert os.path.isfile(os.path.join(z3, "hf_config", "config.json"))
     # keep_checkpoints=2: steps 10 and 20 are kept
-    assert sorted(n for n in os.listdir(os.path.dirname(z3)) if n.startswith("checkpoint_")) == [
+    run_dir = os.path.dirname(z3)
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, n))) == [
         "checkpoint_00000010", "checkpoint_00000020"
     ]
 
@@ -77,12 +78,15 @@ def test_killed_run_resumes_from_its_checkpoint_and_continues_the_same_curve(pre
     args = [sys.executable, str(ROOT / "launch" / "train.py"), *run_overrides(prepared_data, run_storage, name, deepspeed="zero2")]
     run_dir = os.path.join(run_storage, name)
     metrics = os.path.join(run_dir, "logs", "metrics.jsonl")
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
 
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    # Interrupt once training is past the step-10 checkpoint, like a Ctrl-C or a pre-empted driver.
+    # Interrupt once Ray Train has registered the step-10 checkpoint and training has gone past it,
+    # like a Ctrl-C or a pre-empted driver.
     while time.time() < deadline and first.poll() is None:
-        if os.path.exists(metrics) and any(json.loads(l)["step"] >= 13 for l in open(metrics)):
+        registered = os.path.exists(snapshot) and "checkpoint_00000010" in open(snapshot).read()
+        if registered and any(json.loads(l)["step"] >= 13 for l in open(metrics)):
             break
         time.sleep(0.5)
     assert first.poll() is None, "the first run ended before it could be interrupted:\n" + first.stdout.read()[-3000:]
