@@ -1,0 +1,203 @@
+"""OpenAI request and response shapes (completions, chat, models) and OpenAI-style error bodies.
+
+Requests are validated strictly (a string where a number belongs is a 400, not coerced) and unknown
+fields are ignored, as OpenAI's server does for parameters this server does not implement
+(logprobs, presence_penalty, ...). Every error a client can cause leaves as
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+
+StrictFloat = Annotated[float, Strict()]  # ints are accepted for floats (JSON has one number type); strings are not
+
+
+class APIError(Exception):
+    """An error a client caused (or overload); the app turns it into an OpenAI-style JSON body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(errors: Sequence[Dict[str, Any]]) -> APIError:
+    """A 400 for FastAPI's RequestValidationError (malformed JSON, missing or wrong-typed fields)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", first.get("msg"))
+        return APIError(400, f"Malformed JSON body: {detail}", code="invalid_json")
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    if not loc:
+        return APIError(400, f"Request body must be a JSON object sent as Content-Type: application/json "
+                             f"({first.get('msg')})", code="invalid_body")
+    param = _param_path(loc)
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg')}", param=param, code="invalid_value")
+
+
+def _param_path(loc: Sequence[Any]) -> str:
+    """messages.0.content → messages[0].content; union branch tags (`str`, `list[int]`) are dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in str(part) or str(part) in ("str", "int", "float", "bool") or "-" in str(part):
+            break
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Request):
+    model: StrictStr
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
+    top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=128)
+    stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[StrictStr] = None
+
+    def stop_list(self) -> List[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    # A string, a list of strings, token ids, or a list of token id lists (one choice set per prompt).
+    prompt: Union[StrictStr, List[StrictStr], List[StrictInt], List[List[StrictInt]]]
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[StrictStr, List[TextPart]]] = None
+    name: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: List[ChatMessage] = Field(min_length=1)
+    # The newer name OpenAI gives max_tokens on chat; either is accepted.
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: List[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "framework"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]

@@ -1,0 +1,151 @@
+"""Serving config: the `serve.*` schema (Hydra ConfigStore) and the checks a schema cannot express.
+
+`conf/serve.yaml` names `serve_schema` first in its defaults, so a misspelt `serve.*` key or a wrong
+type fails at composition; `check_serve_config` then checks ranges, combinations and the model folder,
+all before Ray or Serve start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from framework.config import ConfigError, _one_line, _require
+
+
+@dataclass
+class ServeConfig:
+    name: str = "default"
+    # A Hugging Face model folder, or a sweep's best.json whose `path` names one.
+    model_path: str = MISSING
+    # The id clients put in `model` and /v1/models lists; null uses the folder's name.
+    model_name: Optional[str] = None
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # Ray resources per replica; num_gpus > 0 puts the model on the replica's GPU.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Torch intra-op threads per replica; null keeps what Ray gives the actor (its num_cpus).
+    torch_threads: Optional[int] = None
+    # Autoscaling (Serve's autoscaling_config): replicas follow ongoing requests per replica.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    # Back-pressure: requests a replica takes at once (batched or waiting for the next batch), and
+    # requests a caller may queue for the deployment beyond that before it answers `backpressure_status`.
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 32
+    backpressure_status: int = 503  # 503 | 429
+    # Serve's @serve.batch: rows (prompts × n) decoded together, and how long to wait to fill a batch.
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    # max_tokens when a request leaves it out (clipped to what the context has left).
+    default_max_tokens: int = 64
+    # Name of an environment variable holding the API key (a Kubernetes Secret, say); null: no key.
+    api_key_env: Optional[str] = None
+    # HTTP proxy and application.
+    host: str = "0.0.0.0"
+    port: int = 8000
+    route_prefix: str = "/"
+    app_name: str = "llm"
+    # Ray cluster address; null uses RAY_ADDRESS or starts a local cluster.
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class ServeJobConfig:
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def register_serve_schema() -> None:
+    """Register the schema with Hydra's ConfigStore; `conf/serve.yaml` names it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="serve_schema", node=ServeJobConfig)
+
+
+# Registered on import so that `framework.config.compose(..., "serve")` finds it from any entry point.
+register_serve_schema()
+
+_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def to_serve_config(cfg: DictConfig | Dict[str, Any]) -> ServeConfig:
+    """Type the `serve` node (or a plain dict of serve.* keys, as Serve's `args` gives them) as ServeConfig."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    node = cfg["serve"] if "serve" in cfg else cfg
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeConfig), node))
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"serve.{exc.full_key}: missing; expected e.g. serve.{exc.full_key}=PATH") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"serve.{_one_line(exc)}") from None
+
+
+def validate_serve(serve: ServeConfig) -> ServeConfig:
+    """Check ranges and combinations; raises ConfigError naming the first bad key."""
+    _require(serve.dtype in _DTYPES, "serve.dtype", serve.dtype, f"expected one of {_DTYPES}")
+    _require(
+        serve.num_gpus > 0 or serve.dtype in ("auto", "fp32"),
+        "serve.dtype", serve.dtype, "half precision needs a GPU (serve.num_gpus>0); use fp32 or auto on CPU",
+    )
+    _require(serve.num_cpus >= 0, "serve.num_cpus", serve.num_cpus, "expected 0 or more")
+    _require(serve.num_gpus >= 0, "serve.num_gpus", serve.num_gpus, "expected 0 or more")
+    _require(
+        serve.torch_threads is None or serve.torch_threads >= 1,
+        "serve.torch_threads", serve.torch_threads, "expected at least 1, or null",
+    )
+    _require(serve.min_replicas >= 0, "serve.min_replicas", serve.min_replicas, "expected 0 or more")
+    _require(
+        serve.max_replicas >= max(serve.min_replicas, 1),
+        "serve.max_replicas", serve.max_replicas, f"expected at least 1 and serve.min_replicas={serve.min_replicas}",
+    )
+    _require(
+        serve.target_ongoing_requests > 0,
+        "serve.target_ongoing_requests", serve.target_ongoing_requests, "expected a positive number",
+    )
+    _require(serve.max_batch_size >= 1, "serve.max_batch_size", serve.max_batch_size, "expected at least 1")
+    # Fewer ongoing requests than batch rows would leave batches that can never fill.
+    _require(
+        serve.max_ongoing_requests >= serve.max_batch_size,
+        "serve.max_ongoing_requests", serve.max_ongoing_requests,
+        f"expected at least serve.max_batch_size={serve.max_batch_size}",
+    )
+    _require(
+        serve.max_queued_requests == -1 or serve.max_queued_requests >= 0,
+        "serve.max_queued_requests", serve.max_queued_requests, "expected 0 or more, or -1 (unbounded)",
+    )
+    _require(
+        serve.backpressure_status in (503, 429),
+        "serve.backpressure_status", serve.backpressure_status, "expected 503 or 429",
+    )
+    _require(
+        serve.batch_wait_timeout_s >= 0,
+        "serve.batch_wait_timeout_s", serve.batch_wait_timeout_s, "expected 0 or more seconds",
+    )
+    _require(serve.default_max_tokens >= 1, "serve.default_max_tokens", serve.default_max_tokens, "expected at least 1")
+    _require(1 <= serve.port <= 65535, "serve.port", serve.port, "expected a TCP port")
+    _require(serve.route_prefix.startswith("/"), "serve.route_prefix", serve.route_prefix, "expected a path starting with /")
+    _require(
+        serve.api_key_env is None or serve.api_key_env.strip() != "",
+        "serve.api_key_env", serve.api_key_env, "expected an environment variable name, or null",
+    )
+    return serve
+
+
+def check_serve_config(cfg: DictConfig) -> None:
+    """The check for `launch/serve.py`: schema, ranges, then the model folder itself (before Serve starts)."""
+    from framework.serve.folder import check_model_folder, resolve_model_path
+
+    serve = validate_serve(to_serve_config(cfg))
+    check_model_folder(resolve_model_path(serve.model_path))
+    # On the local cluster the replicas inherit this process's environment, so a missing key shows now.
+    local = serve.ray_address is None and not os.environ.get("RAY_ADDRESS")
+    if serve.api_key_env and local and not os.environ.get(serve.api_key_env):
+        raise ConfigError(f"serve.api_key_env={serve.api_key_env}: environment variable {serve.api_key_env} is not set")
+
+
+__all__ = ["ConfigError", "ServeConfig", "check_serve_config", "to_serve_config", "validate_serve"]
