@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import replace
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import ray
 import ray.data
@@ -91,8 +91,11 @@ def log_dir(job: JobConfig) -> str:
     return os.path.join(job.run.storage_path, job.run.name, "logs")
 
 
-def build_trainer(job: JobConfig) -> TorchTrainer:
-    """A TorchTrainer for `job` on the connected cluster; reruns of the same run name resume."""
+def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> TorchTrainer:
+    """A TorchTrainer for `job` on the connected cluster; reruns of the same run name resume.
+
+    `callbacks` (Ray Train callbacks) go into the RunConfig; a sweep passes Tune's TuneReportCallback.
+    """
     manifest = read_manifest(job.data.output_dir)
     check_data(job, manifest)
     tokenizer_uri = storage.join(job.data.output_dir, manifest["tokenizer"])
@@ -111,7 +114,7 @@ def build_trainer(job: JobConfig) -> TorchTrainer:
             "data_dir": job.data.output_dir,
             "log_dir": log_dir(job),
         },
-        torch_config=TorchConfig(backend="nccl" if job.run.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if job.run.gpus_per_worker else "gloo", timeout_s=job.run.init_timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.run.num_workers,
             use_gpu=bool(job.run.gpus_per_worker),
@@ -123,6 +126,7 @@ def build_trainer(job: JobConfig) -> TorchTrainer:
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
         datasets=build_datasets(job.data.output_dir, manifest, eval_rows),
         dataset_config=data_config(),

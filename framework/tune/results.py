@@ -1,0 +1,238 @@
+"""What a sweep leaves a person: the results table, two plots, and the best trial promoted to a Hugging Face folder.
+
+    <output_dir>/results.csv, results.parquet   one row per trial, best first
+    <output_dir>/history.parquet                every report of every trial (step, metrics, checkpoint)
+    <output_dir>/curves.png                     the metric against step per trial; × ends a stopped trial
+    <output_dir>/params.png                     the final metric against each swept value
+    <output_dir>/best/, best.json               the best trial's final checkpoint, exported and verified
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+
+from framework import storage
+from framework.tune.sweep import Sweep, format_value, trial_overrides
+
+COMPLETED, STOPPED, ERROR = "completed", "stopped", "error"
+
+
+@dataclass
+class TrialOutcome:
+    """One trial as Tune recorded it."""
+
+    trial_id: str
+    config: Dict[str, Any]  # the swept values Tune chose
+    history: pd.DataFrame  # one row per report: step, metrics, checkpoint_path, time_total_s
+    error: Optional[str]
+
+
+def outcomes(results: Any) -> List[TrialOutcome]:
+    """The trials of a Tune ResultGrid (trial folders are named by trial id)."""
+    found = []
+    for result in results:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        error = None if result.error is None else (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+        found.append(TrialOutcome(os.path.basename(result.path.rstrip("/")), dict(result.config or {}), history, error))
+    return found
+
+
+def _checkpoint_uri(storage_root: str, path: Any) -> Optional[str]:
+    """Train reports a checkpoint's path inside its filesystem; give it back the storage's scheme."""
+    if not isinstance(path, str) or not path:
+        return None
+    return f"{storage_root.split('://', 1)[0]}://{path}" if "://" in storage_root else path
+
+
+def results_table(trials: List[TrialOutcome], sweep: Sweep, storage_root: str) -> pd.DataFrame:
+    """One row per trial: its values and overrides, final and best metric, steps, stopped early or not, wall time, checkpoint."""
+    metric, mode = sweep.config.metric, sweep.config.mode
+    rows = []
+    for trial in trials:
+        history = trial.history
+        values = history[metric].dropna() if metric in history else pd.Series(dtype=float)
+        steps = int(history["step"].max()) if "step" in history and len(history) else 0
+        max_steps = int(trial.config.get("run.max_steps", sweep.job.run.max_steps))
+        status = ERROR if trial.error else (COMPLETED if steps >= max_steps else STOPPED)
+        checkpoints = history.dropna(subset=["checkpoint_path"]) if "checkpoint_path" in history else history.iloc[0:0]
+        row: Dict[str, Any] = {"trial": trial.trial_id, "status": status}
+        row.update({key: trial.config.get(key) for key in sweep.params})
+        row.update({
+            "overrides": " ".join(trial_overrides(sweep.params, trial.config)) if trial.config else "",
+            f"final_{metric}": float(values.iloc[-1]) if len(values) else math.nan,
+            f"best_{metric}": float(values.min() if mode == "min" else values.max()) if len(values) else math.nan,
+            "steps": steps,
+            "stopped_early": status == STOPPED,
+            "wall_s": float(history["time_total_s"].iloc[-1]) if "time_total_s" in history and len(history) else math.nan,
+            "checkpoint": _checkpoint_uri(storage_root, checkpoints["checkpoint_path"].iloc[-1]) if len(checkpoints) else None,
+            "checkpoint_step": int(checkpoints["step"].iloc[-1]) if len(checkpoints) else None,
+            "error": trial.error,
+        })
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(f"final_{metric}", ascending=(mode == "min"), na_position="last", kind="stable")
+    return table.reset_index(drop=True)
+
+
+def history_table(trials: List[TrialOutcome], metric: str) -> pd.DataFrame:
+    """Every report of every trial, in order: trial, step, the metrics, the checkpoint's path."""
+    columns = ["step", "tokens", "train_loss", "val_loss", "val_perplexity", "checkpoint_path", "time_total_s"]
+    frames = []
+    for trial in trials:
+        frame = trial.history.reindex(columns=[c for c in columns if c in trial.history or c == metric])
+        frames.append(frame.assign(trial=trial.trial_id))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial", *columns])
+
+
+def save_tables(table: pd.DataFrame, history: pd.DataFrame, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    table.to_csv(os.path.join(output_dir, "results.csv"), index=False)
+    _parquet_safe(table).to_parquet(os.path.join(output_dir, "results.parquet"), index=False)
+    _parquet_safe(history).to_parquet(os.path.join(output_dir, "history.parquet"), index=False)
+
+
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns mixing types (choice(4, auto)) become strings; Parquet wants one type per column."""
+    frame = frame.copy()
+    for column in frame.columns:
+        kinds = {type(v) for v in frame[column].dropna()}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            frame[column] = frame[column].map(lambda v: None if v is None else format_value(v))
+    return frame
+
+
+def print_table(table: pd.DataFrame, sweep: Sweep) -> None:
+    """The results table on the console, best trial first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = sweep.config.metric
+    view = Table(title=f"sweep {sweep.config.name}: {len(table)} trials, {metric} ({sweep.config.mode})")
+    columns = ["trial", "status", *sweep.params, f"final_{metric}", f"best_{metric}", "steps", "wall_s"]
+    for column in columns:
+        view.add_column(column, justify="left" if column in ("trial", "status") else "right")
+    for _, row in table.iterrows():
+        view.add_row(*(_cell(row[c]) for c in columns))
+    Console(width=max(120, 16 * len(columns))).print(view)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, path: str) -> None:
+    """The metric against step for every trial; a trial stopped early ends in ×, the best is drawn thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = sweep.config.metric
+    status = dict(zip(table["trial"], table["status"]))
+    best = table["trial"].iloc[0] if len(table) else None
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, trial in enumerate(trials):
+        if metric not in trial.history or "step" not in trial.history:
+            continue
+        points = trial.history[["step", metric]].dropna()
+        if not len(points):
+            continue
+        color = f"C{i % 10}"
+        label = f"{trial.trial_id}: " + " ".join(f"{k.rsplit('.', 1)[-1]}={format_value(trial.config.get(k))}" for k in sweep.params if sweep.params[k].dist)
+        ax.plot(points["step"], points[metric], "-o", color=color, ms=3, lw=3 if trial.trial_id == best else 1.2, label=label)
+        end = {STOPPED: "x", ERROR: "s"}.get(status.get(trial.trial_id), "o")
+        ax.plot(points["step"].iloc[-1], points[metric].iloc[-1], end, color=color, ms=11 if end == "x" else 6, mew=2.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"sweep {sweep.config.name}: {metric} per trial (× stopped early, thick: best)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
+    """The final metric against each swept value, one panel per key; × marks a trial stopped early."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = f"final_{sweep.config.metric}"
+    swept = [p for p in sweep.params.values() if p.dist is not None] or list(sweep.params.values())
+    fig, axes = plt.subplots(1, max(1, len(swept)), figsize=(max(7.0, 4.5 * len(swept)), 4.5), squeeze=False)
+    rows = table[table["status"] != ERROR]
+    for ax, param in zip(axes[0], swept):
+        values = list(rows[param.key]) if param.key in rows else []
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = values
+        else:
+            categories = sorted({format_value(v) for v in values})
+            xs = [categories.index(format_value(v)) for v in values]
+            ax.set_xticks(range(len(categories)), categories)
+        for x, (_, row) in zip(xs, rows.iterrows()):
+            stopped = row["status"] == STOPPED
+            ax.plot(x, row[metric], "x" if stopped else "o", color="C1" if stopped else "C0", ms=9 if stopped else 7, mew=2)
+        if len(rows):
+            best = rows.iloc[0]
+            bx = best[param.key] if numeric else xs[0]
+            ax.plot(bx, best[metric], "*", color="C3", ms=16, zorder=5)
+        spread = numeric and values and min(values) > 0 and max(values) / min(values) >= 100
+        if numeric and (param.is_log or spread):
+            ax.set_xscale("log")
+        ax.set_xlabel(param.key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"sweep {sweep.config.name}: {metric} against each swept value\n(× stopped early, ★ best)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict[str, Any]]:
+    """Export the best trial's final checkpoint as a Hugging Face folder and write best.json.
+
+    The best trial is the one with the best final metric among those whose final report came with a
+    checkpoint (every completed trial: the loop checkpoints at run.max_steps), so the exported
+    weights are exactly those the metric was measured on.
+    """
+    from framework.export import export_checkpoint
+
+    candidates = table[(table["status"] != ERROR) & table["checkpoint"].notna() & (table["checkpoint_step"] == table["steps"])]
+    candidates = candidates.dropna(subset=[f"final_{sweep.config.metric}"])
+    if not len(candidates):
+        return None
+    best = candidates.iloc[0]  # the table is sorted best first
+    target = os.path.abspath(os.path.join(output_dir, "best"))
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_dir = best["checkpoint"]
+        if "://" in checkpoint_dir:
+            storage.download_dir(checkpoint_dir, tmp)
+            checkpoint_dir = tmp
+        path = export_checkpoint(checkpoint_dir, target)
+    record = {
+        "trial": str(best["trial"]),
+        "metric": sweep.config.metric,
+        "value": float(best[f"final_{sweep.config.metric}"]),
+        "mode": sweep.config.mode,
+        "overrides": best["overrides"].split() if best["overrides"] else [],
+        "path": os.path.abspath(path),
+        "step": int(best["steps"]),
+        "checkpoint": best["checkpoint"],
+    }
+    with open(os.path.join(output_dir, "best.json"), "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return record

@@ -1,0 +1,19 @@
+"""Sweep: `python launch/tune.py [tune=asha|grid|optuna|pbt] [tune.name=...] [+tune.space.optim.lr='"loguniform(1e-4,3e-3)"'] [experiment=smoke] ...`"""
+
+from omegaconf import DictConfig
+
+from framework.config import hydra_entry
+from framework.tune.sweep import check_sweep, register_sweep_schema, sweep_from_hydra
+
+register_sweep_schema()
+
+
+@hydra_entry("tune", check=check_sweep)
+def main(cfg: DictConfig) -> None:
+    from framework.tune.runner import run
+
+    run(sweep_from_hydra(cfg))
+
+
+if __name__ == "__main__":
+    main()
