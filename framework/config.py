@@ -114,6 +114,9 @@ class RunConfig:
     storage_path: str = "outputs/runs"
     seed: int = 0
     max_failures: int = 2
+    # Seconds the workers wait for each other to form the process group (TorchConfig.timeout_s);
+    # a worker node lost during set-up fails the attempt after this instead of Ray's 30 minutes.
+    init_timeout_s: int = 300
     # Ray cluster address; null uses RAY_ADDRESS or starts a local cluster.
     ray_address: Optional[str] = None
     # Peak TFLOP/s per GPU for MFU; null looks the GPU up by name (H100/H200 bf16: 989).
@@ -129,11 +132,31 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def register_schema() -> None:
-    """Register the schema with Hydra's ConfigStore; `conf/config.yaml` names it first in its defaults."""
+def register(name: str, schema: type) -> None:
+    """Register a structured-config schema with Hydra's ConfigStore; a primary config names it first in its defaults."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    ConfigStore.instance().store(name=name, node=schema)
+
+
+def register_schema() -> None:
+    """The training schema, named by `conf/config.yaml`."""
+    register("job_schema", JobConfig)
+
+
+def typed(schema: type, node: Any, group: str, placeholder: str = "VALUE") -> Any:
+    """`node` (a DictConfig or dict) over `schema`'s defaults, as a `schema` instance.
+
+    OmegaConf's errors become one ConfigError line naming `<group>.<key>`.
+    """
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{group}.{exc.full_key}: missing; expected e.g. {group}.{exc.full_key}={placeholder}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{group}.{one_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +166,8 @@ _TEXT_FORMATS = ("text", "jsonl", "parquet")
 _PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raise the one-line ConfigError `key=value: expected` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}={value}: {expected}")
 
@@ -151,59 +175,59 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
 def validate(cfg: JobConfig) -> JobConfig:
     """Check cross-field rules; raises ConfigError naming the first bad key."""
     run, ds, data, optim, model = cfg.run, cfg.deepspeed, cfg.data, cfg.optim, cfg.model
-    _require(run.num_workers >= 1, "run.num_workers", run.num_workers, "expected at least 1")
-    _require(run.micro_batch_size >= 1, "run.micro_batch_size", run.micro_batch_size, "expected at least 1")
+    require(run.num_workers >= 1, "run.num_workers", run.num_workers, "expected at least 1")
+    require(run.micro_batch_size >= 1, "run.micro_batch_size", run.micro_batch_size, "expected at least 1")
     per_step = run.num_workers * run.micro_batch_size
-    _require(
+    require(
         run.global_batch_size % per_step == 0 and run.global_batch_size >= per_step,
         "run.global_batch_size",
         run.global_batch_size,
         f"expected a multiple of run.num_workers × run.micro_batch_size = "
         f"{run.num_workers} × {run.micro_batch_size} = {per_step}",
     )
-    _require(run.gpus_per_worker >= 0, "run.gpus_per_worker", run.gpus_per_worker, "expected 0 or more")
-    _require(
+    require(run.gpus_per_worker >= 0, "run.gpus_per_worker", run.gpus_per_worker, "expected 0 or more")
+    require(
         run.cpus_per_worker is None or run.cpus_per_worker > 0,
         "run.cpus_per_worker", run.cpus_per_worker, "expected a positive number or null (sized automatically)",
     )
-    _require(run.max_steps >= 1, "run.max_steps", run.max_steps, "expected at least 1")
-    for key in ("log_interval", "eval_interval", "checkpoint_interval", "eval_batches", "keep_checkpoints"):
+    require(run.max_steps >= 1, "run.max_steps", run.max_steps, "expected at least 1")
+    for key in ("log_interval", "eval_interval", "checkpoint_interval", "eval_batches", "keep_checkpoints", "init_timeout_s"):
         value = getattr(run, key)
-        _require(value >= 1, f"run.{key}", value, "expected at least 1")
-    _require(run.precision in _PRECISIONS, "run.precision", run.precision, f"expected one of {_PRECISIONS}")
-    _require(
+        require(value >= 1, f"run.{key}", value, "expected at least 1")
+    require(run.precision in _PRECISIONS, "run.precision", run.precision, f"expected one of {_PRECISIONS}")
+    require(
         run.gpus_per_worker > 0 or run.precision in ("auto", "fp32"),
         "run.precision", run.precision, "half precision needs GPUs (run.gpus_per_worker>0); use fp32 or auto on CPU",
     )
-    _require(run.max_failures >= -1, "run.max_failures", run.max_failures, "expected -1 (forever) or more")
+    require(run.max_failures >= -1, "run.max_failures", run.max_failures, "expected -1 (forever) or more")
 
-    _require(ds.stage in (0, 1, 2, 3), "deepspeed.stage", ds.stage, "expected 0, 1, 2 or 3")
-    _require(
+    require(ds.stage in (0, 1, 2, 3), "deepspeed.stage", ds.stage, "expected 0, 1, 2 or 3")
+    require(
         not ds.offload_optimizer or ds.stage >= 1,
         "deepspeed.offload_optimizer", ds.offload_optimizer, "optimizer offload needs deepspeed.stage >= 1",
     )
-    _require(
+    require(
         not ds.offload_param or ds.stage == 3,
         "deepspeed.offload_param", ds.offload_param, "parameter offload needs deepspeed.stage=3",
     )
 
-    _require(optim.lr > 0, "optim.lr", optim.lr, "expected a positive learning rate")
-    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", optim.min_lr_ratio, "expected a value in [0, 1]")
-    _require(
+    require(optim.lr > 0, "optim.lr", optim.lr, "expected a positive learning rate")
+    require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", optim.min_lr_ratio, "expected a value in [0, 1]")
+    require(
         0 <= optim.warmup_steps < run.max_steps,
         "optim.warmup_steps", optim.warmup_steps, f"expected 0 <= warmup_steps < run.max_steps={run.max_steps}",
     )
-    _require(optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip, "expected 0 (off) or a positive norm")
+    require(optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip, "expected 0 (off) or a positive norm")
 
-    _require(data.seq_len >= 8, "data.seq_len", data.seq_len, "expected at least 8 tokens")
-    _require(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "expected a fraction in [0, 1)")
-    _require(data.files_per_task >= 1, "data.files_per_task", data.files_per_task, "expected at least 1")
-    _require(
+    require(data.seq_len >= 8, "data.seq_len", data.seq_len, "expected at least 8 tokens")
+    require(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "expected a fraction in [0, 1)")
+    require(data.files_per_task >= 1, "data.files_per_task", data.files_per_task, "expected at least 1")
+    require(
         data.tokenizer.path is not None or data.tokenizer.vocab_size >= 256 + 1,
         "data.tokenizer.vocab_size", data.tokenizer.vocab_size, "expected more than 256 (the byte alphabet)",
     )
     for i, source in enumerate(data.sources):
-        _require(
+        require(
             source.format in _TEXT_FORMATS,
             f"data.sources[{i}].format", source.format, f"expected one of {_TEXT_FORMATS}",
         )
@@ -217,7 +241,7 @@ def _validate_model(model: ModelConfig, seq_len: int) -> None:
 
     if model.pretrained_path is not None or model.arch == "pretrained":
         path = Path(model.pretrained_path or "")
-        _require(
+        require(
             (path / "config.json").is_file(),
             "model.pretrained_path", model.pretrained_path, f"expected a local Hugging Face model folder with config.json (model={model.name})",
         )
@@ -226,7 +250,7 @@ def _validate_model(model: ModelConfig, seq_len: int) -> None:
         _validate_arch(model)
         config = CONFIG_MAPPING[model.arch](**model.hf_config)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    _require(
+    require(
         positions is None or positions >= seq_len,
         "data.seq_len", seq_len, f"longer than the model's {positions} positions (model={model.name})",
     )
@@ -235,13 +259,13 @@ def _validate_model(model: ModelConfig, seq_len: int) -> None:
 def _validate_arch(model: ModelConfig) -> None:
     from transformers import CONFIG_MAPPING
 
-    _require(
+    require(
         model.arch in CONFIG_MAPPING,
         "model.arch", model.arch, "expected a transformers model_type such as llama, gpt2 or mistral",
     )
     known = set(CONFIG_MAPPING[model.arch]().to_dict())
     for key in model.hf_config:
-        _require(key in known, f"model.hf_config.{key}", model.hf_config[key], f"not a field of the {model.arch} config")
+        require(key in known, f"model.hf_config.{key}", model.hf_config[key], f"not a field of the {model.arch} config")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +292,7 @@ def load_job_config(overrides: List[str] | None = None) -> JobConfig:
     return validate(to_job_config(compose(overrides)))
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """Reduce Hydra/OmegaConf errors (which span several lines) to the line that names the problem."""
     from omegaconf.errors import OmegaConfBaseException
 
@@ -308,7 +332,7 @@ def hydra_entry(config_name: str = "config", check: Callable[[DictConfig], Any] 
                 try:
                     check(compose(overrides, config_name))
                 except (ConfigError, Exception) as exc:  # noqa: BLE001 - every composition error ends here
-                    message = str(exc) if isinstance(exc, ConfigError) else _one_line(exc)
+                    message = str(exc) if isinstance(exc, ConfigError) else one_line(exc)
                     print(f"ConfigError: {message}", file=sys.stderr)
                     raise SystemExit(2) from None
             register_schema()

@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from framework.config import ConfigError, ModelConfig, _require, absolute
+from framework.config import ModelConfig, absolute, register, require, typed
 from framework.train.checkpoint import CONFIG, DEEPSPEED_TAG, HF_CONFIG_DIR, TOKENIZER_DIR, TRAIN_STATE, latest_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,15 +64,8 @@ class ExportJobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def register_export_schema() -> None:
-    """Register the schema with Hydra's ConfigStore; `conf/export.yaml` names it first in its defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="export_schema", node=ExportJobConfig)
-
-
-# Registered on import so that `framework.config.compose(..., "export")` finds it from any entry point.
-register_export_schema()
+# Registered on import (`conf/export.yaml` names it) so that `compose(..., "export")` finds it from any entry point.
+register("export_schema", ExportJobConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,39 +73,30 @@ register_export_schema()
 
 def to_export_config(cfg: DictConfig | Dict[str, Any]) -> ExportConfig:
     """Type the `export` node of a composed config as ExportConfig."""
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    node = cfg["export"] if "export" in cfg else cfg
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), node))
-    except MissingMandatoryValue as exc:
-        raise ConfigError(f"export.{exc.full_key}: missing; expected e.g. export.{exc.full_key}=outputs/runs/RUN") from None
-    except OmegaConfBaseException as exc:
-        message = str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"export.{exc.full_key}: {message}") from None
+    return typed(ExportConfig, cfg["export"] if "export" in cfg else cfg, "export", placeholder="outputs/runs/RUN")
 
 
 def resolve_checkpoint(value: str, runs_dir: str = "outputs/runs") -> str:
     """The checkpoint directory `value` names: itself, a run directory's latest checkpoint, or a run name's."""
     key = "export.checkpoint"
-    _require("://" not in value, key, value, "expected a local directory; copy the checkpoint from storage first")
+    require("://" not in value, key, value, "expected a local directory; copy the checkpoint from storage first")
     candidates = [value] if os.path.isabs(value) or os.path.isdir(value) else [value, os.path.join(runs_dir, value)]
     path = next((c for c in candidates if os.path.isdir(c)), None)
     nor_run = "" if len(candidates) == 1 else f", nor a run of that name in export.runs_dir={runs_dir}"
-    _require(path is not None, key, value, f"no such directory{nor_run}")
+    require(path is not None, key, value, f"no such directory{nor_run}")
     if not os.path.isfile(os.path.join(path, TRAIN_STATE)):
         latest = latest_checkpoint(path)
-        _require(
+        require(
             latest is not None, key, value,
             f"not a training checkpoint (no {TRAIN_STATE}) nor a run directory with checkpoint_* directories",
         )
         path = latest
     path = absolute(path)
     for part in (os.path.join(HF_CONFIG_DIR, "config.json"), TOKENIZER_DIR, DEEPSPEED_TAG):
-        _require(os.path.exists(os.path.join(path, part)), key, value, f"incomplete checkpoint {path}: no {part}")
+        require(os.path.exists(os.path.join(path, part)), key, value, f"incomplete checkpoint {path}: no {part}")
     ds_dir = os.path.join(path, DEEPSPEED_TAG)
     shards = glob.glob(os.path.join(ds_dir, ZERO_SHARDS))
-    _require(
+    require(
         bool(shards) or os.path.isfile(os.path.join(ds_dir, MODULE_STATES)),
         key, value, f"incomplete checkpoint {path}: {DEEPSPEED_TAG}/ holds neither ZeRO shards nor {MODULE_STATES}",
     )
@@ -120,7 +104,7 @@ def resolve_checkpoint(value: str, runs_dir: str = "outputs/runs") -> str:
         # Every rank writes one shard; a run killed mid-save or a partial copy leaves some out.
         ranks = sorted(int(m.group(1)) for m in (_RANK.search(os.path.basename(f)) for f in shards) if m)
         workers = _num_workers(path) or len(ranks)
-        _require(
+        require(
             ranks == list(range(workers)), key, value,
             f"incomplete checkpoint {path}: ZeRO shards for ranks {ranks} of {workers} workers",
         )
@@ -143,15 +127,15 @@ def default_output_dir(checkpoint_dir: str) -> str:
 def check_output_dir(output_dir: str, checkpoint_dir: str) -> None:
     """An existing `output_dir` is replaced only when it is a model folder (an earlier export)."""
     key = "export.output_dir"
-    _require("://" not in output_dir, key, output_dir, "expected a local directory")
-    _require(not os.path.isfile(output_dir), key, output_dir, "is a file; expected a directory to write the model folder to")
+    require("://" not in output_dir, key, output_dir, "expected a local directory")
+    require(not os.path.isfile(output_dir), key, output_dir, "is a file; expected a directory to write the model folder to")
     out, ckpt = os.path.abspath(output_dir), os.path.abspath(checkpoint_dir)
-    _require(
+    require(
         os.path.commonpath([out, ckpt]) not in (out, ckpt), key, output_dir,
         f"overlaps the checkpoint {checkpoint_dir}; choose a directory outside it",
     )
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        _require(
+        require(
             os.path.isfile(os.path.join(output_dir, "config.json")), key, output_dir,
             "exists and is not a model folder; choose a new or empty directory",
         )
@@ -159,8 +143,8 @@ def check_output_dir(output_dir: str, checkpoint_dir: str) -> None:
 
 def validate_export(export: ExportConfig) -> Tuple[str, str]:
     """Check the export config; gives (checkpoint directory, output directory)."""
-    _require(export.dtype in DTYPES, "export.dtype", export.dtype, f"expected one of {tuple(DTYPES)}")
-    _require(_shard_size_ok(export.max_shard_size), "export.max_shard_size", export.max_shard_size, "expected a size such as 5GB or 500MB")
+    require(export.dtype in DTYPES, "export.dtype", export.dtype, f"expected one of {tuple(DTYPES)}")
+    require(_shard_size_ok(export.max_shard_size), "export.max_shard_size", export.max_shard_size, "expected a size such as 5GB or 500MB")
     checkpoint_dir = resolve_checkpoint(export.checkpoint, export.runs_dir)
     output_dir = export.output_dir or default_output_dir(checkpoint_dir)
     check_output_dir(output_dir, checkpoint_dir)

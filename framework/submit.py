@@ -153,7 +153,7 @@ def load_entry(kind: str, project_root: Path = PROJECT_ROOT) -> Callable:
 
 def compose_job(kind: str, overrides: List[str], check: bool = True, project_root: Path = PROJECT_ROOT) -> DictConfig:
     """Compose the overrides as `launch/<kind>.py` does, and (with `check`) run its own check; ConfigError in one line."""
-    from framework.config import ConfigError, _one_line, compose
+    from framework.config import ConfigError, one_line, compose
 
     main = load_entry(kind, project_root)
     hydra_free = [o for o in overrides if not o.startswith(("hydra.", "+hydra.", "~hydra."))]
@@ -164,7 +164,7 @@ def compose_job(kind: str, overrides: List[str], check: bool = True, project_roo
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra and OmegaConf errors become the same one line
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(one_line(exc)) from None
     return cfg
 
 

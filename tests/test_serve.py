@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny-served"
 API_KEY = "sk-test-serve"
 KEY_ENV = "FRAMEWORK_TEST_SERVE_KEY"
+# Replicas read the key from their own environment, which they inherit from the process that started
+# the local Ray cluster. Other test modules may start it first, so set it at collection time, before any.
+os.environ[KEY_ENV] = API_KEY
 CONTEXT = 256
 # Small limits so that a burst of a few dozen requests overflows them. Requests wait in Serve's queue
 # while the router picks a replica, so the queue must hold the 4 concurrent requests a test sends.
@@ -61,7 +64,6 @@ def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     relative = os.path.relpath(served_model_dir, sweep)
     best.write_text(json.dumps({"trial": "t0", "metric": "val_loss", "value": 1.0, "overrides": [], "path": relative}))
 
-    os.environ[KEY_ENV] = API_KEY  # before the cluster starts, so that the replica's process inherits it
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -210,7 +210,7 @@ def config_from_args(args: Dict[str, Any]) -> ServeConfig:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from framework.config import _one_line, compose
+    from framework.config import one_line, compose
 
     args = dict(args)
     overrides = [f"serve={args.pop('preset', 'default')}"]
@@ -223,7 +223,7 @@ def config_from_args(args: Dict[str, Any]) -> ServeConfig:
         # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
         cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
     except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(one_line(exc)) from None
     validate_serve(cfg)
     check_model_folder(resolve_model_path(cfg.model_path))
     return cfg

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from framework.config import ConfigError, _one_line, absolute
+from framework.config import ConfigError, absolute, typed
 
 
 @dataclass
@@ -58,10 +58,7 @@ class ServeBenchConfig:
 
 
 def to_bench_config(cfg: DictConfig) -> ServeBenchConfig:
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeBenchConfig), cfg.bench))
-    except Exception as exc:  # noqa: BLE001 - OmegaConf errors, one line naming the key
-        raise ConfigError(f"bench.{_one_line(exc)}") from None
+    return typed(ServeBenchConfig, cfg.bench, "bench")
 
 
 def check(cfg: DictConfig) -> None:

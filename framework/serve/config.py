@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from framework.config import ConfigError, _one_line, _require
+from framework.config import ConfigError, register, require, typed
 
 
 @dataclass
@@ -59,77 +59,62 @@ class ServeJobConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
-def register_serve_schema() -> None:
-    """Register the schema with Hydra's ConfigStore; `conf/serve.yaml` names it first in its defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="serve_schema", node=ServeJobConfig)
-
-
-# Registered on import so that `framework.config.compose(..., "serve")` finds it from any entry point.
-register_serve_schema()
+# Registered on import (`conf/serve.yaml` names it) so that `compose(..., "serve")` finds it from any entry point.
+register("serve_schema", ServeJobConfig)
 
 _DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def to_serve_config(cfg: DictConfig | Dict[str, Any]) -> ServeConfig:
     """Type the `serve` node (or a plain dict of serve.* keys, as Serve's `args` gives them) as ServeConfig."""
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    node = cfg["serve"] if "serve" in cfg else cfg
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeConfig), node))
-    except MissingMandatoryValue as exc:
-        raise ConfigError(f"serve.{exc.full_key}: missing; expected e.g. serve.{exc.full_key}=PATH") from None
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"serve.{_one_line(exc)}") from None
+    return typed(ServeConfig, cfg["serve"] if "serve" in cfg else cfg, "serve", placeholder="PATH")
 
 
 def validate_serve(serve: ServeConfig) -> ServeConfig:
     """Check ranges and combinations; raises ConfigError naming the first bad key."""
-    _require(serve.dtype in _DTYPES, "serve.dtype", serve.dtype, f"expected one of {_DTYPES}")
-    _require(
+    require(serve.dtype in _DTYPES, "serve.dtype", serve.dtype, f"expected one of {_DTYPES}")
+    require(
         serve.num_gpus > 0 or serve.dtype in ("auto", "fp32"),
         "serve.dtype", serve.dtype, "half precision needs a GPU (serve.num_gpus>0); use fp32 or auto on CPU",
     )
-    _require(serve.num_cpus >= 0, "serve.num_cpus", serve.num_cpus, "expected 0 or more")
-    _require(serve.num_gpus >= 0, "serve.num_gpus", serve.num_gpus, "expected 0 or more")
-    _require(
+    require(serve.num_cpus >= 0, "serve.num_cpus", serve.num_cpus, "expected 0 or more")
+    require(serve.num_gpus >= 0, "serve.num_gpus", serve.num_gpus, "expected 0 or more")
+    require(
         serve.torch_threads is None or serve.torch_threads >= 1,
         "serve.torch_threads", serve.torch_threads, "expected at least 1, or null",
     )
-    _require(serve.min_replicas >= 0, "serve.min_replicas", serve.min_replicas, "expected 0 or more")
-    _require(
+    require(serve.min_replicas >= 0, "serve.min_replicas", serve.min_replicas, "expected 0 or more")
+    require(
         serve.max_replicas >= max(serve.min_replicas, 1),
         "serve.max_replicas", serve.max_replicas, f"expected at least 1 and serve.min_replicas={serve.min_replicas}",
     )
-    _require(
+    require(
         serve.target_ongoing_requests > 0,
         "serve.target_ongoing_requests", serve.target_ongoing_requests, "expected a positive number",
     )
-    _require(serve.max_batch_size >= 1, "serve.max_batch_size", serve.max_batch_size, "expected at least 1")
+    require(serve.max_batch_size >= 1, "serve.max_batch_size", serve.max_batch_size, "expected at least 1")
     # Fewer ongoing requests than batch rows would leave batches that can never fill.
-    _require(
+    require(
         serve.max_ongoing_requests >= serve.max_batch_size,
         "serve.max_ongoing_requests", serve.max_ongoing_requests,
         f"expected at least serve.max_batch_size={serve.max_batch_size}",
     )
-    _require(
+    require(
         serve.max_queued_requests == -1 or serve.max_queued_requests >= 0,
         "serve.max_queued_requests", serve.max_queued_requests, "expected 0 or more, or -1 (unbounded)",
     )
-    _require(
+    require(
         serve.backpressure_status in (503, 429),
         "serve.backpressure_status", serve.backpressure_status, "expected 503 or 429",
     )
-    _require(
+    require(
         serve.batch_wait_timeout_s >= 0,
         "serve.batch_wait_timeout_s", serve.batch_wait_timeout_s, "expected 0 or more seconds",
     )
-    _require(serve.default_max_tokens >= 1, "serve.default_max_tokens", serve.default_max_tokens, "expected at least 1")
-    _require(1 <= serve.port <= 65535, "serve.port", serve.port, "expected a TCP port")
-    _require(serve.route_prefix.startswith("/"), "serve.route_prefix", serve.route_prefix, "expected a path starting with /")
-    _require(
+    require(serve.default_max_tokens >= 1, "serve.default_max_tokens", serve.default_max_tokens, "expected at least 1")
+    require(1 <= serve.port <= 65535, "serve.port", serve.port, "expected a TCP port")
+    require(serve.route_prefix.startswith("/"), "serve.route_prefix", serve.route_prefix, "expected a path starting with /")
+    require(
         serve.api_key_env is None or serve.api_key_env.strip() != "",
         "serve.api_key_env", serve.api_key_env, "expected an environment variable name, or null",
     )

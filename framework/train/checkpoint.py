@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory (each rank writes its own files; Ray Train merges them):
     latest, deepspeed/        DeepSpeed's checkpoint of every rank (ZeRO shards included)
-    zero_to_fp32.py           DeepSpeed's own consolidation script
+    zero_to_fp32.py           DeepSpeed's own consolidation script (ZeRO stages 1-3 only)
     train_state.json          step, data position (epoch, micro-batches into it), tokens seen
     config.yaml               the resolved job config
     hf_config/config.json     the transformers model config

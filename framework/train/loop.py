@@ -7,7 +7,6 @@ optimizer step, gradient accumulation, clipping, mixed precision and the ZeRO pa
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from typing import Any, Dict, List
