@@ -281,10 +281,20 @@ def compose(overrides: List[str] | None = None, config_name: str = "config") -> 
     """Compose `conf/` with overrides, as the launch scripts do, without starting a job."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_schema()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    # Inside a running @hydra.main (a benchmark composing its trials' configs) Hydra is already
+    # initialised; set it aside for this composition and put it back afterwards.
+    outer = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
 
 
 def load_job_config(overrides: List[str] | None = None) -> JobConfig:

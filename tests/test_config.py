@@ -58,3 +58,18 @@ def test_cli_override_reaches_the_typed_config():
     job = load_job_config(["model=llama-125m", "deepspeed=zero3", "run.num_workers=4", "optim.lr=3e-4", "run.global_batch_size=32"])
     assert (job.model.hf_config["hidden_size"], job.deepspeed.stage, job.run.num_workers, job.optim.lr) == (768, 3, 4, 3e-4)
     assert os.path.basename(job.data.output_dir) == "stdlib"
+
+
+def test_compose_inside_a_running_hydra_app_leaves_the_app_intact():
+    """Benchmarks run under @hydra.main and compose their jobs' configs; both must keep working."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from framework.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        outer = GlobalHydra.instance().hydra
+        assert load_job_config(["model=llama-125m"]).model.name == "llama-125m"
+        assert GlobalHydra.instance().hydra is outer
+        assert hydra_compose(config_name="config").model.name == "tiny"

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
+
+
+def say(line: str) -> None:
+    """Print one line from a Train worker, once.
+
+    Ray Train patches `print` on its workers to log through the root logger as well as write the
+    line, so a driver following the worker sees every printed line twice; writing to stdout does not.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def quiet_train_reports() -> None:
+    """Silence Ray Train's INFO line for every `ray.train.report` (the whole metrics dict and checkpoint),
+    which would bury the progress line. Its logger is named by its file path, outside the `ray.train`
+    logger that RunConfig's LoggingConfig sets."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def peak_memory_gb() -> float:
@@ -59,7 +80,7 @@ class MetricsLogger:
         last = records[-1]
         done = last["step"] - self.start_step
         eta = (time.perf_counter() - self.started) / done * (self.max_steps - last["step"]) if done else 0.0
-        print(format_line(last, self.max_steps, eta), flush=True)
+        say(format_line(last, self.max_steps, eta))
 
     def close(self) -> None:
         if self.enabled:
