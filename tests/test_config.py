@@ -73,3 +73,17 @@ def test_compose_inside_a_running_hydra_app_leaves_the_app_intact():
         assert load_job_config(["model=llama-125m"]).model.name == "llama-125m"
         assert GlobalHydra.instance().hydra is outer
         assert hydra_compose(config_name="config").model.name == "tiny"
+
+
+@pytest.mark.parametrize("preset", ["train", "train-gpu", "tune", "serve"])
+def test_benchmark_presets_compose_and_pass_their_checks(preset):
+    """Every conf/bench preset is runnable as written; the GPU one is checked here since CI has no GPU."""
+    import importlib.util
+
+    from conftest import ROOT
+    from framework.config import compose
+
+    spec = importlib.util.spec_from_file_location("launch_bench", ROOT / "launch" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check_bench(compose([f"bench={preset}"], "bench"))

@@ -91,6 +91,15 @@ def log_dir(job: JobConfig) -> str:
     return os.path.join(job.run.storage_path, job.run.name, "logs")
 
 
+def model_config_for(job: JobConfig, manifest: Dict[str, Any]) -> Any:
+    """The transformers config of the job's model, sized to the shards' tokenizer (vocabulary, special tokens)."""
+    tokenizer_uri = storage.join(job.data.output_dir, manifest["tokenizer"])
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(tokenizer_uri, tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    return hf_config(job.model, manifest["vocab_size"], special_token_ids(tokenizer))
+
+
 def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> TorchTrainer:
     """A TorchTrainer for `job` on the connected cluster; reruns of the same run name resume.
 
@@ -98,11 +107,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> Torc
     """
     manifest = read_manifest(job.data.output_dir)
     check_data(job, manifest)
-    tokenizer_uri = storage.join(job.data.output_dir, manifest["tokenizer"])
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.download_dir(tokenizer_uri, tmp)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-    model_config = hf_config(job.model, manifest["vocab_size"], special_token_ids(tokenizer))
+    model_config = model_config_for(job, manifest)
     resources = worker_resources(job)
     eval_rows = job.run.eval_batches * job.run.micro_batch_size * job.run.num_workers
     return TorchTrainer(

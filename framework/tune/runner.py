@@ -98,15 +98,20 @@ def search_algorithm(sweep: Sweep) -> Any:
     return BasicVariantGenerator(random_state=c.seed, max_concurrent=c.max_concurrent_trials)
 
 
+def last_step(sweep: Sweep) -> int:
+    """The most steps any trial trains (run.max_steps may itself be swept)."""
+    swept = sweep.params["run.max_steps"].corners() if "run.max_steps" in sweep.params else []
+    return max([sweep.job.run.max_steps, *swept])
+
+
 def scheduler(sweep: Sweep) -> Any:
     c = sweep.config
     if c.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        steps = [sweep.job.run.max_steps, *(sweep.params["run.max_steps"].corners() if "run.max_steps" in sweep.params else [])]
         # One past the last step: a trial that reaches run.max_steps ends by itself, cleanly, rather
         # than being stopped by ASHA at its final report.
-        return ASHAScheduler(time_attr="step", max_t=max(steps) + 1, grace_period=c.asha.grace_period, reduction_factor=c.asha.reduction_factor)
+        return ASHAScheduler(time_attr="step", max_t=last_step(sweep) + 1, grace_period=c.asha.grace_period, reduction_factor=c.asha.reduction_factor)
     if c.scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
@@ -146,6 +151,9 @@ def build_tuner(sweep: Sweep, trial_sweep: Sweep, storage_root: str, experiment:
             name=os.path.basename(experiment),
             storage_path=os.path.dirname(experiment),
             verbose=c.verbose,
+            # A trial's final report ends it before PBT sees it: exploiting there would hand a finished
+            # trial the donor's final checkpoint with nothing left to train (it would only relabel it).
+            stop={"step": last_step(sweep)} if c.scheduler == "pbt" else None,
             # Train retries a failing run itself (run.max_failures); a trial that still fails is reported.
             failure_config=tune.FailureConfig(max_failures=0),
             # PBT clones trials from these (copies of their Train checkpoints): all are kept, since a
