@@ -48,17 +48,29 @@ def _free_ports(count: int) -> List[int]:
     return ports
 
 
+_RANGES_GIVEN: List[int] = []
+
+
 def _free_port_range(size: int = 60) -> int:
-    """The first port of `size` consecutive free ports, for a node's Ray workers."""
+    """The first port of `size` consecutive free ports, for a node's Ray workers.
+
+    Drawn below the kernel's ephemeral range, where `_free_ports` (port 0 binds) picks the other
+    components' ports, and apart from the ranges given to earlier nodes, which may not be bound yet.
+    """
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
     rng = secrets.SystemRandom()
     for _ in range(200):
-        base = rng.randrange(30000, 60000 - size)
+        base = rng.randrange(10000, low - size)
+        if any(abs(base - given) < size for given in _RANGES_GIVEN):
+            continue
+        socks = []
         try:
-            socks = []
             for port in range(base, base + size):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
+            _RANGES_GIVEN.append(base)
             return base
         except OSError:
             continue
