@@ -130,6 +130,11 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _short(value: Any) -> str:
+    """A swept value for a legend: floats to 4 significant digits (the table keeps them whole)."""
+    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
+
+
 def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, path: str) -> None:
     """The metric against step for every trial; a trial stopped early ends in ×, the best is drawn thick."""
     import matplotlib
@@ -148,7 +153,7 @@ def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, p
         if not len(points):
             continue
         color = f"C{i % 10}"
-        label = f"{trial.trial_id}: " + " ".join(f"{k.rsplit('.', 1)[-1]}={format_value(trial.config.get(k))}" for k in sweep.params if sweep.params[k].dist)
+        label = f"{trial.trial_id}: " + " ".join(f"{k.rsplit('.', 1)[-1]}={_short(trial.config.get(k))}" for k in sweep.params if sweep.params[k].dist)
         ax.plot(points["step"], points[metric], "-o", color=color, ms=3, lw=3 if trial.trial_id == best else 1.2, label=label)
         end = {STOPPED: "x", ERROR: "s"}.get(status.get(trial.trial_id), "o")
         ax.plot(points["step"].iloc[-1], points[metric].iloc[-1], end, color=color, ms=11 if end == "x" else 6, mew=2.5)
