@@ -65,8 +65,11 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05
     seed: int = 0
-    # Source files per Ray task when tokenising; each task writes one shard per split.
+    # Each Ray task tokenises up to files_per_task files, or about mb_per_task megabytes of source:
+    # a larger JSONL or Parquet file is cut (by lines, by row groups) across tasks. Each task writes
+    # one shard per split.
     files_per_task: int = 32
+    mb_per_task: float = 64.0
 
 
 @dataclass
@@ -114,6 +117,9 @@ class RunConfig:
     storage_path: str = "outputs/runs"
     seed: int = 0
     max_failures: int = 2
+    # Seconds a run (or a restart after a failure) waits for its workers' CPUs/GPUs, e.g. for an
+    # autoscaler to add nodes, before it fails instead of waiting for a node that never comes.
+    resource_wait_s: int = 600
     # Seconds the workers wait for each other to form the process group (TorchConfig.timeout_s);
     # a worker node lost during set-up fails the attempt after this instead of Ray's 30 minutes.
     init_timeout_s: int = 300
@@ -191,7 +197,7 @@ def validate(cfg: JobConfig) -> JobConfig:
         "run.cpus_per_worker", run.cpus_per_worker, "expected a positive number or null (sized automatically)",
     )
     require(run.max_steps >= 1, "run.max_steps", run.max_steps, "expected at least 1")
-    for key in ("log_interval", "eval_interval", "checkpoint_interval", "eval_batches", "keep_checkpoints", "init_timeout_s"):
+    for key in ("log_interval", "eval_interval", "checkpoint_interval", "eval_batches", "keep_checkpoints", "init_timeout_s", "resource_wait_s"):
         value = getattr(run, key)
         require(value >= 1, f"run.{key}", value, "expected at least 1")
     require(run.precision in _PRECISIONS, "run.precision", run.precision, f"expected one of {_PRECISIONS}")
@@ -222,6 +228,7 @@ def validate(cfg: JobConfig) -> JobConfig:
     require(data.seq_len >= 8, "data.seq_len", data.seq_len, "expected at least 8 tokens")
     require(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "expected a fraction in [0, 1)")
     require(data.files_per_task >= 1, "data.files_per_task", data.files_per_task, "expected at least 1")
+    require(data.mb_per_task > 0, "data.mb_per_task", data.mb_per_task, "expected a positive number of megabytes")
     require(
         data.tokenizer.path is not None or data.tokenizer.vocab_size >= 256 + 1,
         "data.tokenizer.vocab_size", data.tokenizer.vocab_size, "expected more than 256 (the byte alphabet)",
@@ -248,12 +255,21 @@ def _validate_model(model: ModelConfig, seq_len: int) -> None:
         config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
     else:
         _validate_arch(model)
-        config = CONFIG_MAPPING[model.arch](**model.hf_config)
+        try:
+            config = CONFIG_MAPPING[model.arch](**model.hf_config)
+        except Exception as exc:  # noqa: BLE001 - transformers validates its configs (heads must divide hidden_size, ...)
+            raise ConfigError(f"model.hf_config: {_last_line(exc)} (model={model.name})") from None
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     require(
         positions is None or positions >= seq_len,
         "data.seq_len", seq_len, f"longer than the model's {positions} positions (model={model.name})",
     )
+
+
+def _last_line(exc: BaseException) -> str:
+    """The line of a multi-line library error that says what is wrong (transformers puts it last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _validate_arch(model: ModelConfig) -> None:
@@ -346,7 +362,17 @@ def hydra_entry(config_name: str = "config", check: Callable[[DictConfig], Any] 
                     print(f"ConfigError: {message}", file=sys.stderr)
                     raise SystemExit(2) from None
             register_schema()
-            return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+            return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guarded)()
+
+        @functools.wraps(task)
+        def guarded(cfg: DictConfig) -> Any:
+            # What only the job can find out (shards that do not match, a cluster too small, a run
+            # resumed with other settings) ends the same way as a bad override: one line, exit 2.
+            try:
+                return task(cfg)
+            except ConfigError as exc:
+                print(f"ConfigError: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
 
         # Tests and manifests check an entry point's overrides the same way it does.
         main.config_name, main.check = config_name, check

@@ -32,10 +32,14 @@ def write_json(uri: str, obj: Any) -> None:
         f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(uri: str) -> Any:
+def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+        return f.read().decode()
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

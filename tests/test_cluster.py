@@ -254,7 +254,7 @@ def prep_overrides(shared: Path) -> List[str]:
     ]
 
 
-def train_overrides(shared: Path, name: str, max_steps: int) -> List[str]:
+def train_overrides(shared: Path, name: str, max_steps: int, **extra: object) -> List[str]:
     """Two workers, one per node; one evaluation and one checkpoint, at the last step."""
     return run_overrides(
         f"{shared}/data/small", f"{shared}/runs", name,
@@ -265,6 +265,7 @@ def train_overrides(shared: Path, name: str, max_steps: int) -> List[str]:
             "run.eval_interval": 100000,
             "run.checkpoint_interval": 100000,
             "run.eval_batches": 1,
+            **extra,
         },
     )
 
@@ -369,9 +370,10 @@ def test_training_job_runs_on_both_nodes_and_checkpoints_to_shared_storage(clust
 def test_losing_the_worker_node_fails_the_job_with_a_clear_error_not_a_hang(cluster, shared):
     if not (shared / "data" / "small" / "manifest.json").is_file():
         pytest.skip("needs the shards the previous test prepared on the cluster")
-    # run.max_failures=0 (train_overrides): the loss of a worker ends the run instead of waiting
-    # for a node that will not come back (the cluster is left with too few CPUs for two workers).
-    args = ["train", "--timeout", "480", "--", *train_overrides(shared, "lose-a-node", 2000)]
+    # Train restarts the run once (run.max_failures=1), but the head alone has too few CPUs for two
+    # workers: the restart waits run.resource_wait_s for a node that will not come back, then fails.
+    overrides = train_overrides(shared, "lose-a-node", 2000, **{"run.max_failures": 1, "run.resource_wait_s": 60})
+    args = ["train", "--timeout", "480", "--", *overrides]
     follower = subprocess.Popen(
         [*SUBMIT, "--address", cluster.address, *args],
         env=cluster.client_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -72,13 +72,15 @@ def test_jsonl_and_parquet_sources_read_the_named_field(tmp_path, ray_session, f
         source.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     else:
         source = tmp_path / "docs.parquet"
-        pq.write_table(pa.table({"body": docs, "id": list(range(len(docs)))}), source)
+        pq.write_table(pa.table({"body": docs, "id": list(range(len(docs)))}), source, row_group_size=1)
     out = tmp_path / "out"
+    # 50 kB per task: the one file (~250 kB) is cut into several slices, tokenised by several tasks.
     manifest = run(load_job_config([
         f"data={fmt}", f"data.sources.0.path='{source}'", "data.sources.0.field=body", "data.tokenizer.vocab_size=512",
-        "data.seq_len=32", "data.val_fraction=0", f"data.output_dir={out}",
+        "data.seq_len=32", "data.val_fraction=0", "data.mb_per_task=0.05", f"data.output_dir={out}",
     ]))
     assert manifest["splits"]["train"]["documents"] == len(docs)
+    assert len(manifest["splits"]["train"]["shards"]) >= 3
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     text = tokenizer.decode(table_to_rows(pq.read_table(_shards(str(out), "train")[0]))[0])
     assert any(piece in d for d in docs for piece in text.split(tokenizer.eos_token) if piece)
@@ -89,3 +91,16 @@ def test_missing_field_is_a_clear_error(tmp_path, ray_session):
     source.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(Exception, match="data.sources.field=body"):
         run(load_job_config(["data=jsonl", f"data.sources.0.path='{source}'", "data.sources.0.field=body", f"data.output_dir={tmp_path / 'o'}"]))
+
+
+@pytest.mark.parametrize("part_bytes", [1, 7, 100, 10_000, 10**9])
+def test_every_jsonl_line_is_read_by_exactly_one_slice(tmp_path, part_bytes):
+    from framework.data.sources import SourceFile, read_documents, split_source
+
+    lines = [{"text": f"document {i} " + "x" * (i * 37 % 200)} for i in range(60)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(line) + ("\n\n" if i % 7 == 0 else "\n") for i, line in enumerate(lines)))
+    source = SourceFile(str(path), "jsonl", "text")
+    read = [doc for part in split_source(source, part_bytes) for doc in read_documents(part)]
+    assert [text for _, text in read] == [line["text"] for line in lines]
+    assert len({position for position, _ in read}) == len(lines)

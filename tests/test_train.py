@@ -36,6 +36,24 @@ def test_loss_falls(trained_runs):
     assert losses[-5:].mean() < losses[:5].mean() - 0.5, losses
 
 
+def test_every_step_logs_its_metrics_to_jsonl_and_tensorboard(trained_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = os.path.join(trained_runs[3], "logs")
+    with open(os.path.join(logs, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    at_eval = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in at_eval] == [10, 20]
+    for record in at_eval:
+        assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_s", "perf/peak_mem_gb"} <= set(record)
+        assert record["val/perplexity"] == pytest.approx(np.exp(record["val/loss"]))
+        assert record["perf/tokens_per_s"] > 0 and record["train/grad_norm"] > 0 and record["perf/peak_mem_gb"] > 0.1
+    events = EventAccumulator(logs)
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+    assert [e.step for e in events.Scalars("val/perplexity")] == [10, 20]
+
+
 def test_zero_stages_give_the_same_losses(trained_runs):
     # The three stages compute the same mathematics; only the order of floating-point reductions
     # differs (all-reduce vs reduce-scatter of partitioned gradients), which perturbs fp32 losses
@@ -73,23 +91,28 @@ def test_zero3_shards_consolidate_to_the_zero1_weights(trained_checkpoints):
         torch.testing.assert_close(w3[name], w1[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
+def _wait_past_first_checkpoint(proc: subprocess.Popen, run_dir: str, timeout_s: float = 300) -> None:
+    """Return once Ray Train has registered the run's step-10 checkpoint and training has gone past it."""
+    metrics = os.path.join(run_dir, "logs", "metrics.jsonl")
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        registered = os.path.exists(snapshot) and "checkpoint_00000010" in open(snapshot).read()
+        if registered and any(json.loads(line)["step"] >= 13 for line in open(metrics)):
+            return
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before step 13:\n" + proc.stdout.read()[-3000:]
+    raise AssertionError(f"the run did not pass its step-10 checkpoint within {timeout_s:.0f} s")
+
+
 def test_killed_run_resumes_from_its_checkpoint_and_continues_the_same_curve(prepared_data, run_storage, trained_runs):
     name = "resume"
     args = [sys.executable, str(ROOT / "launch" / "train.py"), *run_overrides(prepared_data, run_storage, name, deepspeed="zero2")]
     run_dir = os.path.join(run_storage, name)
-    metrics = os.path.join(run_dir, "logs", "metrics.jsonl")
-    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
 
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    # Interrupt once Ray Train has registered the step-10 checkpoint and training has gone past it,
-    # like a Ctrl-C or a pre-empted driver.
-    while time.time() < deadline and first.poll() is None:
-        registered = os.path.exists(snapshot) and "checkpoint_00000010" in open(snapshot).read()
-        if registered and any(json.loads(l)["step"] >= 13 for l in open(metrics)):
-            break
-        time.sleep(0.5)
-    assert first.poll() is None, "the first run ended before it could be interrupted:\n" + first.stdout.read()[-3000:]
+    # Interrupt it past its first checkpoint, like a Ctrl-C or a pre-empted driver.
+    _wait_past_first_checkpoint(first, run_dir)
     first.send_signal(signal.SIGINT)
     try:
         first.wait(timeout=90)
@@ -114,9 +137,69 @@ def test_killed_run_resumes_from_its_checkpoint_and_continues_the_same_curve(pre
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(prepared_data, run_storage, trained_runs):
+    """run.max_failures=1: killing a Train worker mid-run restarts the worker group from checkpoint 10."""
+    name = "worker-dies"
+    overrides = run_overrides(prepared_data, run_storage, name, deepspeed="zero2", **{"run.max_failures": 1})
+    run_dir = os.path.join(run_storage, name)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "train.py"), *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    _wait_past_first_checkpoint(proc, run_dir)
+    workers = subprocess.run(["pgrep", "-f", "^ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-4000:]
+    assert "resumed from" in output and "at step 10" in output, output[-3000:]
+
+    losses, steps = _losses(run_dir)
+    assert steps == list(range(1, 21))
+    reference, _ = _losses(trained_runs[2])  # the same run, never interrupted
+    np.testing.assert_allclose(losses, reference, rtol=1e-4)
+
+
 def test_budget_that_cannot_fit_fails_with_the_numbers(prepared_data, run_storage, ray_session):
     from framework.config import ConfigError, load_job_config
     from framework.train.trainer import run
 
     with pytest.raises(ConfigError, match=r"run.num_workers=2: 2 workers × 1 CPUs .* do not fit the cluster's 2 CPUs"):
         run(load_job_config(run_overrides(prepared_data, run_storage, "too-big", **{"run.cpus_per_worker": 1})))
+
+
+def test_rerunning_a_run_name_with_other_settings_fails_before_ray(prepared_data, run_storage, trained_runs, tmp_path):
+    """zero1 has checkpoints; resuming it with another data.seq_len would not fit them: one line, no cluster."""
+    from conftest import launch
+
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    overrides = run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero1", **{"run.num_workers": 1})
+    result = launch("train.py", *overrides, env={"RAY_TMPDIR": str(ray_tmp)}, timeout=180)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ConfigError: run.num_workers=1: run zero1 resumes checkpoint_00000020"), result.stderr
+    assert "run.num_workers=2" in lines[0]
+    assert list(ray_tmp.iterdir()) == [], "a Ray session was started for a run that cannot resume"
+
+
+def test_fine_tuning_starts_from_the_local_hugging_face_model(prepared_data, run_storage, trained_runs, trained_checkpoints, tmp_path):
+    """model=hf-local trains the folder's own weights: with a learning rate too small to move them, its
+    validation loss is the one the exported run measured last on the same evaluation rows."""
+    from framework.config import load_job_config
+    from framework.export import export_checkpoint
+    from framework.train.trainer import run
+
+    folder = export_checkpoint(trained_checkpoints[1], str(tmp_path / "hf"))
+    overrides = {
+        "model": "hf-local", "model.pretrained_path": folder, "optim.lr": 1e-9, "optim.warmup_steps": 0,
+        "run.max_steps": 2, "run.eval_interval": 2, "run.checkpoint_interval": 2,
+    }
+    run(load_job_config(run_overrides(prepared_data, run_storage, "fine-tune", **overrides)))
+
+    def last_val_loss(run_dir):
+        with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if "val/loss" in line][-1]["val/loss"]
+
+    tuned, trained = last_val_loss(os.path.join(run_storage, "fine-tune")), last_val_loss(trained_runs[1])
+    assert tuned == pytest.approx(trained, rel=1e-4), (tuned, trained)

@@ -20,7 +20,7 @@ from framework import storage
 from framework.cluster import connect
 from framework.config import DataConfig, JobConfig, absolute
 from framework.data.shards import MANIFEST, SPLITS, TOKENIZER_DIR, pack_sequences, write_shard
-from framework.data.sources import SourceFile, file_sha256, list_source_files, read_documents
+from framework.data.sources import SourceFile, SourcePart, file_sha256, list_source_files, read_documents, split_source
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
@@ -35,13 +35,13 @@ def _split_of(key: bytes, val_fraction: float) -> str:
 
 @ray.remote
 def tokenize_and_pack(
-    task_index: int, files: List[SourceFile], shas: List[str], tokenizer: Any, data: DataConfig, output_dir: str
+    task_index: int, parts: List[SourcePart], shas: Dict[str, str], tokenizer: Any, data: DataConfig, output_dir: str
 ) -> Dict[str, Dict[str, int]]:
-    """Tokenise one group of files and write one shard per split; returns the counts per split."""
+    """Tokenise one group of source slices and write one shard per split; returns the counts per split."""
     documents: Dict[str, List[tuple[bytes, str]]] = {split: [] for split in SPLITS}
-    for source, sha in zip(files, shas):
-        for index, text in enumerate(read_documents(source)):
-            key = _document_key(sha, index)
+    for part in parts:
+        for position, text in read_documents(part):
+            key = _document_key(shas[part.file.path], position)
             documents[_split_of(key, data.val_fraction)].append((key, text))
     counts: Dict[str, Dict[str, int]] = {}
     for split, docs in documents.items():
@@ -57,6 +57,23 @@ def tokenize_and_pack(
     return counts
 
 
+def plan_tasks(files: List[SourceFile], data: DataConfig) -> List[List[SourcePart]]:
+    """Slices of the sources, grouped into Ray tasks of at most data.files_per_task slices and about
+    data.mb_per_task megabytes: many small files share a task, one large file is cut into many."""
+    part_bytes = int(data.mb_per_task * 2**20)
+    tasks: List[List[SourcePart]] = []
+    current: List[SourcePart] = []
+    size = 0
+    for source in files:
+        for part in split_source(source, part_bytes):
+            if current and (len(current) >= data.files_per_task or size + part.size > part_bytes):
+                tasks.append(current)
+                current, size = [], 0
+            current.append(part)
+            size += part.size
+    return tasks + [current] if current else tasks
+
+
 def run(cfg: JobConfig) -> Dict[str, Any]:
     """Prepare `cfg.data` into `cfg.data.output_dir`; returns the manifest."""
     data = cfg.data
@@ -69,7 +86,7 @@ def run(cfg: JobConfig) -> Dict[str, Any]:
     if data.tokenizer.path:
         tokenizer = load_tokenizer(data.tokenizer.path)
     else:
-        texts = (text for f in files for text in read_documents(f))
+        texts = (text for f in files for part in split_source(f, 2**62) for _, text in read_documents(part))
         tokenizer = train_bpe_tokenizer(texts, data.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -77,10 +94,10 @@ def run(cfg: JobConfig) -> Dict[str, Any]:
 
     connect(cfg.run.ray_address)
     tokenizer_ref = ray.put(tokenizer)
-    groups = [range(i, min(i + data.files_per_task, len(files))) for i in range(0, len(files), data.files_per_task)]
+    by_path = dict(zip((f.path for f in files), shas))
     pending = {
-        tokenize_and_pack.remote(t, [files[i] for i in g], [shas[i] for i in g], tokenizer_ref, data, output_dir): t
-        for t, g in enumerate(groups)
+        tokenize_and_pack.remote(t, parts, {p.file.path: by_path[p.file.path] for p in parts}, tokenizer_ref, data, output_dir): t
+        for t, parts in enumerate(plan_tasks(files, data))
     }
     results: Dict[int, Dict[str, Dict[str, int]]] = {}
     with tqdm(total=len(pending), desc="prep: tokenise + pack", unit="task") as bar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, Tuple
 
+import numpy as np
 import pyarrow as pa
 import ray.data
 import torch
@@ -17,6 +18,14 @@ def build_datasets(data_dir: str, manifest: Dict[str, Any], eval_rows: int) -> D
     train = ray.data.read_parquet(shard_uris(data_dir, manifest, "train")).select_columns([COLUMN])
     validation = ray.data.read_parquet(shard_uris(data_dir, manifest, "validation")).select_columns([COLUMN]).limit(eval_rows)
     return {"train": train, "validation": validation}
+
+
+def quiet_data_logs() -> None:
+    """No Ray Data progress bars or execution-plan banners in this process's datasets: the training
+    progress line is what a person watches, and Ray Data's own output would drown it."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def data_config() -> "ray.train.DataConfig":
@@ -34,8 +43,9 @@ class TokenCollate(ArrowBatchCollateFn):
 
     def __call__(self, batch: pa.Table) -> torch.Tensor:
         column = batch.column(COLUMN).combine_chunks()
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        return torch.from_numpy(values.reshape(len(column), column.type.list_size)).long()
+        # Arrow's buffers are read-only; the int64 copy the model needs anyway is the tensor's own memory.
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        return torch.from_numpy(values.reshape(len(column), column.type.list_size))
 
 
 def micro_batches(shard: Any, batch_size: int, start_epoch: int, skip: int) -> Iterator[Tuple[int, int, torch.Tensor]]:

@@ -15,8 +15,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
+import pyarrow.fs as pafs
 from omegaconf import OmegaConf
 
 from framework import storage
@@ -61,8 +62,9 @@ def read_state(directory: str) -> TrainState:
 
 
 def read_job_config(directory: str) -> JobConfig:
-    """The job config a checkpoint was trained with, typed."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(os.path.join(directory, CONFIG))))
+    """The job config a checkpoint (a local directory or a URI) was trained with, typed."""
+    saved = OmegaConf.create(storage.read_text(storage.join(directory, CONFIG)))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), saved))
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -70,8 +72,33 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest local checkpoint directory of a run (for export and tests), or None."""
-    if not os.path.isdir(run_dir):
-        return None
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isfile(os.path.join(run_dir, n, TRAIN_STATE)))
-    return os.path.join(run_dir, names[-1]) if names else None
+    """The newest complete checkpoint directory of a run (a local directory or a URI), or None."""
+    fs, path = storage.resolve(run_dir)
+    names = sorted(
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+    for name in reversed(names):
+        # A checkpoint whose upload was cut short has no train_state.json (rank 0 writes it last).
+        if storage.exists(storage.join(run_dir, name, TRAIN_STATE)):
+            return storage.join(run_dir, name)
+    return None
+
+
+# What a resumed run must share with the checkpoint it resumes: the model's shape, the ZeRO partitioning
+# of its optimizer state, and what a data position (micro-batches into an epoch, per worker) means.
+# Anything else (steps, learning rate, intervals) may change between runs of the same name.
+RESUME_KEYS = (
+    "model.arch", "model.hf_config", "model.pretrained_path", "data.seq_len", "data.output_dir",
+    "deepspeed.stage", "run.num_workers", "run.micro_batch_size", "run.global_batch_size",
+)
+
+
+def resume_conflicts(saved: JobConfig, job: JobConfig) -> List[Tuple[str, Any, Any]]:
+    """(key, checkpoint's value, job's value) for every RESUME_KEYS value that differs."""
+    def get(cfg: JobConfig, key: str) -> Any:
+        group, name = key.split(".")
+        return getattr(getattr(cfg, group), name)
+
+    return [(key, get(saved, key), get(job, key)) for key in RESUME_KEYS if get(saved, key) != get(job, key)]

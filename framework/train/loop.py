@@ -24,7 +24,7 @@ from framework.data.stream import eval_batches, micro_batches
 from framework.model import build_model, flops_per_token, peak_tflops
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
-from framework.train.metrics import MetricsLogger, peak_memory_gb, quiet_train_reports, say
+from framework.train.metrics import MetricsLogger, peak_memory_gb, quiet_worker_logs, say
 
 
 def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> Dict[str, Any]:
@@ -65,7 +65,7 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig, fused: bool) -> torc
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
-    quiet_train_reports()
+    quiet_worker_logs()
     job: JobConfig = config["job"]
     manifest: Dict[str, Any] = config["manifest"]
     run = job.run

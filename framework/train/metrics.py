@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -23,13 +24,18 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def quiet_train_reports() -> None:
-    """Silence Ray Train's INFO line for every `ray.train.report` (the whole metrics dict and checkpoint),
-    which would bury the progress line. Its logger is named by its file path, outside the `ray.train`
-    logger that RunConfig's LoggingConfig sets."""
+def quiet_worker_logs() -> None:
+    """Keep a worker's output to the progress line and real problems.
+
+    Silences Ray Train's INFO line for every `ray.train.report` (the whole metrics dict and checkpoint;
+    its logger is named by its file path, outside the `ray.train` logger that RunConfig's LoggingConfig
+    sets), and the FutureWarning that DeepSpeed's ZeRO gathers raise for a torch.distributed name it
+    still calls, once per rank: nothing a user of this framework can act on.
+    """
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
 
 
 def peak_memory_gb() -> float:

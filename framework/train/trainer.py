@@ -5,23 +5,24 @@ ScalingConfig, RunConfig, FailureConfig and CheckpointConfig are all built here,
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import ray
-import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoTokenizer
 
 from framework import storage
 from framework.cluster import cluster_cpus, cluster_gpus, connect
-from framework.config import ConfigError, JobConfig, absolute
+from framework.config import ConfigError, JobConfig, absolute, validate
 from framework.data.shards import read_manifest
-from framework.data.stream import build_datasets, data_config
+from framework.data.stream import build_datasets, data_config, quiet_data_logs
 from framework.model import hf_config, special_token_ids
+from framework.train import checkpoint
 from framework.train.loop import train_loop_per_worker
 
 
@@ -97,7 +98,44 @@ def model_config_for(job: JobConfig, manifest: Dict[str, Any]) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_dir(tokenizer_uri, tmp)
         tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-    return hf_config(job.model, manifest["vocab_size"], special_token_ids(tokenizer))
+    config = hf_config(job.model, manifest["vocab_size"], special_token_ids(tokenizer))
+    if config.vocab_size < manifest["vocab_size"]:
+        # A pretrained model keeps its own embeddings: token ids past them would fail inside the workers.
+        raise ConfigError(
+            f"model.pretrained_path={job.model.pretrained_path}: the model embeds {config.vocab_size} tokens but the "
+            f"shards in {job.data.output_dir} use a {manifest['vocab_size']}-token tokenizer; prepare them with "
+            f"data.tokenizer.path={job.model.pretrained_path}"
+        )
+    return config
+
+
+def check_resume(job: JobConfig) -> None:
+    """A run name that has checkpoints resumes the latest; the job must match it where resuming depends on it."""
+    run_dir = storage.join(job.run.storage_path, job.run.name)
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:
+        return
+    conflicts = checkpoint.resume_conflicts(checkpoint.read_job_config(latest), job)
+    if conflicts:
+        key, saved, now = conflicts[0]
+        raise ConfigError(
+            f"{key}={now}: run {job.run.name} resumes {latest.rsplit('/', 1)[-1]}, trained with {key}={saved}; "
+            f"keep the run's settings or start a new run.name"
+        )
+
+
+def failure_config(job: JobConfig) -> ray.train.FailureConfig:
+    """Restarts after a worker dies (run.max_failures), and a bounded wait for the workers' resources.
+
+    Ray Train asks for its worker group's resources in attempts of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    (60 s) and by default retries forever: a run that lost a node on a fixed-size cluster would wait for
+    ever. run.resource_wait_s bounds the attempts, so such a run fails with Ray's timeout error instead.
+    """
+    from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    attempt_s = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    attempts = max(1, math.ceil(job.run.resource_wait_s / attempt_s))
+    return ray.train.FailureConfig(max_failures=job.run.max_failures, controller_failure_limit=attempts - 1)
 
 
 def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> TorchTrainer:
@@ -128,7 +166,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> Torc
         run_config=ray.train.RunConfig(
             name=job.run.name,
             storage_path=job.run.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            failure_config=failure_config(job),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
@@ -140,10 +178,14 @@ def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> Torc
 
 def run(job: JobConfig) -> ray.train.Result:
     """Train `job` to `run.max_steps` (resuming a run of the same name) and return Ray Train's Result."""
-    job = resolve_paths(job)
+    # Everything that can be checked without a cluster is, before one is started or joined.
+    job = resolve_paths(validate(job))
+    manifest = read_manifest(job.data.output_dir)
+    check_data(job, manifest)
+    model_config_for(job, manifest)
+    check_resume(job)
     connect(job.run.ray_address)
-    # One readable progress line per log interval from rank 0; Ray Data's own bars would drown it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_logs()
     trainer = build_trainer(job)
     print(
         f"train: run {job.run.name}: {job.model.name} on {job.data.name}, ZeRO-{job.deepspeed.stage}, "
