@@ -1,7 +1,8 @@
 """Serving behaviour on the real stack: Ray Serve on a local cluster, HTTP on localhost, the `openai` client.
 
-One application (a tiny random Llama behind a best.json, with an API key and small queue limits) is
-deployed once for the module and shared by every test.
+One application (the tiny model trained under ZeRO-3 by the shared fixture, exported, behind a sweep's
+best.json, with an API key and small queue limits) is deployed once for the module and shared by every
+test. Engine-level tests load the same exported folder without Serve.
 """
 
 from __future__ import annotations
@@ -20,29 +21,40 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import requests
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_NAME = "tiny-served"
+# The served model's id: with serve.model_name unset, a best.json is served under its sweep's name.
+MODEL_NAME = "tiny-sweep"
 API_KEY = "sk-test-serve"
 KEY_ENV = "FRAMEWORK_TEST_SERVE_KEY"
 # Replicas read the key from their own environment, which they inherit from the process that started
 # the local Ray cluster. Other test modules may start it first, so set it at collection time, before any.
 os.environ[KEY_ENV] = API_KEY
-CONTEXT = 256
+# The trained tiny model's max positions (conf/model/tiny.yaml), so the context checks follow the model.
+CONTEXT = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").hf_config.max_position_embeddings
 # Small limits so that a burst of a few dozen requests overflows them. Requests wait in Serve's queue
 # while the router picks a replica, so the queue must hold the 4 concurrent requests a test sends.
 MAX_ONGOING, MAX_QUEUED, MAX_BATCH = 4, 4, 4
 
 
 @pytest.fixture(scope="module")
-def served_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Hugging Face folder to serve: byte-level BPE (~1000 tokens, eos <|endoftext|>) trained on stdlib
-    sources and a tiny random Llama (hidden 64, 2 layers, 4 heads, 256 positions), safetensors."""
+def served_model_dir(trained_checkpoints: Dict[int, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Hugging Face folder served: the ZeRO-3 tiny run's final checkpoint, exported and verified
+    (safetensors, the run's BPE with its ChatML template, generation config)."""
+    from framework.export import export_checkpoint
+
+    return Path(export_checkpoint(trained_checkpoints[3], str(tmp_path_factory.mktemp("export") / "tiny-zero3")))
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's random-weight folder, small: its tokenizer has no chat template (the fallback layout)."""
     from framework.serve.bench import RandomModelConfig, random_model_folder
 
     tiny = RandomModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, context=CONTEXT)
-    return random_model_folder(tmp_path_factory.mktemp("served_model"), tiny)
+                             num_attention_heads=4, context=256)
+    return random_model_folder(tmp_path_factory.mktemp("random_model"), tiny)
 
 
 def _free_port() -> int:
@@ -59,7 +71,8 @@ def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
     from framework.serve.app import config_from_args, deploy
 
-    sweep = tmp_path_factory.mktemp("sweep")
+    sweep = tmp_path_factory.mktemp("sweeps") / MODEL_NAME  # as outputs/sweeps/<tune.name>/ from a sweep
+    sweep.mkdir()
     best = sweep / "best.json"
     relative = os.path.relpath(served_model_dir, sweep)
     best.write_text(json.dumps({"trial": "t0", "metric": "val_loss", "value": 1.0, "overrides": [], "path": relative}))
@@ -68,7 +81,7 @@ def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     cfg = config_from_args({
-        "model_path": str(best), "model_name": MODEL_NAME, "host": "127.0.0.1", "port": _free_port(),
+        "model_path": str(best), "host": "127.0.0.1", "port": _free_port(),
         "api_key_env": KEY_ENV, "app_name": "test-serve", "min_replicas": 1, "max_replicas": 1,
         "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED, "max_batch_size": MAX_BATCH,
         "batch_wait_timeout_s": 0.05, "default_max_tokens": 16,
@@ -85,6 +98,24 @@ def _post(url: str, path: str, body: Any = None, key: str | None = API_KEY, raw:
     if raw is not None:
         return requests.post(url + path, data=raw, headers={**headers, "Content-Type": "application/json"}, timeout=60)
     return requests.post(url + path, json=body, headers=headers, timeout=60)
+
+
+def _tokens(folder: Path, text: str) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"])
+
+
+async def _concurrently(url: str, path: str, bodies: List[Dict[str, Any]]) -> List[Tuple[int, Dict]]:
+    """POST every body at once (so they can share a batch); each one's status and JSON body, in order."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+        async def one(body: Dict[str, Any]) -> Tuple[int, Dict]:
+            async with session.post(url + path, json=body) as r:
+                return r.status, await r.json()
+
+        return await asyncio.gather(*(one(b) for b in bodies))
 
 
 def _client(url: str):
@@ -107,7 +138,7 @@ def _reference(folder: Path, prompt: str, max_new_tokens: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # The OpenAI API
 
-def test_openai_client_gets_completion_chat_and_stream(server: str) -> None:
+def test_openai_client_gets_completion_chat_and_stream(server: str, served_model_dir: Path) -> None:
     client = _client(server)
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
 
@@ -122,6 +153,9 @@ def test_openai_client_gets_completion_chat_and_stream(server: str) -> None:
     )
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert isinstance(chat.choices[0].message.content, str) and chat.usage.completion_tokens >= 1
+    # The prompt was laid out by the trained tokenizer's ChatML template, not the plain fallback.
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.usage.prompt_tokens == _tokens(served_model_dir, chatml)
 
     stream = client.completions.create(
         model=MODEL_NAME, prompt="def wrap(text):", max_tokens=12, temperature=0, stream=True,
@@ -173,12 +207,18 @@ def test_seeded_requests_repeat_and_greedy_matches_transformers_generate(server:
     assert sampled[0][0] != greedy[0]
 
 
+def _stop_inside(text: str) -> str:
+    """A two-character piece of `text` that first occurs past its start (so the cut text is not empty)."""
+    for k in range(1, len(text) - 1):
+        if text.find(text[k : k + 2]) == k:
+            return text[k : k + 2]
+    raise AssertionError(f"greedy text has no usable stop string: {text!r}")
+
+
 def test_stop_string_cuts_the_text_before_it(server: str) -> None:
     client = _client(server)
     full = client.completions.create(model=MODEL_NAME, prompt="def f(x):", max_tokens=24, temperature=0).choices[0]
-    words = [w for w in full.text.split() if w.isascii() and len(w) >= 2 and full.text.find(w) > 0]
-    assert words, f"greedy text has no usable stop word: {full.text!r}"
-    stop = words[0]
+    stop = _stop_inside(full.text)
     cut = client.completions.create(model=MODEL_NAME, prompt="def f(x):", max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].text == full.text[: full.text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -189,18 +229,7 @@ def test_concurrent_requests_share_batches_and_match_sequential(server: str) -> 
     body = lambda p: {"model": MODEL_NAME, "prompt": p, "max_tokens": 16, "temperature": 0}  # noqa: E731
     alone = [_post(server, "/v1/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
     before = requests.get(server + "/health", timeout=10).json()
-
-    async def together() -> List[Tuple[int, Dict]]:
-        import aiohttp
-
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
-            async def one(p: str) -> Tuple[int, Dict]:
-                async with session.post(server + "/v1/completions", json=body(p)) as r:
-                    return r.status, await r.json()
-
-            return await asyncio.gather(*(one(p) for p in prompts))
-
-    results = asyncio.run(together())
+    results = asyncio.run(_concurrently(server, "/v1/completions", [body(p) for p in prompts]))
     after = requests.get(server + "/health", timeout=10).json()
     assert [status for status, _ in results] == [200] * len(prompts)
     assert [r["choices"][0]["text"] for _, r in results] == alone  # left padding changes nothing
@@ -208,10 +237,68 @@ def test_concurrent_requests_share_batches_and_match_sequential(server: str) -> 
     assert sequences == len(prompts) and batches < len(prompts)  # decoded together, not one by one
 
 
+def test_usage_counts_each_prompt_once_whatever_n(server: str, served_model_dir: Path) -> None:
+    def usage(prompt: Any, n: int) -> Dict[str, int]:
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2, "n": n, "seed": 3}
+        return _post(server, "/v1/completions", body).json()["usage"]
+
+    tokens = _tokens(served_model_dir, "import os")
+    one, three = usage("import os", 1), usage("import os", 3)
+    assert one["prompt_tokens"] == three["prompt_tokens"] == tokens  # as OpenAI: not multiplied by n
+    assert three["total_tokens"] == tokens + three["completion_tokens"] and three["completion_tokens"] >= 3
+    two_prompts = usage(["import os", "x = 1"], 2)
+    assert two_prompts["prompt_tokens"] == tokens + _tokens(served_model_dir, "x = 1")
+
+
+def test_extreme_sampling_values_are_served_or_refused_and_spare_their_batch(server: str) -> None:
+    body = lambda **kw: {"model": MODEL_NAME, "prompt": "import os", "max_tokens": 8, **kw}  # noqa: E731
+    greedy = _post(server, "/v1/completions", body(temperature=0)).json()["choices"][0]["text"]
+    results = asyncio.run(_concurrently(server, "/v1/completions", [
+        body(temperature=0),  # an ordinary request beside the others
+        body(temperature=1e-300),  # logits divided by this overflow: decoded greedily instead
+        body(temperature=1.0, seed=2**63 - 1, n=2),  # the largest int64 seed; choice 1's seed + 1 wraps
+        body(temperature=1.0, seed=-(2**63)),
+        body(temperature=1.0, seed=2**64),  # past OpenAI's int64 seed: refused, not a sampler crash
+    ]))
+    assert [status for status, _ in results] == [200, 200, 200, 200, 400], results
+    assert results[0][1]["choices"][0]["text"] == greedy
+    assert results[1][1]["choices"][0]["text"] == greedy
+    assert len(results[2][1]["choices"]) == 2
+    assert results[4][1]["error"]["param"] == "seed"
+
+
+def test_only_the_health_route_is_open_without_the_key(server: str) -> None:
+    from framework.serve.app import route_path
+
+    assert requests.get(server + "/health", timeout=10).status_code == 200
+    for path in ("/v1/models/health", "/v1/health", "/health/x"):
+        response = requests.get(server + path, timeout=10)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", path
+    # Under a route prefix the application sees it in root_path, and path keeps it (ASGI).
+    assert route_path({"path": "/llm/health", "root_path": "/llm"}) == "/health"
+    assert route_path({"path": "/llm/v1/models/health", "root_path": "/llm"}) == "/v1/models/health"
+
+
+def test_health_check_runs_the_model_and_fails_when_it_gives_nan(server: str, served_model_dir: Path) -> None:
+    import torch
+    from ray import serve
+
+    from framework.serve.engine import load_engine
+
+    # What Serve calls every few seconds, called the same way on the live replica.
+    assert serve.get_app_handle("test-serve").check_health.remote().result(timeout_s=60) is None
+    engine = load_engine(served_model_dir, device="cpu")
+    engine.check()
+    with torch.no_grad():
+        next(engine.model.parameters()).fill_(float("nan"))  # weights (or a device) gone bad
+    with pytest.raises(RuntimeError, match="non-finite logits"):
+        engine.check()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input and overload
 
-LONG_PROMPT = "def f(x): return x\n" * 200  # well past 256 tokens
+LONG_PROMPT = "def f(x): return x\n" * 400  # ~3000 tokens: well past the context
 
 BAD_REQUESTS = [
     # (case, path, json body or raw bytes, key, status, param, code)
@@ -346,32 +433,89 @@ def test_client_that_disconnects_stops_costing(server: str) -> None:
     assert time.perf_counter() - start < full_decode / 2
 
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
-def test_chat_uses_the_tokenizer_template_or_the_documented_fallback(served_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def test_chat_uses_the_tokenizer_template_or_the_documented_fallback(served_model_dir: Path, random_model_dir: Path) -> None:
+    from framework.serve.engine import FALLBACK_STOPS, load_engine
 
-    from framework.serve.engine import FALLBACK_STOPS, Engine
-
-    tokenizer = AutoTokenizer.from_pretrained(served_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(served_model_dir)
-    engine = Engine(model, tokenizer, GenerationConfig(eos_token_id=tokenizer.eos_token_id))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-
-    ids, stops, stop_ids = engine.chat_prompt(messages)  # the served folder has no template
-    assert tokenizer.decode(ids) == "system: Be brief.\nuser: hi\nassistant:"
-    assert stops == FALLBACK_STOPS and stop_ids == ()
-
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    engine = Engine(model, tokenizer, GenerationConfig(eos_token_id=tokenizer.eos_token_id))
+    engine = load_engine(served_model_dir, device="cpu")  # the trained tokenizer carries ChatML
     ids, stops, stop_ids = engine.chat_prompt(messages)
+    tokenizer = engine.tokenizer
     assert tokenizer.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert stops == () and stop_ids == (tokenizer.convert_tokens_to_ids("<|im_end|>"),)  # the turn ends there
+
+    engine = load_engine(random_model_dir, device="cpu")  # the benchmark's random folder has no template
+    ids, stops, stop_ids = engine.chat_prompt(messages)
+    assert engine.tokenizer.decode(ids) == "system: Be brief.\nuser: hi\nassistant:"
+    assert stops == FALLBACK_STOPS and stop_ids == ()
+
+
+def test_batched_greedy_decoding_equals_transformers_generate_row_by_row(random_model_dir: Path) -> None:
+    """Left-padded prompts of different lengths decoded in one batch give, row for row, what `generate`
+    gives for each prompt alone. Random weights make every continuation different (the 20-step trained
+    model answers most prompts alike), so a row mixed up with another, or a position off by one, shows."""
+    from framework.serve.engine import Job, Row, SamplingParams, load_engine
+
+    prompts = ["import os", "def parse(text, *, strict=True):", "x = [i * i for i in range(10)]", "class A:"]
+    engine = load_engine(random_model_dir, device="cpu")
+    jobs = [Job([Row(engine.encode(p), SamplingParams(max_tokens=12, temperature=0))]) for p in prompts]
+    batch, texts = engine.start(jobs), [""] * len(jobs)
+    while not batch.done:
+        for j, out in enumerate(batch.step()):
+            if out is not StopIteration:
+                texts[j] += "".join(d.text for d in out)
+    assert texts == [_reference(random_model_dir, p, 12) for p in prompts]
+    assert len(set(texts)) == len(texts), texts
+
+
+def test_chat_the_template_refuses_is_a_400_on_messages(served_model_dir: Path) -> None:
+    from framework.serve import protocol
+    from framework.serve.api import APIError, ChatCompletionRequest
+    from framework.serve.engine import load_engine
+
+    engine = load_engine(served_model_dir, device="cpu")
+    engine.tokenizer.chat_template = STRICT_TEMPLATE
+    alternating = ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
+    assert protocol.chat_job(alternating, engine, 16, MAX_BATCH).prompt_tokens > 0
+    twice = ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+    with pytest.raises(APIError) as refused:
+        protocol.chat_job(twice, engine, 16, MAX_BATCH)
+    assert (refused.value.status, refused.value.param) == (400, "messages")
+    assert "roles must alternate" in refused.value.message
+
+
+def test_a_row_that_cannot_be_sampled_ends_only_its_request(served_model_dir: Path) -> None:
+    from framework.serve.engine import Job, JobFailed, Row, SamplingParams, load_engine
+
+    engine = load_engine(served_model_dir, device="cpu")
+    prompt = engine.encode("import os")
+
+    def decode(jobs: List[Job]) -> Tuple[List[str], List[Any]]:
+        """Every job's text and its failure (None if it had none), one batch run to the end."""
+        batch = engine.start(jobs)
+        texts, failures = [""] * len(jobs), [None] * len(jobs)
+        while not batch.done:
+            for j, out in enumerate(batch.step()):
+                if isinstance(out, JobFailed):
+                    failures[j] = out.error
+                elif out is not StopIteration:
+                    texts[j] += "".join(d.text for d in out)
+        return texts, failures
+
+    greedy = lambda: Row(prompt, SamplingParams(max_tokens=8, temperature=0))  # noqa: E731
+    (alone,), _ = decode([Job([greedy()])])
+    # A seed past what torch's generator takes (the schema refuses it; the engine must survive it anyway).
+    bad = Row(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=2**64))
+    texts, failures = decode([Job([greedy(), bad]), Job([greedy()])])
+    assert isinstance(failures[0], ValueError) and texts[0] == ""
+    assert failures[1] is None and texts[1] == alone
 
 
 def test_deployment_takes_resources_autoscaling_and_limits_from_config(served_model_dir: Path) -> None:

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 
 StrictFloat = Annotated[float, Strict()]  # ints are accepted for floats (JSON has one number type); strings are not
 
+# OpenAI's seed is a signed 64-bit integer; anything wider is a 400 rather than a sampler crash.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 class APIError(Exception):
     """An error a client caused (or overload); the app turns it into an OpenAI-style JSON body."""
@@ -80,7 +83,7 @@ class SamplingFields(_Request):
     top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=128)
     stop: Optional[Union[StrictStr, List[StrictStr]]] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[StrictStr] = None

@@ -4,7 +4,8 @@ Every replica loads the model once and decodes the requests it holds together: `
 gathers them (up to `serve.max_batch_size` rows, waiting at most `serve.batch_wait_timeout_s`) and its
 async generator yields one token per row per step, which the routes turn into JSON or server-sent
 events. Back-pressure is Serve's own: a replica takes `max_ongoing_requests`, callers queue
-`max_queued_requests` more, and beyond that the proxy answers `backpressure_status` at once.
+`max_queued_requests` more, and beyond that the proxy answers `backpressure_status` at once. Serve
+calls `check_health` every few seconds, and replaces a replica whose model no longer runs.
 
 Entry points: `run(cfg)` (launch/serve.py), and `build_app(args)` for `serve run` / a KubeRay
 RayService `import_path: framework.serve.app:build_app`.
@@ -38,12 +39,14 @@ from framework.serve.api import (
     validation_error,
 )
 from framework.serve.config import ServeConfig, to_serve_config, validate_serve
-from framework.serve.engine import Delta, Job, StepOutput
-from framework.serve.folder import check_model_folder, resolve_model_path
+from framework.serve.engine import Delta, Job, JobFailed, StepOutput
+from framework.serve.folder import check_model_folder, default_model_id, resolve_model_path
 
 api = FastAPI(title="framework: OpenAI-compatible LLM server")
 # Set by the replica at start-up; the middleware below compares every /v1 request with it.
 api.state.api_key = None
+# The one route open without the key (for load balancers' and Kubernetes' probes).
+HEALTH_ROUTE = "/health"
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -72,11 +75,17 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return _error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
+def route_path(scope: Dict[str, Any]) -> str:
+    """The request's path below the application's route prefix (ASGI keeps the prefix, root_path, in path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 @api.middleware("http")
 async def _require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
     """401 for any route but /health when a key is configured and the request lacks it (Bearer, as OpenAI)."""
     key = request.app.state.api_key
-    if key and not request.url.path.endswith("/health"):
+    if key and route_path(request.scope) != HEALTH_ROUTE:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
             return _error(APIError(401, "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'.",
@@ -109,7 +118,7 @@ class LLMServer:
             torch.set_num_threads(cfg.torch_threads)
         folder = resolve_model_path(cfg.model_path)
         self.engine = load_engine(folder, cfg.dtype, "cuda" if cfg.num_gpus > 0 else "cpu")
-        self.model_id = cfg.model_name or folder.name
+        self.model_id = cfg.model_name or default_model_id(cfg.model_path)
         self.created = now()
         self.cfg = cfg
         # Batches decoded and sequences in them since start-up: /health shows them (is batching happening?).
@@ -129,16 +138,27 @@ class LLMServer:
         """This job's deltas, step by step; leaving early (a client gone) drops its rows from the batch."""
         try:
             async for step in self._generate(job):
+                if isinstance(step, JobFailed):  # only this request ends; the rest of its batch goes on
+                    raise APIError(500, f"generation failed for this request ({type(step.error).__name__}: "
+                                        f"{step.error})", type="server_error")
                 yield step
         finally:
             job.cancelled = True
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds; raising marks the replica unhealthy and Serve replaces it.
+
+        A one-token forward pass (off the event loop, beside any batch being decoded) shows that the
+        device and the weights still give finite logits, which a live actor alone does not.
+        """
+        await asyncio.to_thread(self.engine.check)
 
     def _check_model(self, model: str) -> None:
         if model != self.model_id:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_id}'.",
                            param="model", code="model_not_found")
 
-    @api.get("/health")
+    @api.get(HEALTH_ROUTE)
     async def health(self) -> Dict[str, Any]:
         return {"status": "ok", "model": self.model_id, "batches": self.batches, "sequences": self.sequences}
 

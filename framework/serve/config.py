@@ -21,7 +21,8 @@ class ServeConfig:
     name: str = "default"
     # A Hugging Face model folder, or a sweep's best.json whose `path` names one.
     model_path: str = MISSING
-    # The id clients put in `model` and /v1/models lists; null uses the folder's name.
+    # The id clients put in `model` and /v1/models lists; null uses the folder's name, or for a
+    # best.json the name of the folder holding it (the sweep's name).
     model_name: Optional[str] = None
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     # Ray resources per replica; num_gpus > 0 puts the model on the replica's GPU.

@@ -5,11 +5,13 @@ only real tokens, so a padded row sees the same positions it would alone. Each s
 pass over the active rows with `past_key_values`, then samples every row with its own parameters and
 its own `torch.Generator`. A row that finishes (eos, a stop string, max_tokens) or whose request was
 cancelled is dropped from the batch and the cache, so it receives no more tokens and costs nothing.
+A request whose row cannot be set up or sampled ends alone (`JobFailed`); the batch goes on without it.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,12 @@ from transformers import (
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+logger = logging.getLogger(__name__)
+
+# Temperatures below this decode greedily: dividing logits by less can overflow them to inf, and
+# sampling that sharp is greedy decoding anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 # Without a chat template, messages are laid out as "role: content" lines and the model continues
 # after "assistant:"; it stops where it would start the next user or system turn.
 FALLBACK_ROLE_FORMAT = "{role}: {content}\n"
@@ -39,10 +47,10 @@ FALLBACK_STOPS = ("\nuser:", "\nsystem:")
 @dataclass
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0 is greedy
+    temperature: float = 1.0  # below GREEDY_BELOW_TEMPERATURE (0, say) is greedy
     top_p: float = 1.0
     stop: Sequence[str] = ()
-    seed: Optional[int] = None  # null draws a fresh seed
+    seed: Optional[int] = None  # null draws a fresh seed; torch takes [-2**63, 2**64)
     stop_token_ids: Sequence[int] = ()  # ends the row like eos (a chat template's end-of-turn token)
 
 
@@ -72,7 +80,15 @@ class Delta:
     finish_reason: Optional[str] = None  # "stop" | "length" | None while running
 
 
-StepOutput = List[Union[List[Delta], type]]  # per job: its deltas, or StopIteration once it is done
+@dataclass
+class JobFailed:
+    """A job ended by an error in one of its rows (setting up its sampler, or sampling); the others go on."""
+
+    error: Exception
+
+
+# Per job: its deltas, JobFailed once, or StopIteration once it is done.
+StepOutput = List[Union[List[Delta], JobFailed, type]]
 
 
 class TextTracker:
@@ -176,6 +192,14 @@ class Engine:
 
     # -- decoding --------------------------------------------------------------------------------
 
+    @torch.inference_mode()
+    def check(self) -> None:
+        """Raise unless a one-token forward pass gives finite logits: the device and the weights still work."""
+        ids = torch.tensor([[self.pad_id]], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError(f"engine check: a forward pass on {self.device} gave non-finite logits")
+
     def start(self, jobs: List[Job]) -> "DecodeBatch":
         return DecodeBatch(self, jobs)
 
@@ -198,31 +222,42 @@ class DecodeBatch:
     jobs: List[Job]
     rows: List[_Active] = field(default_factory=list)
     remaining: List[int] = field(default_factory=list)  # rows still running, per job
-    reported: List[bool] = field(default_factory=list)  # job's StopIteration sent
+    reported: List[bool] = field(default_factory=list)  # job's StopIteration (or JobFailed) sent
+    failed: Dict[int, Exception] = field(default_factory=dict)  # jobs whose failure is still to be sent
     cache: object = None
     mask: Optional[torch.Tensor] = None  # [rows, columns so far]
     positions: Optional[torch.Tensor] = None  # [rows] position of each row's next token
     last: Optional[torch.Tensor] = None  # [rows] each row's last sampled token
 
     def __post_init__(self) -> None:
-        engine = self.engine
+        self._prompts = []
         for j, job in enumerate(self.jobs):
-            for i, row in enumerate(job.rows):
-                p = row.params
-                seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**63)
-                generator = None
-                warpers = LogitsProcessorList()
-                if p.temperature > 0:
-                    generator = torch.Generator(device=engine.device).manual_seed(seed)
-                    warpers.append(TemperatureLogitsWarper(p.temperature))
-                    if p.top_p < 1.0:
-                        warpers.append(TopPLogitsWarper(p.top_p))
-                self.rows.append(
-                    _Active(j, i, TextTracker(engine.tokenizer, p, engine.eos_ids), warpers, generator, p.temperature == 0)
-                )
-        self.remaining = [len(job.rows) for job in self.jobs]
+            try:
+                active = [self._activate(j, i, row) for i, row in enumerate(job.rows)]
+            except Exception as exc:  # noqa: BLE001 - one request's bad parameters must not end the others
+                self._fail(j, exc)
+                continue
+            self.rows += active
+            self._prompts += [row.prompt_ids for row in job.rows]
+        self.remaining = [0 if j in self.failed else len(job.rows) for j, job in enumerate(self.jobs)]
         self.reported = [False] * len(self.jobs)
-        self._prompts = [row.prompt_ids for job in self.jobs for row in job.rows]
+
+    def _activate(self, job: int, index: int, row: Row) -> _Active:
+        """A row's decoding state: its text tracker and, unless greedy, its warpers and seeded generator."""
+        p, engine = row.params, self.engine
+        greedy = p.temperature < GREEDY_BELOW_TEMPERATURE
+        generator, warpers = None, LogitsProcessorList()
+        if not greedy:
+            seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**63)
+            generator = torch.Generator(device=engine.device).manual_seed(seed)
+            warpers.append(TemperatureLogitsWarper(p.temperature))
+            if p.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(p.top_p))
+        return _Active(job, index, TextTracker(engine.tokenizer, p, engine.eos_ids), warpers, generator, greedy)
+
+    def _fail(self, job: int, exc: Exception) -> None:
+        logger.warning("request ended by an error in one of its rows (%s: %s); the batch goes on", type(exc).__name__, exc)
+        self.failed.setdefault(job, exc)
 
     @property
     def done(self) -> bool:
@@ -238,19 +273,27 @@ class DecodeBatch:
             finished, tokens = [], []
             greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
             for b, row in enumerate(self.rows):
-                token = greedy[b] if row.greedy else self._sample(logits[b : b + 1], row)
+                token = self.engine.pad_id  # a failed job's rows leave the batch below; their token is never used
+                if row.job not in self.failed:
+                    try:
+                        token = greedy[b] if row.greedy else self._sample(logits[b : b + 1], row)
+                        text, reason = row.tracker.push(token)
+                    except Exception as exc:  # noqa: BLE001 - this row's request ends; the batch goes on
+                        self._fail(row.job, exc)
+                    else:
+                        out[row.job].append(Delta(row.index, text, 1, reason))
+                        if reason is not None:
+                            finished.append(b)
+                            self.remaining[row.job] -= 1
                 tokens.append(token)
-                text, reason = row.tracker.push(token)
-                out[row.job].append(Delta(row.index, text, 1, reason))
-                if reason is not None:
-                    finished.append(b)
-                    self.remaining[row.job] -= 1
             self.last = torch.tensor(tokens, device=self.engine.device)
             done = set(finished)
-            self._keep([b for b in range(len(self.rows)) if b not in done])
+            self._keep([b for b, row in enumerate(self.rows) if b not in done and row.job not in self.failed])
         for j in range(len(self.jobs)):
+            if j in self.failed and not self.reported[j]:
+                out[j], self.reported[j], self.remaining[j] = JobFailed(self.failed[j]), True, 0
             # A job ends one step after its last delta, so that its final text reaches the caller first.
-            if self.remaining[j] == 0 and not out[j] and not self.reported[j]:
+            elif self.remaining[j] == 0 and not out[j] and not self.reported[j]:
                 out[j], self.reported[j] = StopIteration, True
             elif self.reported[j]:
                 out[j] = StopIteration

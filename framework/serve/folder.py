@@ -37,6 +37,13 @@ def resolve_model_path(model_path: str) -> Path:
     return (path.resolve().parent / target).resolve()
 
 
+def default_model_id(model_path: str) -> str:
+    """The model id when serve.model_name is null: the folder's name, or for a best.json the name of the
+    folder holding it (a sweep writes outputs/sweeps/<tune.name>/best.json, so: the sweep's name)."""
+    path = Path(model_path).expanduser().resolve()
+    return path.parent.name if path.suffix == ".json" else path.name
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / WEIGHTS_INDEX
     if index.is_file():

@@ -2,14 +2,18 @@
 become responses or server-sent events.
 
 Row order in a Job is prompt-major (prompt 0's n choices, then prompt 1's, ...), which is also the
-`index` a completion choice carries. With a `seed`, choice i samples with seed + i, so the n choices
-differ from each other but the whole response is reproducible.
+`index` a completion choice carries. With a `seed`, choice i samples with (seed + i) mod 2**64 (the
+range torch's generators take), so the n choices differ from each other but the whole response is
+reproducible. A chat the tokenizer's template refuses (roles that must alternate, say) is a 400 on
+`messages`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import AsyncIterator, List, Optional, Sequence
+
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from framework.serve.api import (
     APIError,
@@ -29,6 +33,7 @@ from framework.serve.api import (
 from framework.serve.engine import Delta, Engine, Job, Row, SamplingParams
 
 MAX_STOPS = 4  # as OpenAI
+SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64); reducing keeps seed + i inside it
 
 
 @dataclass
@@ -48,7 +53,12 @@ def chat_job(req: ChatCompletionRequest, engine: Engine, default_max_tokens: int
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     if not any(m["content"].strip() for m in messages):
         raise APIError(400, "messages must contain some text; every message content is empty", param="messages")
-    ids, implied_stops, stop_token_ids = engine.chat_prompt(messages)
+    try:
+        ids, implied_stops, stop_token_ids = engine.chat_prompt(messages)
+    except TemplateSyntaxError:
+        raise  # the template itself is broken: the server's fault, not these messages'
+    except TemplateError as exc:  # the template's raise_exception(): these messages are not a chat it accepts
+        raise APIError(400, f"messages do not fit this model's chat template: {exc}", param="messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return _prepare(req, [ids], "messages", max_tokens, implied_stops, engine, default_max_tokens, max_rows,
                     stop_token_ids)
@@ -122,11 +132,12 @@ def _prepare(
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 stop=tuple(stops) + tuple(implied_stops),
-                seed=None if req.seed is None else req.seed + choice,
+                seed=None if req.seed is None else (req.seed + choice) % SEED_MODULUS,
                 stop_token_ids=tuple(stop_token_ids),
             )
             rows.append(Row(ids, params))
-    return Prepared(Job(rows), sum(len(p) for p in prompts) * req.n)
+    # As OpenAI: each prompt counts once, however many choices (n) are sampled from it.
+    return Prepared(Job(rows), sum(len(p) for p in prompts))
 
 
 # ---------------------------------------------------------------------------------------------
