@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config value a job cannot run with; the message names the key and what was expected."""
 
 
+class JobError(RuntimeError):
+    """A job that started and then failed for a reason its user can act on; the message says what to do."""
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -367,12 +371,13 @@ def hydra_entry(config_name: str = "config", check: Callable[[DictConfig], Any] 
         @functools.wraps(task)
         def guarded(cfg: DictConfig) -> Any:
             # What only the job can find out (shards that do not match, a cluster too small, a run
-            # resumed with other settings) ends the same way as a bad override: one line, exit 2.
+            # resumed with other settings) ends the same way as a bad override: one line, exit 2;
+            # a job that failed for a reason its user can act on, in one line too, exit 1.
             try:
                 return task(cfg)
-            except ConfigError as exc:
-                print(f"ConfigError: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
+            except (ConfigError, JobError) as exc:
+                print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
 
         # Tests and manifests check an entry point's overrides the same way it does.
         main.config_name, main.check = config_name, check

@@ -423,7 +423,12 @@ def describe_end(info, logs: str = "") -> str:
     line = f"job {info.submission_id} {info.status}"
     if info.status in ("SUCCEEDED", "STOPPED"):
         return line
-    reason = next((text.strip() for text in logs.splitlines() if _ERROR_LINE.match(text)), None)
+    lines = [text.strip() for text in logs.splitlines()]
+    at = next((i for i, text in enumerate(lines) if _ERROR_LINE.match(text)), None)
+    reason = lines[at] if at is not None else None
+    # A wrapping error (Ray Train's ControllerError, say) ends in ':' and names its cause on the next line.
+    if reason and reason.endswith(":") and at + 1 < len(lines) and lines[at + 1]:
+        reason = f"{reason} {lines[at + 1]}"
     reason = reason or next(iter((info.message or "").strip().splitlines()), "")
     return f"{line}: {reason}" if reason else line
 

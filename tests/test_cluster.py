@@ -404,5 +404,5 @@ def test_losing_the_worker_node_fails_the_job_with_a_clear_error_not_a_hang(clus
     assert follower.returncode not in (0, 124), stderr[-3000:]
     # The last line names the error the job died of, not just "FAILED".
     end = [line for line in stderr.splitlines() if line.startswith("job train-")]
-    assert end and " FAILED: " in end[-1] and "worker" in end[-1].lower(), stderr[-3000:]
+    assert end and " FAILED: JobError: run.resource_wait_s=60: " in end[-1] and "Train workers" in end[-1], stderr[-3000:]
     assert elapsed < 180

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from framework import storage
 from framework.cluster import cluster_cpus, cluster_gpus, connect
-from framework.config import ConfigError, JobConfig, absolute, validate
+from framework.config import ConfigError, JobConfig, JobError, absolute, validate
 from framework.data.shards import read_manifest
 from framework.data.stream import build_datasets, data_config, quiet_data_logs
 from framework.model import hf_config, special_token_ids
@@ -138,6 +138,21 @@ def failure_config(job: JobConfig) -> ray.train.FailureConfig:
     return ray.train.FailureConfig(max_failures=job.run.max_failures, controller_failure_limit=attempts - 1)
 
 
+def unplaced_workers_error(job: JobConfig, resources: Dict[str, float], error: Exception) -> Exception:
+    """What a run that waited run.resource_wait_s for its workers' resources in vain tells its user
+    (Ray's own message points at an environment variable); any other controller error as it is."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        return error
+    each = ", ".join(f"{v:g} {k}" for k, v in resources.items())
+    return JobError(
+        f"run.resource_wait_s={job.run.resource_wait_s}: the run's {job.run.num_workers} Train workers ({each} each) "
+        f"could not be placed on the cluster in that time (a node lost, or not added by the autoscaler); its checkpoints "
+        f"are kept in {storage.join(job.run.storage_path, job.run.name)}: run the same command again to resume"
+    )
+
+
 def build_trainer(job: JobConfig, callbacks: Optional[List[Any]] = None) -> TorchTrainer:
     """A TorchTrainer for `job` on the connected cluster; reruns of the same run name resume.
 
@@ -192,7 +207,10 @@ def run(job: JobConfig) -> ray.train.Result:
         f"{job.run.num_workers} workers, {job.run.max_steps} steps → {job.run.storage_path}/{job.run.name}",
         flush=True,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as exc:
+        raise unplaced_workers_error(job, trainer.scaling_config.resources_per_worker, exc) from exc
     print(f"train: done. metrics: {result.metrics}", flush=True)
     if result.checkpoint:
         print(f"train: latest checkpoint: {result.checkpoint.path}", flush=True)
