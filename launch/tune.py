@@ -12,7 +12,8 @@ register_sweep_schema()
 def main(cfg: DictConfig) -> None:
     from framework.tune.runner import run
 
-    run(sweep_from_hydra(cfg))
+    if run(sweep_from_hydra(cfg)).interrupted:
+        raise SystemExit(130)  # as a shell reports Ctrl-C; the same command resumes the sweep
 
 
 if __name__ == "__main__":

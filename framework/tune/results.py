@@ -14,14 +14,16 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import pandas as pd
 
 from framework import storage
 from framework.tune.sweep import Sweep, format_value, trial_overrides
 
-COMPLETED, STOPPED, ERROR = "completed", "stopped", "error"
+# A trial's status in the table. UNFINISHED: the driver was interrupted before the trial ended (a
+# resume runs it again); it is neither completed nor stopped early.
+COMPLETED, STOPPED, ERROR, UNFINISHED = "completed", "stopped", "error", "unfinished"
 
 
 @dataclass
@@ -32,16 +34,28 @@ class TrialOutcome:
     config: Dict[str, Any]  # the swept values Tune chose
     history: pd.DataFrame  # one row per report: step, metrics, checkpoint_path, time_total_s
     error: Optional[str]
+    finished: bool = True  # False: still to run when the driver was interrupted
 
 
-def outcomes(results: Any) -> List[TrialOutcome]:
-    """The trials of a Tune ResultGrid (trial folders are named by trial id)."""
+def outcomes(results: Any, unfinished: Iterable[str] = ()) -> List[TrialOutcome]:
+    """The trials of a Tune ResultGrid (trial folders are named by trial id); `unfinished` names those a resume runs again."""
+    unfinished = set(unfinished)
     found = []
     for result in results:
+        trial_id = os.path.basename(result.path.rstrip("/"))
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         error = None if result.error is None else (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
-        found.append(TrialOutcome(os.path.basename(result.path.rstrip("/")), dict(result.config or {}), history, error))
+        found.append(TrialOutcome(trial_id, dict(result.config or {}), history, error, trial_id not in unfinished))
     return found
+
+
+def trial_status(trial: TrialOutcome, steps: int, max_steps: int) -> str:
+    """How a trial ended: with an error, unfinished, at its last step, or stopped early by the scheduler."""
+    if trial.error:
+        return ERROR
+    if not trial.finished:
+        return UNFINISHED
+    return COMPLETED if steps >= max_steps else STOPPED
 
 
 def _checkpoint_uri(storage_root: str, path: Any) -> Optional[str]:
@@ -60,7 +74,7 @@ def results_table(trials: List[TrialOutcome], sweep: Sweep, storage_root: str) -
         values = history[metric].dropna() if metric in history else pd.Series(dtype=float)
         steps = int(history["step"].max()) if "step" in history and len(history) else 0
         max_steps = int(trial.config.get("run.max_steps", sweep.job.run.max_steps))
-        status = ERROR if trial.error else (COMPLETED if steps >= max_steps else STOPPED)
+        status = trial_status(trial, steps, max_steps)
         checkpoints = history.dropna(subset=["checkpoint_path"]) if "checkpoint_path" in history else history.iloc[0:0]
         row: Dict[str, Any] = {"trial": trial.trial_id, "status": status}
         row.update({key: trial.config.get(key) for key in sweep.params})
@@ -136,7 +150,7 @@ def _short(value: Any) -> str:
 
 
 def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, path: str) -> None:
-    """The metric against step for every trial; a trial stopped early ends in ×, the best is drawn thick."""
+    """The metric against step for every trial; a trial stopped early ends in ×, the best (`best_trial`) is drawn thick."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +158,7 @@ def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, p
 
     metric = sweep.config.metric
     status = dict(zip(table["trial"], table["status"]))
-    best = table["trial"].iloc[0] if len(table) else None
+    best = best_trial(table, sweep)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, trial in enumerate(trials):
         if metric not in trial.history or "step" not in trial.history:
@@ -168,7 +182,7 @@ def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, p
 
 
 def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
-    """The final metric against each swept value, one panel per key; × marks a trial stopped early."""
+    """The final metric against each swept value, one panel per key; × marks a trial stopped early, ★ the best (`best_trial`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,6 +192,7 @@ def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
     swept = [p for p in sweep.params.values() if p.dist is not None] or list(sweep.params.values())
     fig, axes = plt.subplots(1, max(1, len(swept)), figsize=(max(7.0, 4.5 * len(swept)), 4.5), squeeze=False)
     rows = table[table["status"] != ERROR]
+    best = best_trial(table, sweep)
     for ax, param in zip(axes[0], swept):
         values = list(rows[param.key]) if param.key in rows else []
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -190,10 +205,8 @@ def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
         for x, (_, row) in zip(xs, rows.iterrows()):
             stopped = row["status"] == STOPPED
             ax.plot(x, row[metric], "x" if stopped else "o", color="C1" if stopped else "C0", ms=9 if stopped else 7, mew=2)
-        if len(rows):
-            best = rows.iloc[0]
-            bx = best[param.key] if numeric else xs[0]
-            ax.plot(bx, best[metric], "*", color="C3", ms=16, zorder=5)
+            if row["trial"] == best:
+                ax.plot(x, row[metric], "*", color="C3", ms=16, zorder=5)
         spread = numeric and values and min(values) > 0 and max(values) / min(values) >= 100
         if numeric and (param.is_log or spread):
             ax.set_xscale("log")
@@ -206,20 +219,26 @@ def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
     plt.close(fig)
 
 
-def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict[str, Any]]:
-    """Export the best trial's final checkpoint as a Hugging Face folder and write best.json.
+def best_trial(table: pd.DataFrame, sweep: Sweep) -> Optional[str]:
+    """The trial promotion exports (and the plots mark): the best final metric among the ended trials whose
+    final report came with a checkpoint (every completed trial: the loop checkpoints at
+    run.max_steps), so that the exported weights are exactly those the metric was measured on."""
+    if not len(table):
+        return None
+    ended = ~table["status"].isin([ERROR, UNFINISHED])
+    candidates = table[ended & table["checkpoint"].notna() & (table["checkpoint_step"] == table["steps"])]
+    candidates = candidates.dropna(subset=[f"final_{sweep.config.metric}"])
+    return str(candidates["trial"].iloc[0]) if len(candidates) else None  # the table is sorted best first
 
-    The best trial is the one with the best final metric among those whose final report came with a
-    checkpoint (every completed trial: the loop checkpoints at run.max_steps), so the exported
-    weights are exactly those the metric was measured on.
-    """
+
+def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict[str, Any]]:
+    """Export the best trial's (`best_trial`) final checkpoint as a Hugging Face folder and write best.json."""
     from framework.export import export_checkpoint
 
-    candidates = table[(table["status"] != ERROR) & table["checkpoint"].notna() & (table["checkpoint_step"] == table["steps"])]
-    candidates = candidates.dropna(subset=[f"final_{sweep.config.metric}"])
-    if not len(candidates):
+    trial = best_trial(table, sweep)
+    if trial is None:
         return None
-    best = candidates.iloc[0]  # the table is sorted best first
+    best = table[table["trial"] == trial].iloc[0]
     target = os.path.abspath(os.path.join(output_dir, "best"))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_dir = best["checkpoint"]

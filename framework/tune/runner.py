@@ -18,9 +18,11 @@ import ray
 import ray.tune as tune
 
 from framework import storage
+from framework.data.stream import quiet_data_logs
 from framework.cluster import cluster_cpus, cluster_gpus, connect
 from framework.config import ConfigError, absolute
 from framework.data.shards import read_manifest
+from framework.train.trainer import check_data
 from framework.tune import results as report
 from framework.tune.sweep import Sweep, format_value
 from framework.tune.trial import DRIVER_RESOURCES, PlacementGroupJanitor, train_trial
@@ -33,6 +35,8 @@ class SweepResult:
     best: Optional[Dict[str, Any]]  # best.json's content; None when nothing was promoted
     wall_s: float
     resumed: bool
+    # The driver was interrupted (Ctrl-C): nothing was written or promoted; the same command resumes.
+    interrupted: bool = False
 
 
 def fingerprint(sweep: Sweep) -> Dict[str, Any]:
@@ -85,6 +89,42 @@ def absolute_paths(sweep: Sweep) -> List[str]:
     return pinned
 
 
+def read_shards(sweep: Sweep) -> Dict[str, Any]:
+    """The prepared shards' manifest, once every trial the space can draw has been checked against it.
+
+    What only the shards can tell (their seq_len, a swept global batch larger than the train split, a
+    validation split smaller than a swept micro-batch on every worker) would otherwise fail every such
+    trial after Ray had started it; the corners of the space (`Sweep.corners`) stand for all trials.
+    """
+    data_dir = sweep.job.data.output_dir
+    try:
+        manifest = read_manifest(data_dir)
+    except Exception:  # noqa: BLE001 - a missing or unreadable manifest means no shards to share
+        raise ConfigError(
+            f"data.output_dir={data_dir}: no prepared shards there; run launch/prep.py with the same data settings first"
+        ) from None
+    check_data(sweep.job, manifest)
+    for words, job in sweep.corners:
+        try:
+            check_data(job, manifest)
+        except ConfigError as exc:
+            raise ConfigError(f"{words}: {exc}") from None
+    return manifest
+
+
+def unfinished_trials(experiment: str) -> List[str]:
+    """The trials of the experiment at `experiment` that a resume would run again (neither TERMINATED nor ERROR).
+
+    Tuner.fit returns normally when the driver is interrupted (Ctrl-C), and the ResultGrid it returns
+    then calls the trials it was running TERMINATED: Tune's clean-up stops them that way. The state
+    Tune saved just before that clean-up, which Tuner.restore resumes from, still has them unfinished.
+    """
+    from ray.tune.experiment import Trial
+
+    done = (Trial.TERMINATED, Trial.ERROR)
+    return [trial.trial_id for trial in tune.ExperimentAnalysis(experiment).trials if trial.status not in done]
+
+
 def search_algorithm(sweep: Sweep) -> Any:
     """Random and grid search: Tune's variant generator (which limits concurrency itself); Optuna: its TPE sampler."""
     c = sweep.config
@@ -104,6 +144,21 @@ def last_step(sweep: Sweep) -> int:
     return max([sweep.job.run.max_steps, *swept])
 
 
+class KeepInRanges:
+    """PBT's explore step for ranges: scaling by 0.8 or 1.2 may leave the range (optim.min_lr_ratio past 1,
+    optim.warmup_steps past run.max_steps) and fail the trial; a value is brought back to the range's
+    nearer end, which the checks before the sweep have tried."""
+
+    def __init__(self, sweep: Sweep):
+        self.ranges = {key: p.corners() for key, p in sweep.params.items() if p.dist is not None and p.dist != "choice"}
+
+    def __call__(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        for key, (low, high) in self.ranges.items():
+            if key in config:
+                config[key] = type(config[key])(min(max(config[key], low), high))
+        return config
+
+
 def scheduler(sweep: Sweep) -> Any:
     c = sweep.config
     if c.scheduler == "asha":
@@ -118,13 +173,20 @@ def scheduler(sweep: Sweep) -> Any:
         return PopulationBasedTraining(
             time_attr="step",
             perturbation_interval=c.pbt.perturbation_interval,
-            hyperparam_mutations={k: p.to_tune() for k, p in sweep.params.items() if p.dist is not None},
+            # A list makes PBT step to a neighbouring value; a domain it would scale by 0.8 or 1.2.
+            hyperparam_mutations={k: list(p.args) if p.dist == "choice" else p.to_tune() for k, p in sweep.params.items() if p.dist is not None},
             quantile_fraction=c.pbt.quantile_fraction,
             resample_probability=c.pbt.resample_probability,
+            custom_explore_fn=KeepInRanges(sweep),
         )
     from ray.tune.schedulers import FIFOScheduler
 
     return FIFOScheduler()
+
+
+def param_space(sweep: Sweep) -> Dict[str, Any]:
+    """The Tuner's param_space: each swept key's Ray Tune domain (grid axes as grid_search), pinned values as they are."""
+    return {key: param.to_tune() for key, param in sweep.params.items()}
 
 
 def build_tuner(sweep: Sweep, trial_sweep: Sweep, storage_root: str, experiment: str, janitor: Any) -> tune.Tuner:
@@ -137,7 +199,7 @@ def build_tuner(sweep: Sweep, trial_sweep: Sweep, storage_root: str, experiment:
     c = sweep.config
     return tune.Tuner(
         trainable,
-        param_space={k: p.to_tune() for k, p in sweep.params.items()},
+        param_space=param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=c.metric,
             mode=c.mode,
@@ -163,21 +225,32 @@ def build_tuner(sweep: Sweep, trial_sweep: Sweep, storage_root: str, experiment:
     )
 
 
+def release_placement_groups(janitor: Any, timeout_s: float = 60.0) -> None:
+    """End the janitor once the trials Tune stopped last have given their workers' placement groups back.
+
+    Placement groups live as long as the driver's job: one left behind would hold its CPUs for
+    whatever this process runs next (another sweep, a training run).
+    """
+    left = ray.get(janitor.wait_released.remote(timeout_s))
+    if left:
+        print(f"tune: {left} trial placement groups were still held after {timeout_s:.0f}s; Ray frees them when this job ends", flush=True)
+    ray.kill(janitor)
+
+
 def run(sweep: Sweep) -> SweepResult:
-    """Run (or resume) the sweep to the end, then write the table and plots and promote the best trial."""
+    """Run (or resume) the sweep to the end, then write the table and plots and promote the best trial.
+
+    Fails before Ray builds any trial when a corner of the space does not fit the prepared shards.
+    An interrupted driver (Ctrl-C) gets back a result marked `interrupted`, with nothing written.
+    """
     c = sweep.config
+    read_shards(sweep)
     connect(sweep.job.run.ray_address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_logs()
     storage_root = absolute(c.storage_path)
     sweep_dir = storage.join(storage_root, c.name)
     experiment = storage.join(sweep_dir, "tune")
     output_dir = absolute(c.output_dir)
-    try:
-        read_manifest(sweep.job.data.output_dir)
-    except Exception:  # noqa: BLE001 - a missing or unreadable manifest means no shards to share
-        raise ConfigError(
-            f"data.output_dir={sweep.job.data.output_dir}: no prepared shards there; run launch/prep.py with the same data settings first"
-        ) from None
 
     resumed = tune.Tuner.can_restore(experiment)
     recorded = storage.join(sweep_dir, "sweep.json")
@@ -198,11 +271,17 @@ def run(sweep: Sweep) -> SweepResult:
     try:
         grid = build_tuner(sweep, trial_sweep, storage_root, experiment, janitor).fit()
     finally:
-        ray.kill(janitor)
+        release_placement_groups(janitor)
     wall = time.perf_counter() - start
 
-    trials = report.outcomes(grid)
+    unfinished = unfinished_trials(experiment)
+    trials = report.outcomes(grid, unfinished)
     table = report.results_table(trials, sweep, storage_root)
+    if unfinished:
+        # A partial sweep is not a result: no table, plots or best.json that could pass for the sweep's.
+        finished = len(table) - len(unfinished)
+        print(f"tune: sweep {c.name} interrupted ({finished} of {sweep.trial_count} trials finished); run the same command to resume it", flush=True)
+        return SweepResult(table, output_dir, None, wall, resumed, interrupted=True)
     os.makedirs(output_dir, exist_ok=True)
     report.save_tables(table, report.history_table(trials, c.metric), output_dir)
     report.plot_curves(trials, table, sweep, os.path.join(output_dir, "curves.png"))

@@ -7,6 +7,8 @@ A search space maps override names of the training config to distributions, writ
     deepspeed: grid(zero1, zero2)          choice(...) samples one value, grid(...) tries every value
     optim.warmup_steps: 5                  a plain value pins the key for every trial
 
+Under search=grid, choice(...) tries every value as grid(...) does: a grid search enumerates.
+
 Keys are the names a command-line override uses, config groups included (`deepspeed`, `model`); a
 trial's training config is `load_job_config(base overrides + the trial's overrides)`. Nothing here
 imports Ray, so checking a sweep on the command line is quick.
@@ -17,12 +19,14 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from framework.config import CONF_DIR, ConfigError, JobConfig, compose, one_line, register, register_schema, require, to_job_config, validate
+from framework.config import (
+    CONF_DIR, ConfigError, JobConfig, compose, load_job_config, one_line, register, register_schema, require, to_job_config, validate,
+)
 
 # What the training loop reports at every evaluation point (framework/train/loop.py).
 METRICS = ("val_loss", "val_perplexity", "train_loss")
@@ -30,6 +34,12 @@ SEARCHES = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha", "pbt")
 # Trials share one set of prepared shards and the sweep names and places their runs.
 FIXED_KEYS = ("data", "run.name", "run.storage_path", "run.ray_address")
+# What PBT may explore: values a clone really trains with after resuming the better trial's
+# checkpoint. The LR schedule's function is rebuilt from the clone's config (warm-up, minimum ratio)
+# and trial.retarget_checkpoint rewrites the peak and current LR and the clipping norm the checkpoint
+# carries. Everything else is either restored from the checkpoint over the clone's config (the
+# optimizer's weight_decay, betas and eps) or must match it (model, ZeRO stage, batch sizes, steps).
+PBT_EXPLORABLE = ("optim.lr", "optim.grad_clip", "optim.warmup_steps", "optim.min_lr_ratio")
 
 
 @dataclass
@@ -133,6 +143,10 @@ class Param:
         if DISTRIBUTIONS[self.dist][1] == "range":
             return [self.args[0], self.args[1]]
         return list(self.args)
+
+    def enumerated(self) -> "Param":
+        """This key as a grid axis when it lists values: a grid search tries every choice(...) value too."""
+        return replace(self, dist="grid") if self.dist == "choice" else self
 
     def to_tune(self) -> Any:
         """The Ray Tune domain for this key."""
@@ -271,27 +285,43 @@ def _group_keys() -> set:
     return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
 
-def _apply(training: DictConfig, key: str, value: Any, groups: set) -> None:
+def _check_option(group: str, value: Any) -> None:
+    if not (CONF_DIR / group / f"{value}.yaml").is_file():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"'{value}' is not an option of the config group {group} ({', '.join(options)})")
+
+
+def _apply(training: DictConfig, key: str, value: Any) -> None:
     """Apply one trial override to a composed training config the way Hydra would (struct mode: no new keys)."""
-    bare = key.lstrip("+")
-    if bare in groups:
-        if not (CONF_DIR / bare / f"{value}.yaml").is_file():
-            options = sorted(p.stem for p in (CONF_DIR / bare).glob("*.yaml"))
-            raise ConfigError(f"'{value}' is not an option of the config group {bare} ({', '.join(options)})")
-        return  # the option is composed for real when the trial starts
     if key.startswith("+"):
         OmegaConf.set_struct(training, False)
-    OmegaConf.update(training, bare, value, merge=True)
+    OmegaConf.update(training, key.lstrip("+"), value, merge=True)
     OmegaConf.set_struct(training, True)
 
 
-def check_trial(training: DictConfig, overrides: Dict[str, Any], groups: set) -> JobConfig:
-    """The training config with one trial's values applied, typed and validated."""
+def check_trial(training: DictConfig, values: Dict[str, Any], base_overrides: Optional[List[str]]) -> JobConfig:
+    """The training config of a trial with these values, typed and validated.
+
+    A trial that swaps a config group (`model=...`) is composed for real from the base overrides, as
+    the trial itself will be, so that the option's own values meet the schema and `validate`. Other
+    values are applied to the composed base config, which is quicker and names a wrong key plainly.
+    Without base overrides (launch/tune.py's first look, before Hydra hands over the command line;
+    `sweep_from_hydra` checks again with them) a group's option is only checked to exist.
+    """
+    groups = _group_keys()
+    swapped = [key for key in values if key.lstrip("+") in groups]
+    for key in swapped:
+        _check_option(key.lstrip("+"), values[key])
+    if swapped and base_overrides is not None:
+        return load_job_config(base_overrides + [f"{k}={format_value(v)}" for k, v in values.items()])
     cfg = training.copy()
     OmegaConf.set_struct(cfg, True)
-    for key, value in overrides.items():
-        _apply(cfg, key, value, groups)
-    return validate(to_job_config(cfg))
+    for key, value in values.items():
+        if key not in swapped:
+            _apply(cfg, key, value)
+    # The composed nodes are typed by the schema already, so to_object gives its dataclasses (and
+    # takes an eighth of to_job_config's fresh merge: this runs for every corner of the space).
+    return validate(JobConfig(**OmegaConf.to_object(cfg)))
 
 
 def _reason(exc: Exception) -> str:
@@ -302,25 +332,34 @@ def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, ConfigError) else one_line(exc)
 
 
-def check_space(training: DictConfig, params: Dict[str, Param]) -> None:
-    """Try every corner of the space: each key's ends and listed values alone, then all lows and all highs together.
-
-    Raises ConfigError as `tune.space.<key>: ...` for the first value the training config cannot
-    take: an unknown key, a wrong type, or a value `validate` rejects.
-    """
-    groups = _group_keys()
+def space_corners(params: Dict[str, Param]) -> List[Tuple[str, Dict[str, Any]]]:
+    """The trials a check tries, each with the words its error starts with: every key's ends and listed
+    values alone, then all lows and all highs together."""
+    corners = []
     for key, param in params.items():
         for value in param.corners():
-            try:
-                check_trial(training, {key: value}, groups)
-            except Exception as exc:  # noqa: BLE001 - every rejection ends as one line naming the key
-                raise ConfigError(f"tune.space.{key}: {param.text} gives {format_value(value)}: {_reason(exc)}") from None
-    for corner in ({k: p.corners()[0] for k, p in params.items()}, {k: p.corners()[-1] for k, p in params.items()}):
+            corners.append((f"tune.space.{key}: {param.text} gives {format_value(value)}", {key: value}))
+    if params:
+        for end in (0, -1):
+            values = {key: param.corners()[end] for key, param in params.items()}
+            corners.append(("tune.space: the trial " + " ".join(f"{k}={format_value(v)}" for k, v in values.items()), values))
+    return corners
+
+
+def check_space(training: DictConfig, params: Dict[str, Param], base_overrides: Optional[List[str]] = None) -> List[Tuple[str, JobConfig]]:
+    """Every corner of the space (`space_corners`) applied to the training config; gives each one's words and config.
+
+    Raises ConfigError as `tune.space.<key>: ...` for the first value the training config cannot
+    take: an unknown key, a wrong type, a config group's option that is missing or does not
+    compose, or a value `validate` rejects.
+    """
+    checked = []
+    for words, values in space_corners(params):
         try:
-            check_trial(training, corner, groups)
-        except Exception as exc:  # noqa: BLE001
-            shown = " ".join(f"{k}={format_value(v)}" for k, v in corner.items())
-            raise ConfigError(f"tune.space: the trial {shown}: {_reason(exc)}") from None
+            checked.append((words, check_trial(training, values, base_overrides)))
+        except Exception as exc:  # noqa: BLE001 - every rejection ends as one line naming the key
+            raise ConfigError(f"{words}: {_reason(exc)}") from None
+    return checked
 
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:
@@ -370,22 +409,17 @@ def validate_sweep(sweep: SweepConfig, job: JobConfig, params: Dict[str, Param])
         require(bool(sampled), "tune.space", "{}", "PBT needs at least one distribution to explore")
         for p in sampled:
             require(not p.is_grid, f"tune.space.{p.key}", p.text, "PBT explores by sampling; write choice(...) instead of grid(...)")
+            require(
+                p.key.lstrip("+") in PBT_EXPLORABLE, f"tune.space.{p.key}", p.text,
+                "PBT cannot explore it: a clone resumes the better trial's checkpoint, which brings that trial's optimizer "
+                f"settings, model, ZeRO stage and batch layout; PBT explores {', '.join(PBT_EXPLORABLE)} (pin other keys with a plain value)",
+            )
         require(sweep.num_samples >= 2, "tune.num_samples", sweep.num_samples, "PBT needs a population of at least 2")
 
 
 def training_node(cfg: DictConfig) -> DictConfig:
     """The training part of a composed sweep config (what `conf/config.yaml` composes)."""
     return OmegaConf.masked_copy(cfg, list(JobConfig.__dataclass_fields__))
-
-
-def check_sweep(cfg: DictConfig) -> Tuple[SweepConfig, JobConfig, Dict[str, Param]]:
-    """The check of `launch/tune.py`: training config, sweep keys, space syntax and every corner of the space."""
-    job = validate(to_job_config(cfg))
-    sweep = to_sweep_config(cfg)
-    params = parse_space(sweep.space)
-    validate_sweep(sweep, job, params)
-    check_space(training_node(cfg), params)
-    return sweep, job, params
 
 
 @dataclass
@@ -397,11 +431,30 @@ class Sweep:
     params: Dict[str, Param]
     # The command-line overrides of the training config; every trial adds its own to these.
     base_overrides: List[str]
+    # Every corner of the space (`space_corners`) with its training config: the runner checks them
+    # against the prepared shards before any trial starts.
+    corners: List[Tuple[str, JobConfig]] = field(default_factory=list)
 
     @property
     def trial_count(self) -> int:
         grid = math.prod(len(p.args) for p in self.params.values() if p.is_grid)
         return grid * self.config.num_samples
+
+
+def check_sweep(cfg: DictConfig, base_overrides: Optional[List[str]] = None) -> Sweep:
+    """The check of `launch/tune.py`: training config, sweep keys, space syntax and every corner of the space.
+
+    `base_overrides` are the command line's training overrides (see `check_trial` for what their
+    absence leaves unchecked).
+    """
+    job = validate(to_job_config(cfg))
+    sweep = to_sweep_config(cfg)
+    params = parse_space(sweep.space)
+    validate_sweep(sweep, job, params)
+    if sweep.search == "grid":
+        params = {key: param.enumerated() for key, param in params.items()}
+    corners = check_space(training_node(cfg), params, base_overrides)
+    return Sweep(sweep, job, params, list(base_overrides or []), corners)
 
 
 def is_sweep_override(override: str) -> bool:
@@ -417,8 +470,7 @@ def load_sweep(overrides: List[str] | None = None) -> Sweep:
         cfg = compose(overrides, config_name="tune")
     except Exception as exc:  # noqa: BLE001 - composition errors become the one line hydra_entry prints
         raise ConfigError(one_line(exc)) from None
-    sweep, job, params = check_sweep(cfg)
-    return Sweep(sweep, job, params, base_overrides(overrides))
+    return check_sweep(cfg, base_overrides(overrides))
 
 
 def base_overrides(overrides: List[str]) -> List[str]:
@@ -430,6 +482,4 @@ def sweep_from_hydra(cfg: DictConfig) -> Sweep:
     """The checked sweep inside `@hydra.main`, with the command line's training overrides as its base."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = list(HydraConfig.get().overrides.task)
-    sweep, job, params = check_sweep(cfg)
-    return Sweep(sweep, job, params, base_overrides(overrides))
+    return check_sweep(cfg, base_overrides(list(HydraConfig.get().overrides.task)))

@@ -12,8 +12,9 @@ PBT needs Tune to hold checkpoints, because exploiting hands the better trial's 
 worse one. Under PBT the trial therefore fits in a thread and reports each Train result to Tune
 itself, with the Train checkpoint attached (`_ReportToTrial`). A trial that Tune restarts with a
 checkpoint (`ray.tune.get_checkpoint()`) opens a new Train run, `<sweep>/<trial_id>.<n>`, whose
-first checkpoint is the one handed over (`adopt_checkpoint`); the training loop then resumes from it
-as from any checkpoint of its own run: weights, optimizer, schedule and data position.
+first checkpoint is the one handed over, with this trial's own peak LR and clipping norm written into
+it (`adopt_checkpoint`, `retarget_checkpoint`); the training loop then resumes from it as from any
+checkpoint of its own run: weights, optimizer moments, schedule position and data position.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 from ray.util.queue import Queue
 
 from framework import storage
+from framework.data.stream import quiet_data_logs
 from framework.config import JobConfig, load_job_config
 from framework.train import checkpoint as train_checkpoint
 from framework.train.trainer import build_trainer, resolve_paths
@@ -66,6 +68,21 @@ class PlacementGroupJanitor:
     def register(self, controller: Any, group: PlacementGroup) -> None:
         with self.lock:
             self.groups.append((controller, group))
+
+    def wait_released(self, timeout_s: float) -> int:
+        """Wait until every registered group is gone with its controller, at most `timeout_s`; gives how many remain.
+
+        The sweep's driver asks this before it ends the janitor: trials that Tune stopped last (an
+        interrupted sweep's running trials, a trial stopped at the last rung) may still hold theirs.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.groups:
+                    return 0
+            time.sleep(0.2)
+        with self.lock:
+            return len(self.groups)
 
     def _watch(self, interval_s: float) -> None:
         while True:
@@ -115,29 +132,58 @@ def run_name(storage_root: str, sweep_name: str, trial_id: str, restarted: bool)
     return f"{sweep_name}/{trial_id}.{n}"
 
 
-def retarget_learning_rate(checkpoint_dir: str, lr: float) -> None:
-    """Make a checkpoint's LR schedule continue at peak `lr` (the schedule's base), whatever it was trained with.
+def scheduled_lr(job: JobConfig, step: int) -> float:
+    """The LR the training loop's schedule (framework/train/loop.py) gives at `step` for this job's optim settings."""
+    import torch
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.optim.lr)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, job.optim.warmup_steps, job.run.max_steps, min_lr_rate=job.optim.min_lr_ratio
+    )
+    return job.optim.lr * schedule.lr_lambdas[0](step)
+
+
+def _retarget_states(states: Any, lr: float, grad_clip: float) -> None:
+    """Set the optimizer's current LR in every `param_groups` and the ZeRO clipping norm, wherever the state nests them."""
+    if isinstance(states, dict):
+        if isinstance(states.get("param_groups"), list):
+            for group in states["param_groups"]:
+                group["lr"] = lr
+        if "clip_grad" in states:
+            states["clip_grad"] = grad_clip
+        for value in states.values():
+            _retarget_states(value, lr, grad_clip)
+
+
+def retarget_checkpoint(checkpoint_dir: str, job: JobConfig) -> None:
+    """Make a handed-over checkpoint train on with this trial's explorable values (sweep.PBT_EXPLORABLE).
 
     A PBT clone takes the better trial's weights, optimizer moments, schedule position and data
-    position, but its own explored hyperparameters. The DeepSpeed checkpoint carries the
-    schedule's base LRs, which a resumed run would otherwise keep; the optimizer follows the schedule
-    from the next step on. Values that live in DeepSpeed's config (optim.grad_clip) apply as they are.
+    position, but its own explored hyperparameters. A DeepSpeed engine that loads the checkpoint
+    keeps three of the donor's values over its own config: the schedule's base (peak) LR, the
+    optimizer's current LR (used for the first step after resuming) and, under ZeRO-1/2, the
+    gradient-clipping norm; these are rewritten here. Warm-up and the minimum LR ratio need nothing:
+    the schedule's function is built from the clone's config and only its position is restored.
     """
     import torch
 
-    for path in glob.glob(os.path.join(checkpoint_dir, train_checkpoint.DEEPSPEED_TAG, "*model_states.pt")):
+    current = scheduled_lr(job, train_checkpoint.read_state(checkpoint_dir).step)
+    for path in glob.glob(os.path.join(checkpoint_dir, train_checkpoint.DEEPSPEED_TAG, "*.pt")):
         states = torch.load(path, map_location="cpu", weights_only=False)
         scheduler = states.get("lr_scheduler") or {}
         if "base_lrs" in scheduler:
-            scheduler["base_lrs"] = [lr] * len(scheduler["base_lrs"])
-            torch.save(states, path)
+            scheduler["base_lrs"] = [job.optim.lr] * len(scheduler["base_lrs"])
+            scheduler["_last_lr"] = [current] * len(scheduler["base_lrs"])
+        _retarget_states(states, current, job.optim.grad_clip)
+        torch.save(states, path)
 
 
 def _adopt(config: Dict[str, Any]) -> None:
-    """The one worker of an adopting run: copy the checkpoint, give it this trial's LR, report it."""
+    """The one worker of an adopting run: copy the checkpoint, give it this trial's explorable values, report it."""
     with tempfile.TemporaryDirectory() as directory:
         config["checkpoint"].to_directory(directory)
-        retarget_learning_rate(directory, config["lr"])
+        retarget_checkpoint(directory, config["job"])
         ray.train.report(
             config["metrics"],
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -146,7 +192,7 @@ def _adopt(config: Dict[str, Any]) -> None:
 
 
 def adopt_checkpoint(job: JobConfig, checkpoint: ray.train.Checkpoint, janitor: Any) -> None:
-    """Make `checkpoint`, with this trial's learning rate, the first checkpoint of the (new) Train run `job.run.name`.
+    """Make `checkpoint`, with this trial's explorable values, the first checkpoint of the (new) Train run `job.run.name`.
 
     A one-worker Train run of that name reports it, which copies it into the run and records it as
     the run's latest checkpoint; the trial's real run, started next under the same name, resumes from it.
@@ -159,7 +205,7 @@ def adopt_checkpoint(job: JobConfig, checkpoint: ray.train.Checkpoint, janitor: 
         _adopt,
         train_loop_config={
             "checkpoint": checkpoint,
-            "lr": job.optim.lr,
+            "job": job,
             "metrics": {"step": state["step"], "tokens": state["tokens"]},
             "dir_name": train_checkpoint.checkpoint_dir_name(state["step"]),
         },
@@ -214,7 +260,7 @@ def fit_reporting_checkpoints(job: JobConfig, janitor: Any) -> None:
 
 def train_trial(config: Dict[str, Any], sweep: Sweep, storage_root: str, janitor: Any) -> None:
     """The Tune function trainable: one trial's full training run."""
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_logs()
     trial_id = ray.tune.get_context().get_trial_id()
     handed = ray.tune.get_checkpoint()  # PBT: the better trial's checkpoint this trial continues from
     job = trial_job(sweep, config, run_name(storage_root, sweep.config.name, trial_id, handed is not None), storage_root)
