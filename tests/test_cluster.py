@@ -122,6 +122,9 @@ class LocalCluster:
             PATH=f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}",
             # Two cores in all: one torch thread per worker instead of one per logical CPU.
             OMP_NUM_THREADS="1",
+            # Ray Train asks for a worker group's resources in attempts of this many seconds (60 by
+            # default); run.resource_wait_s counts in them, so a lost node ends a run sooner here.
+            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
         )
         return env
 
@@ -339,7 +342,8 @@ def test_storage_that_nodes_cannot_share_fails_before_submission(cluster, shared
 
 
 def test_training_job_runs_on_both_nodes_and_checkpoints_to_shared_storage(cluster, shared):
-    prep = submit(cluster, "prep", "--timeout", "400", "--", *prep_overrides(shared))
+    # The preflight (config check and storage probe on every node) has its own test; train has one below.
+    prep = submit(cluster, "prep", "--no-preflight", "--timeout", "400", "--", *prep_overrides(shared))
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
     assert (shared / "data" / "small" / "manifest.json").is_file()
 
@@ -371,8 +375,9 @@ def test_losing_the_worker_node_fails_the_job_with_a_clear_error_not_a_hang(clus
     if not (shared / "data" / "small" / "manifest.json").is_file():
         pytest.skip("needs the shards the previous test prepared on the cluster")
     # Train restarts the run once (run.max_failures=1), but the head alone has too few CPUs for two
-    # workers: the restart waits run.resource_wait_s for a node that will not come back, then fails.
-    overrides = train_overrides(shared, "lose-a-node", 2000, **{"run.max_failures": 1, "run.resource_wait_s": 60})
+    # workers: the restart waits run.resource_wait_s (two 15 s attempts) for a node that will not
+    # come back, then fails.
+    overrides = train_overrides(shared, "lose-a-node", 2000, **{"run.max_failures": 1, "run.resource_wait_s": 30})
     args = ["train", "--timeout", "480", "--", *overrides]
     follower = subprocess.Popen(
         [*SUBMIT, "--address", cluster.address, *args],
@@ -404,5 +409,5 @@ def test_losing_the_worker_node_fails_the_job_with_a_clear_error_not_a_hang(clus
     assert follower.returncode not in (0, 124), stderr[-3000:]
     # The last line names the error the job died of, not just "FAILED".
     end = [line for line in stderr.splitlines() if line.startswith("job train-")]
-    assert end and " FAILED: JobError: run.resource_wait_s=60: " in end[-1] and "Train workers" in end[-1], stderr[-3000:]
+    assert end and " FAILED: JobError: run.resource_wait_s=30: " in end[-1] and "Train workers" in end[-1], stderr[-3000:]
     assert elapsed < 180

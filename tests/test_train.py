@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -105,20 +107,35 @@ def _wait_past_first_checkpoint(proc: subprocess.Popen, run_dir: str, timeout_s:
     raise AssertionError(f"the run did not pass its step-10 checkpoint within {timeout_s:.0f} s")
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_continues_the_same_curve(prepared_data, run_storage, trained_runs):
+def test_a_dead_worker_and_an_interrupted_driver_both_resume_on_the_same_curve(prepared_data, run_storage, trained_runs):
+    """One run, two failures past its step-10 checkpoint (one Train run fewer than a test for each):
+    a Train worker killed is restarted from the checkpoint by Ray Train (run.max_failures=1) and trains
+    on; the driver, then interrupted like a Ctrl-C, is started again with the same command and resumes
+    from it. The run ends on the loss curve and the weights of the same run never interrupted."""
     name = "resume"
-    args = [sys.executable, str(ROOT / "launch" / "train.py"), *run_overrides(prepared_data, run_storage, name, deepspeed="zero2")]
+    overrides = run_overrides(prepared_data, run_storage, name, deepspeed="zero2", **{"run.max_failures": 1})
+    args = [sys.executable, str(ROOT / "launch" / "train.py"), *overrides]
     run_dir = os.path.join(run_storage, name)
 
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Interrupt it past its first checkpoint, like a Ctrl-C or a pre-empted driver.
-    _wait_past_first_checkpoint(first, run_dir)
-    first.send_signal(signal.SIGINT)
+    output: list = []
+    threading.Thread(target=lambda: [output.append(line) for line in first.stdout], daemon=True).start()
     try:
+        _wait_past_first_checkpoint(first, run_dir)
+        workers = subprocess.run(["pgrep", "-f", "^ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        # The restarted worker group resumes from checkpoint 10 and trains past it again.
+        deadline = time.time() + 300
+        while not _trained_on_after_resuming(output):
+            assert first.poll() is None and time.time() < deadline, "".join(output)[-3000:]
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
         first.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        first.kill()
-        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -137,27 +154,11 @@ def test_killed_run_resumes_from_its_checkpoint_and_continues_the_same_curve(pre
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(prepared_data, run_storage, trained_runs):
-    """run.max_failures=1: killing a Train worker mid-run restarts the worker group from checkpoint 10."""
-    name = "worker-dies"
-    overrides = run_overrides(prepared_data, run_storage, name, deepspeed="zero2", **{"run.max_failures": 1})
-    run_dir = os.path.join(run_storage, name)
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch" / "train.py"), *overrides],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    _wait_past_first_checkpoint(proc, run_dir)
-    workers = subprocess.run(["pgrep", "-f", "^ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    output, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, output[-4000:]
-    assert "resumed from" in output and "at step 10" in output, output[-3000:]
-
-    losses, steps = _losses(run_dir)
-    assert steps == list(range(1, 21))
-    reference, _ = _losses(trained_runs[2])  # the same run, never interrupted
-    np.testing.assert_allclose(losses, reference, rtol=1e-4)
+def _trained_on_after_resuming(output: list) -> bool:
+    """Whether the run's output shows a resume from step 10 followed by a progress line past step 10."""
+    lines = list(output)
+    resumed = next((i for i, line in enumerate(lines) if "resumed from" in line and "at step 10" in line), None)
+    return resumed is not None and any(re.search(r"step 1[1-9]/20", line) for line in lines[resumed:])
 
 
 def test_budget_that_cannot_fit_fails_with_the_numbers(prepared_data, run_storage, ray_session):
