@@ -154,7 +154,7 @@ def register_schema() -> None:
     register("job_schema", JobConfig)
 
 
-def typed(schema: type, node: Any, group: str, placeholder: str = "VALUE") -> Any:
+def typed(schema: type, node: Any, group: str, example: str = "VALUE") -> Any:
     """`node` (a DictConfig or dict) over `schema`'s defaults, as a `schema` instance.
 
     OmegaConf's errors become one ConfigError line naming `<group>.<key>`.
@@ -164,7 +164,7 @@ def typed(schema: type, node: Any, group: str, placeholder: str = "VALUE") -> An
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except MissingMandatoryValue as exc:
-        raise ConfigError(f"{group}.{exc.full_key}: missing; expected e.g. {group}.{exc.full_key}={placeholder}") from None
+        raise ConfigError(f"{group}.{exc.full_key}: missing; expected e.g. {group}.{exc.full_key}={example}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{group}.{one_line(exc)}") from None
 

@@ -73,7 +73,7 @@ register("export_schema", ExportJobConfig)
 
 def to_export_config(cfg: DictConfig | Dict[str, Any]) -> ExportConfig:
     """Type the `export` node of a composed config as ExportConfig."""
-    return typed(ExportConfig, cfg["export"] if "export" in cfg else cfg, "export", placeholder="outputs/runs/RUN")
+    return typed(ExportConfig, cfg["export"] if "export" in cfg else cfg, "export", example="outputs/runs/RUN")
 
 
 def resolve_checkpoint(value: str, runs_dir: str = "outputs/runs") -> str:

@@ -68,7 +68,7 @@ _DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 def to_serve_config(cfg: DictConfig | Dict[str, Any]) -> ServeConfig:
     """Type the `serve` node (or a plain dict of serve.* keys, as Serve's `args` gives them) as ServeConfig."""
-    return typed(ServeConfig, cfg["serve"] if "serve" in cfg else cfg, "serve", placeholder="PATH")
+    return typed(ServeConfig, cfg["serve"] if "serve" in cfg else cfg, "serve", example="PATH")
 
 
 def validate_serve(serve: ServeConfig) -> ServeConfig:
