@@ -18,10 +18,10 @@ import ray
 import ray.tune as tune
 
 from framework import storage
-from framework.data.stream import quiet_data_logs
 from framework.cluster import cluster_cpus, cluster_gpus, connect
 from framework.config import ConfigError, absolute
 from framework.data.shards import read_manifest
+from framework.data.stream import quiet_data_logs
 from framework.train.trainer import check_data
 from framework.tune import results as report
 from framework.tune.sweep import Sweep, format_value

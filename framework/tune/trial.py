@@ -38,8 +38,8 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 from ray.util.queue import Queue
 
 from framework import storage
-from framework.data.stream import quiet_data_logs
 from framework.config import JobConfig, load_job_config
+from framework.data.stream import quiet_data_logs
 from framework.train import checkpoint as train_checkpoint
 from framework.train.trainer import build_trainer, resolve_paths
 from framework.tune.sweep import Sweep, trial_overrides
