@@ -64,6 +64,13 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig, fused: bool) -> torc
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
 
+def build_lr_schedule(optimizer: torch.optim.Optimizer, job: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to optim.lr, then cosine down to optim.lr × optim.min_lr_ratio at run.max_steps."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, job.optim.warmup_steps, job.run.max_steps, min_lr_rate=job.optim.min_lr_ratio
+    )
+
+
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     quiet_worker_logs()
     job: JobConfig = config["job"]
@@ -79,9 +86,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     model = build_model(job.model, config["model_config"], run.seed)
     ds_config = deepspeed_config(job, world, use_gpu)
     optimizer = build_optimizer(model, job, fused=use_gpu and not job.deepspeed.offload_optimizer)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, job.optim.warmup_steps, run.max_steps, min_lr_rate=job.optim.min_lr_ratio
-    )
+    scheduler = build_lr_schedule(optimizer, job)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     accumulation = ds_config["gradient_accumulation_steps"]
     seq_len = manifest["seq_len"]

@@ -135,13 +135,11 @@ def run_name(storage_root: str, sweep_name: str, trial_id: str, restarted: bool)
 def scheduled_lr(job: JobConfig, step: int) -> float:
     """The LR the training loop's schedule (framework/train/loop.py) gives at `step` for this job's optim settings."""
     import torch
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from framework.train.loop import build_lr_schedule
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.optim.lr)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, job.optim.warmup_steps, job.run.max_steps, min_lr_rate=job.optim.min_lr_ratio
-    )
-    return job.optim.lr * schedule.lr_lambdas[0](step)
+    return job.optim.lr * build_lr_schedule(optimizer, job).lr_lambdas[0](step)
 
 
 def _retarget_states(states: Any, lr: float, grad_clip: float) -> None:
