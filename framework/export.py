@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from framework.config import ModelConfig, absolute, register, require, typed
+from framework.config import absolute, register, require, typed
 from framework.train.checkpoint import CONFIG, DEEPSPEED_TAG, HF_CONFIG_DIR, TOKENIZER_DIR, TRAIN_STATE, latest_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,15 +206,13 @@ def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], dtype: torc
 
 def reference_model(checkpoint_dir: str, dtype: torch.dtype) -> Any:
     """The framework's model from the checkpoint's `hf_config/`, holding the checkpoint's consolidated weights."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-
-    from framework.model import build_model
 
     config = AutoConfig.from_pretrained(os.path.join(checkpoint_dir, HF_CONFIG_DIR), local_files_only=True)
     # No random init: every weight is overwritten, and untouched empty tensors cost no memory.
     with no_init_weights():
-        model = build_model(ModelConfig(name="export", arch=config.model_type), config, seed=0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     load_weights(model, consolidated_weights(checkpoint_dir), dtype)
     model.tie_weights()
     model.config.use_cache = True  # training turned the KV cache off; generation wants it

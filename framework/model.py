@@ -1,13 +1,30 @@
-"""The causal LM: built from config with `transformers` (or loaded from a local folder); FLOPs per token for MFU."""
+"""The causal LM (`conf/model/*`): built from config with `transformers` or loaded from a local folder;
+its dtype, special tokens, context length, and FLOPs per token for MFU."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from omegaconf import MISSING
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from framework.config import ModelConfig
+from framework.config import ConfigError, last_line, require
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Any `transformers` model_type (llama, gpt2, mistral, ...), built with AutoConfig.for_model;
+    # or `pretrained`, which loads `pretrained_path` and requires it.
+    arch: str = MISSING
+    # Keyword arguments for the transformers config class; vocab_size comes from the tokenizer.
+    hf_config: Dict[str, Any] = MISSING
+    # A local Hugging Face model folder to fine-tune instead of building from `hf_config`.
+    pretrained_path: Optional[str] = MISSING
+    activation_checkpointing: bool = MISSING
 
 # Dense bf16 peak TFLOP/s per GPU, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -34,7 +51,23 @@ def build_model(model: ModelConfig, config: PretrainedConfig, seed: int) -> PreT
 
 
 def max_positions(config: PretrainedConfig) -> Optional[int]:
+    """The model's context length (Llama-style max_position_embeddings, GPT-2's n_positions), if it has one."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(precision: str, on_gpu: bool) -> torch.dtype:
+    """A precision name (fp32, bf16, fp16, or auto: bf16 on a GPU, fp32 on the CPU) as a torch dtype."""
+    if precision == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return DTYPES[precision]
+
+
+def pad_token_id(tokenizer: Any) -> Optional[int]:
+    """The id batches are padded with: the tokenizer's pad token, or its end-of-sequence token when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def count_params(net: torch.nn.Module) -> int:
@@ -76,5 +109,29 @@ def special_token_ids(tokenizer: Any) -> Dict[str, Optional[int]]:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_token_id": pad_token_id(tokenizer),
     }
+
+
+def check_model(model: ModelConfig, seq_len: int) -> PretrainedConfig:
+    """The `model` rules a schema cannot express (arch, hf_config keys, a loadable folder, enough positions); gives its transformers config."""
+    from transformers import CONFIG_MAPPING
+
+    if model.pretrained_path is not None or model.arch == "pretrained":
+        require(
+            model.pretrained_path is not None and (Path(model.pretrained_path) / "config.json").is_file(),
+            "model.pretrained_path", model.pretrained_path, f"expected a local Hugging Face model folder with config.json (model={model.name})",
+        )
+        config = AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
+    else:
+        require(model.arch in CONFIG_MAPPING, "model.arch", model.arch, "expected a transformers model_type such as llama, gpt2 or mistral")
+        known = set(CONFIG_MAPPING[model.arch]().to_dict())
+        for key in model.hf_config:
+            require(key in known, f"model.hf_config.{key}", model.hf_config[key], f"not a field of the {model.arch} config")
+        try:
+            config = CONFIG_MAPPING[model.arch](**model.hf_config)
+        except Exception as exc:  # noqa: BLE001 - transformers validates its configs (heads must divide hidden_size, ...)
+            raise ConfigError(f"model.hf_config: {last_line(exc)} (model={model.name})") from None
+    positions = max_positions(config)
+    require(positions is None or positions >= seq_len, "data.seq_len", seq_len, f"longer than the model's {positions} positions (model={model.name})")
+    return config

@@ -153,10 +153,10 @@ def load_entry(kind: str, project_root: Path = PROJECT_ROOT) -> Callable:
 
 def compose_job(kind: str, overrides: List[str], check: bool = True, project_root: Path = PROJECT_ROOT) -> DictConfig:
     """Compose the overrides as `launch/<kind>.py` does, and (with `check`) run its own check; ConfigError in one line."""
-    from framework.config import ConfigError, one_line, compose
+    from framework.config import ConfigError, compose, one_line, with_default_groups
 
     main = load_entry(kind, project_root)
-    hydra_free = [o for o in overrides if not o.startswith(("hydra.", "+hydra.", "~hydra."))]
+    hydra_free = with_default_groups([o for o in overrides if not o.startswith(("hydra.", "+hydra.", "~hydra."))], main.default_groups)
     try:
         cfg = compose(hydra_free, main.config_name)
         if check:

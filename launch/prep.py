@@ -2,14 +2,16 @@
 
 from omegaconf import DictConfig
 
-from framework.config import hydra_entry, to_job_config
+from framework.config import hydra_entry
 
 
 @hydra_entry()
 def main(cfg: DictConfig) -> None:
     from framework.data.prepare import run
 
-    run(to_job_config(cfg))
+    from framework.schema import to_config
+
+    run(to_config(cfg))
 
 
 if __name__ == "__main__":

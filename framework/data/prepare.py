@@ -1,12 +1,12 @@
 """Data preparation: source files → tokenizer → packed Parquet token shards + manifest, in Ray tasks.
 
-Determinism: a document's split and its place in the shard order come from hashes of its content
-and index, never from timing or paths, so the same input always gives byte-identical shards.
+Determinism: a document's split and its place in its shard come from the hash of its normalised
+content (`sources.document_key`), never from timing, paths or slicing, so duplicates land in one split
+and the same input always gives byte-identical shards. The tokenizer is trained on the train split only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -18,42 +18,45 @@ from tqdm import tqdm
 
 from framework import storage
 from framework.cluster import connect
-from framework.config import DataConfig, JobConfig, absolute
-from framework.data.shards import MANIFEST, SPLITS, TOKENIZER_DIR, pack_sequences, write_shard
-from framework.data.sources import SourceFile, SourcePart, file_sha256, list_source_files, read_documents, split_source
+from framework.config import ConfigError, absolute
+from framework.data.config import DataConfig
+from framework.data.shards import (
+    COLUMN, MANIFEST, MANIFEST_FORMAT, ROW_GROUP_ROWS, SPLITS, TOKENIZER_DIR, directory_sha256, fingerprint, pack_sequences,
+    rows_to_table, write_shard,
+)
+from framework.data.sources import SourceFile, SourcePart, document_key, file_sha256, list_source_files, read_documents, split_source
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from framework.schema import Config
 
 
-def _document_key(file_sha: str, index: int) -> bytes:
-    return hashlib.sha256(f"{file_sha}:{index}".encode()).digest()
-
-
-def _split_of(key: bytes, val_fraction: float) -> str:
-    # The first 8 bytes of the hash as a uniform number in [0, 1).
+def split_of(key: bytes, val_fraction: float) -> str:
+    """The split of a document with content key `key`: the first 8 bytes as a uniform number in [0, 1)."""
     return "validation" if int.from_bytes(key[:8], "big") / 2**64 < val_fraction else "train"
 
 
 @ray.remote
-def tokenize_and_pack(
-    task_index: int, parts: List[SourcePart], shas: Dict[str, str], tokenizer: Any, data: DataConfig, output_dir: str
-) -> Dict[str, Dict[str, int]]:
+def tokenize_and_pack(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Dict[str, Any]]:
     """Tokenise one group of source slices and write one shard per split; returns the counts per split."""
     documents: Dict[str, List[tuple[bytes, str]]] = {split: [] for split in SPLITS}
+    empty = 0
     for part in parts:
-        for position, text in read_documents(part):
-            key = _document_key(shas[part.file.path], position)
-            documents[_split_of(key, data.val_fraction)].append((key, text))
-    counts: Dict[str, Dict[str, int]] = {}
+        for _, text in read_documents(part):
+            if not text.strip():
+                empty += 1
+                continue
+            key = document_key(text)
+            documents[split_of(key, data.val_fraction)].append((key, text))
+    counts: Dict[str, Dict[str, Any]] = {}
     for split, docs in documents.items():
         docs.sort(key=lambda d: d[0])  # a content-keyed shuffle of documents
         ids = tokenizer([text for _, text in docs], add_special_tokens=False)["input_ids"] if docs else []
         rows, dropped = pack_sequences(ids, data.seq_len, tokenizer.eos_token_id)
-        # Shuffle rows so that neighbouring rows in a batch come from different documents.
+        # Neighbouring rows of a row group come from different documents.
         rows = rows[np.random.default_rng([data.seed, task_index]).permutation(len(rows))]
         file = f"{split}/part-{task_index:05d}.parquet"
-        if len(rows):
-            write_shard(rows, storage.join(output_dir, file))
-        counts[split] = {"file": file, "rows": len(rows), "documents": len(docs), "dropped_tokens": dropped}
+        sha = write_shard(rows_to_table(rows), storage.join(output_dir, file)) if len(rows) else None
+        counts[split] = {"file": file, "rows": len(rows), "documents": len(docs), "dropped_tokens": dropped, "sha256": sha}
+    counts["empty_documents"] = empty
     return counts
 
 
@@ -74,7 +77,27 @@ def plan_tasks(files: List[SourceFile], data: DataConfig) -> List[List[SourcePar
     return tasks + [current] if current else tasks
 
 
-def run(cfg: JobConfig) -> Dict[str, Any]:
+def train_texts(files: List[SourceFile], data: DataConfig):  # noqa: ANN201 - a generator of strings
+    """The train split's documents, for training the tokenizer (validation text must not shape it)."""
+    for source in files:
+        for part in split_source(source, 2**62):
+            for _, text in read_documents(part):
+                if text.strip() and split_of(document_key(text), data.val_fraction) == "train":
+                    yield text
+
+
+def clear_previous(output_dir: str) -> None:
+    """Remove an earlier prep's manifest and shards from `output_dir`, so a failed prep leaves nothing a run could train on."""
+    if not storage.exists(storage.join(output_dir, MANIFEST)):
+        return
+    fs, path = storage.resolve(output_dir)
+    fs.delete_file(f"{path}/{MANIFEST}")
+    for name in (*SPLITS, TOKENIZER_DIR):
+        if storage.exists(storage.join(output_dir, name)):
+            fs.delete_dir(f"{path}/{name}")
+
+
+def run(cfg: Config) -> Dict[str, Any]:
     """Prepare `cfg.data` into `cfg.data.output_dir`; returns the manifest."""
     data = cfg.data
     output_dir = absolute(data.output_dir)
@@ -82,45 +105,54 @@ def run(cfg: JobConfig) -> Dict[str, Any]:
     files = list_source_files(data.sources)
     shas = [file_sha256(f.path) for f in files]
     print(f"prep: {len(files)} source files → {output_dir}")
+    clear_previous(output_dir)
 
-    if data.tokenizer.path:
-        tokenizer = load_tokenizer(data.tokenizer.path)
-    else:
-        texts = (text for f in files for part in split_source(f, 2**62) for _, text in read_documents(part))
-        tokenizer = train_bpe_tokenizer(texts, data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer.path) if data.tokenizer.path else train_bpe_tokenizer(train_texts(files, data), data.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        tokenizer_sha = directory_sha256(tmp)
         storage.upload_dir(tmp, storage.join(output_dir, TOKENIZER_DIR))
 
     connect(cfg.run.ray_address)
     tokenizer_ref = ray.put(tokenizer)
-    by_path = dict(zip((f.path for f in files), shas))
-    pending = {
-        tokenize_and_pack.remote(t, parts, {p.file.path: by_path[p.file.path] for p in parts}, tokenizer_ref, data, output_dir): t
-        for t, parts in enumerate(plan_tasks(files, data))
-    }
-    results: Dict[int, Dict[str, Dict[str, int]]] = {}
+    pending = {tokenize_and_pack.remote(t, parts, tokenizer_ref, data, output_dir): t for t, parts in enumerate(plan_tasks(files, data))}
+    results: Dict[int, Dict[str, Any]] = {}
     with tqdm(total=len(pending), desc="prep: tokenise + pack", unit="task") as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(done[0])] = ray.get(done[0])
             bar.update(1)
 
-    manifest = _manifest(data, tokenizer, files, shas, [results[t] for t in sorted(results)])
-    storage.write_json(storage.join(output_dir, MANIFEST), manifest)
+    manifest = build_manifest(data, tokenizer, tokenizer_sha, files, shas, [results[t] for t in sorted(results)])
     for split in SPLITS:
         s = manifest["splits"][split]
         print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens from {s['documents']} documents")
+    if manifest["empty_documents"]:
+        print(f"prep: {manifest['empty_documents']} empty documents skipped")
+    check_splits(manifest, data)
+    storage.write_json(storage.join(output_dir, MANIFEST), manifest)
     print(f"prep: done in {time.time() - started:.1f}s")
     return manifest
 
 
-def _manifest(
-    data: DataConfig, tokenizer: Any, files: List[SourceFile], shas: List[str], counts: List[Dict[str, Dict[str, int]]]
+def check_splits(manifest: Dict[str, Any], data: DataConfig) -> None:
+    """Both splits must hold at least one row; otherwise no manifest is written and prep fails in one line."""
+    splits = manifest["splits"]
+    for split in SPLITS:
+        if splits[split]["rows"] == 0:
+            counts = ", ".join(f"{s}: {splits[s]['documents']} documents, {splits[s]['rows']} rows" for s in SPLITS)
+            raise ConfigError(
+                f"data.val_fraction={data.val_fraction}: the {split} split is empty ({counts} of {data.seq_len} tokens); "
+                f"prepare more text, split it into more documents (data.sources.N.split_on) or change data.val_fraction"
+            )
+
+
+def build_manifest(
+    data: DataConfig, tokenizer: Any, tokenizer_sha: str, files: List[SourceFile], shas: List[str], counts: List[Dict[str, Any]]
 ) -> Dict[str, Any]:
     splits = {}
     for split in SPLITS:
-        shards = [{"file": c[split]["file"], "rows": c[split]["rows"]} for c in counts if c[split]["rows"]]
+        shards = [{"file": c[split]["file"], "rows": c[split]["rows"], "sha256": c[split]["sha256"]} for c in counts if c[split]["rows"]]
         rows = sum(s["rows"] for s in shards)
         splits[split] = {
             "rows": rows,
@@ -129,17 +161,23 @@ def _manifest(
             "dropped_tokens": sum(c[split]["dropped_tokens"] for c in counts),
             "shards": shards,
         }
-    return {
-        "format": 1,
+    manifest = {
+        "format": MANIFEST_FORMAT,
         "tokenizer": TOKENIZER_DIR,
+        "tokenizer_sha256": tokenizer_sha,
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "seq_len": data.seq_len,
+        "columns": [COLUMN],
+        "row_group_rows": ROW_GROUP_ROWS,
         "val_fraction": data.val_fraction,
         "seed": data.seed,
+        "empty_documents": sum(c["empty_documents"] for c in counts),
         "splits": splits,
         "sources": [
-            {"path": f.path, "sha256": sha, "format": f.format, "field": f.field, "bytes": os.path.getsize(f.path)}
+            {"path": f.path, "sha256": sha, "format": f.format, "field": f.field, "split_on": f.split_on, "bytes": os.path.getsize(f.path)}
             for f, sha in zip(files, shas)
         ],
     }
+    manifest["fingerprint"] = fingerprint(manifest)
+    return manifest

@@ -1,4 +1,10 @@
-"""Input documents: which files a source names, and the texts inside them."""
+"""Input documents: which files a source names, how a file is cut into slices for prep tasks, and the documents in a slice.
+
+A text source is cut into documents by `split_on`: the whole file, blank lines, one per line, or
+before every line that `split_regex` matches (WikiText's ` = Title = ` headings). Every large file —
+text, JSONL or Parquet — is cut into slices of about `data.mb_per_task` MB so that many tasks read it,
+and every document belongs to exactly one slice: the one its first byte (or row) falls in.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,15 @@ import glob
 import hashlib
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 
-from framework.config import ConfigError, SourceConfig
+from framework.config import ConfigError
+from framework.data.config import SourceConfig
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,8 @@ class SourceFile:
     path: str
     format: str
     field: str
+    split_on: str = "file"
+    split_regex: Optional[str] = None
 
 
 def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
@@ -30,9 +41,10 @@ def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
         else:
             matches = [p for p in glob.glob(source.path, recursive=True) if os.path.isfile(p)]
         if not matches:
-            raise ConfigError(f"data.sources[{i}].path={source.path}: no files match")
+            raise ConfigError(f"data.sources.{i}.path={source.path}: no files match")
         for path in matches:
-            files.setdefault(os.path.abspath(path), SourceFile(os.path.abspath(path), source.format, source.field))
+            path = os.path.abspath(path)
+            files.setdefault(path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex))
     return [files[p] for p in sorted(files)]
 
 
@@ -40,8 +52,8 @@ def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
 class SourcePart:
     """The slice of a source file that one prep task reads.
 
-    JSONL: the lines that start in bytes [start, stop); Parquet: row groups [start, stop); a text file
-    is one document, read whole. `size` is the slice's size in bytes, for sizing tasks.
+    Text and JSONL: the documents (records) that start in bytes [start, stop); Parquet: row groups
+    [start, stop). `size` is the slice's size in bytes, for sizing tasks.
     """
 
     file: SourceFile
@@ -63,20 +75,23 @@ def split_source(source: SourceFile, part_bytes: int) -> List[SourcePart]:
                 first, size = i + 1, 0
         return parts or [SourcePart(source, 0, 0, 0)]
     total = os.path.getsize(source.path)
-    if source.format == "jsonl":
-        return [SourcePart(source, a, min(a + part_bytes, total), min(part_bytes, total - a)) for a in range(0, total, part_bytes)] or [
-            SourcePart(source, 0, 0, 0)
-        ]
-    return [SourcePart(source, 0, total, total)]
+    if source.format == "text" and source.split_on == "file":
+        return [SourcePart(source, 0, total, total)]
+    return [SourcePart(source, a, min(a + part_bytes, total), min(part_bytes, total - a)) for a in range(0, total, part_bytes)] or [
+        SourcePart(source, 0, 0, 0)
+    ]
 
 
 def read_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
-    """Yield (position, document) in one slice of a file; the position (a byte offset for JSONL, a row
-    for Parquet, 0 for a text file) names the document within its file whatever the slicing."""
+    """Yield (position, document) in one slice of a file; the position (a byte offset for text and JSONL,
+    a row for Parquet) names the document within its file whatever the slicing."""
     source = part.file
     if source.format == "text":
-        with open(source.path, encoding="utf-8", errors="replace") as f:
-            yield 0, f.read()
+        if source.split_on == "file":
+            with open(source.path, encoding="utf-8", errors="replace") as f:
+                yield 0, f.read()
+        else:
+            yield from _text_documents(part)
     elif source.format == "jsonl":
         yield from _jsonl_documents(part)
     elif source.format == "parquet":
@@ -97,16 +112,71 @@ def read_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
         raise ConfigError(f"data.sources.format={source.format}: expected text, jsonl or parquet")
 
 
+def _lines(f: BinaryIO, start: int) -> Iterator[Tuple[int, bytes]]:
+    """(offset, line) of the lines that start at or after byte `start`."""
+    f.seek(max(0, start - 1))
+    if start > 0:
+        f.readline()  # the rest of a line that began before `start` (or just its newline)
+    while True:
+        offset = f.tell()
+        line = f.readline()
+        if not line:
+            return
+        yield offset, line
+
+
+def _previous_line_blank(f: BinaryIO, offset: int) -> bool:
+    """Whether the line that ends just before `offset` (a line start) is blank; the start of the file counts as blank."""
+    if offset == 0:
+        return True
+    back = min(offset, 1 << 16)
+    f.seek(offset - back)
+    chunk = f.read(back)[:-1]  # drop the newline that ends the previous line
+    return not chunk[chunk.rfind(b"\n") + 1 :].strip()
+
+
+def _text_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
+    """The documents of a text file that start inside [start, stop), cut by the source's split_on."""
+    source = part.file
+    pattern = re.compile(source.split_regex) if source.split_regex else None
+
+    with open(source.path, "rb") as f:
+        first = None
+        for offset, _ in _lines(f, part.start):
+            first = offset
+            break
+        if first is None:
+            return
+        previous_blank = _previous_line_blank(f, first)
+        doc_start, doc = None, []
+        for offset, raw in _lines(f, first):
+            line = raw.decode("utf-8", errors="replace")
+            blank = not line.strip()
+            if source.split_on == "lines":
+                starts = not blank
+            elif source.split_on == "blank_lines":
+                starts = not blank and previous_blank
+            else:
+                starts = bool(pattern.search(line.rstrip("\r\n"))) or offset == 0
+            previous_blank = blank
+            if starts:
+                if doc_start is not None:
+                    yield doc_start, "".join(doc)
+                if offset >= part.stop:
+                    return
+                doc_start, doc = offset, []
+            if doc_start is not None and not (blank and source.split_on in ("lines", "blank_lines")):
+                doc.append(line)
+        if doc_start is not None:
+            yield doc_start, "".join(doc)
+
+
 def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
     """The records of the lines that start inside [start, stop): each line belongs to exactly one slice."""
     source = part.file
     with open(source.path, "rb") as f:
-        if part.start > 0:
-            f.seek(part.start - 1)
-            f.readline()  # the rest of a line that began before this slice (or just its newline)
-        while (offset := f.tell()) < part.stop:
-            line = f.readline()
-            if not line:
+        for offset, line in _lines(f, part.start):
+            if offset >= part.stop:
                 break
             if not line.strip():
                 continue
@@ -117,6 +187,17 @@ def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
             if not isinstance(record, dict) or source.field not in record:
                 raise ConfigError(f"data.sources.field={source.field}: missing in {source.path} at byte {offset}")
             yield offset, str(record[source.field])
+
+
+def normalise(text: str) -> str:
+    """The content a document is known by: Unicode NFKC, no trailing spaces on lines, no blank lines around it."""
+    lines = [line.rstrip() for line in unicodedata.normalize("NFKC", text).splitlines()]
+    return "\n".join(lines).strip("\n")
+
+
+def document_key(text: str) -> bytes:
+    """A document's identity: the sha256 of its normalised content (duplicates share it, and so their split)."""
+    return hashlib.sha256(normalise(text).encode()).digest()
 
 
 def file_sha256(path: str) -> str:

@@ -1,73 +1,197 @@
-"""Streaming token shards through Ray Data: datasets built in the driver, micro-batches in each worker."""
+"""A worker's rows: read straight from the Parquet shards with pyarrow, by row group, a few steps ahead in a thread.
+
+Each Train worker reads its own slice of every step's rows (`framework/data/sampler.py`) from the shards
+it shares with the other workers: no Ray Data pipeline, no read tasks to schedule, so a worker needs
+only the CPU it holds and no resource layout can leave reads without a place to run (the benchmark in
+docs/benchmarks.md chose this path by measurement). Row groups are decoded once into a small cache
+that holds the order's current shuffle windows; a background thread prepares the next
+`run.prefetch_steps` steps as tensors while the model trains on this one (pyarrow decodes with the GIL
+released).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Tuple
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import pyarrow as pa
-import ray.data
+import pyarrow.parquet as pq
 import torch
-from ray.data.collate_fn import ArrowBatchCollateFn
 
-from framework.data.shards import COLUMN, shard_uris
+from framework import storage
+from framework.data.sampler import Blocks, SampleOrder, worker_slice
+from framework.data.shards import COLUMN, MASK_COLUMN, shard_uris
 
-
-def build_datasets(data_dir: str, manifest: Dict[str, Any], eval_rows: int) -> Dict[str, ray.data.Dataset]:
-    """The train split, and the first `eval_rows` rows of the validation split (a fixed evaluation set)."""
-    train = ray.data.read_parquet(shard_uris(data_dir, manifest, "train")).select_columns([COLUMN])
-    validation = ray.data.read_parquet(shard_uris(data_dir, manifest, "validation")).select_columns([COLUMN]).limit(eval_rows)
-    return {"train": train, "validation": validation}
+# Labels the loss ignores (transformers' convention): tokens that are not targets.
+IGNORE_INDEX = -100
+Batch = Dict[str, torch.Tensor]
 
 
-def quiet_data_logs() -> None:
-    """No Ray Data progress bars or execution-plan banners in this process's datasets: the training
-    progress line is what a person watches, and Ray Data's own output would drown it."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+def split_blocks(manifest: Dict[str, Any], split: str) -> Blocks:
+    """The split's row groups over all its shards, in shard order, from the manifest alone (no file is opened)."""
+    per_group = manifest["row_group_rows"]
+    sizes: List[int] = []
+    for shard in manifest["splits"][split]["shards"]:
+        full, rest = divmod(shard["rows"], per_group)
+        sizes += [per_group] * full + ([rest] if rest else [])
+    return Blocks.from_sizes(sizes)
 
 
-def data_config() -> "ray.train.DataConfig":
-    """Split every dataset across workers in a fixed order, so that a run sees the same batches every time."""
-    import ray.train
-    from ray.data import ExecutionOptions
+@dataclass
+class ReadCounts:
+    """What a reader has read: row groups decoded and the rows in them, and rows handed out."""
 
-    # preserve_order makes Ray Data's splitter deterministic (it ignores locality hints then);
-    # equal splits keep every worker on the same number of micro-batches per epoch.
-    return ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))
-
-
-class TokenCollate(ArrowBatchCollateFn):
-    """An Arrow batch of fixed-size token lists → a [batch, seq_len] int64 tensor, without a Python loop."""
-
-    def __call__(self, batch: pa.Table) -> torch.Tensor:
-        column = batch.column(COLUMN).combine_chunks()
-        # Arrow's buffers are read-only; the int64 copy the model needs anyway is the tensor's own memory.
-        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        return torch.from_numpy(values.reshape(len(column), column.type.list_size))
+    groups: int = 0
+    rows_decoded: int = 0
+    rows_served: int = 0
+    group_ids: List[int] = field(default_factory=list)  # every block decoded, in order (tests count them)
 
 
-def micro_batches(shard: Any, batch_size: int, start_epoch: int, skip: int) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """Endless (epoch, batches done in that epoch, batch) over a worker's shard, resuming at a position.
+class ShardReader:
+    """Rows of one split by global index, decoded from its shards one row group at a time and cached."""
 
-    Each pass over the shard is one epoch; resuming re-reads the current epoch up to `skip`
-    batches without training on them, which puts a restarted run on exactly the batches it left.
-    """
-    epoch = start_epoch
-    while True:
-        seen = 0
-        for seen, batch in enumerate(
-            shard.iter_torch_batches(batch_size=batch_size, collate_fn=TokenCollate(), drop_last=True), 1
-        ):
-            if epoch == start_epoch and seen <= skip:
+    def __init__(self, data_dir: str, manifest: Dict[str, Any], split: str, cache_groups: int) -> None:
+        self.blocks = split_blocks(manifest, split)
+        self.uris = shard_uris(data_dir, manifest, split)
+        self.columns = [c for c in (COLUMN, MASK_COLUMN) if c in manifest.get("columns", [COLUMN])]
+        per_group = manifest["row_group_rows"]
+        # Block b → (shard, row group in the shard).
+        self.where: List[Tuple[int, int]] = []
+        for s, shard in enumerate(manifest["splits"][split]["shards"]):
+            self.where += [(s, g) for g in range(-(-shard["rows"] // per_group))]
+        self.cache: "OrderedDict[int, Dict[str, np.ndarray]]" = OrderedDict()
+        self.cache_groups = max(1, cache_groups)
+        self.files: "OrderedDict[int, pq.ParquetFile]" = OrderedDict()
+        self.counts = ReadCounts()
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        if shard not in self.files:
+            if len(self.files) >= 64:
+                self.files.popitem(last=False)
+            fs, path = storage.resolve(self.uris[shard])
+            self.files[shard] = pq.ParquetFile(fs.open_input_file(path))
+        self.files.move_to_end(shard)
+        return self.files[shard]
+
+    def _group(self, block: int) -> Dict[str, np.ndarray]:
+        if block in self.cache:
+            self.cache.move_to_end(block)
+            return self.cache[block]
+        shard, group = self.where[block]
+        table = self._file(shard).read_row_group(group, columns=self.columns)
+        arrays = {}
+        for name in self.columns:
+            column = table.column(name).combine_chunks()
+            arrays[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+        self.counts.groups += 1
+        self.counts.rows_decoded += len(table)
+        self.counts.group_ids.append(block)
+        self.cache[block] = arrays
+        if len(self.cache) > self.cache_groups:
+            self.cache.popitem(last=False)
+        return arrays
+
+    def read(self, rows: np.ndarray) -> Dict[str, np.ndarray]:
+        """The columns of `rows` (global indices), in that order."""
+        blocks = self.blocks.block_of(rows)
+        out: Dict[str, np.ndarray] = {}
+        for block in np.unique(blocks):
+            picked = np.nonzero(blocks == block)[0]
+            arrays = self._group(int(block))
+            local = rows[picked] - self.blocks.starts[block]
+            for name, values in arrays.items():
+                if name not in out:
+                    out[name] = np.empty((len(rows), values.shape[1]), dtype=values.dtype)
+                out[name][picked] = values[local]
+        self.counts.rows_served += len(rows)
+        return out
+
+
+def to_batch(columns: Dict[str, np.ndarray]) -> Batch:
+    """Model inputs of a set of rows: token ids, and labels that are the ids where a token is a target (-100 elsewhere)."""
+    ids = torch.from_numpy(columns[COLUMN].astype(np.int64))
+    labels = ids.clone()
+    if MASK_COLUMN in columns:
+        labels[torch.from_numpy(columns[MASK_COLUMN] == 0)] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def target_tokens(batch: Batch) -> int:
+    """Tokens the loss predicts in a batch: labels past each row's first position that are not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class TrainBatches:
+    """A worker's micro-batches, one list per step from `start_step`, prepared `prefetch_steps` ahead in a thread."""
+
+    def __init__(
+        self, reader: ShardReader, order: SampleOrder, *, global_batch: int, micro_batch: int, rank: int, world: int,
+        start_step: int, prefetch_steps: int,
+    ) -> None:
+        self.reader, self.order = reader, order
+        self.global_batch, self.micro_batch, self.rank, self.world = global_batch, micro_batch, rank, world
+        self.step = start_step
+        self.ready: "queue.Queue[Any]" = queue.Queue(maxsize=prefetch_steps)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="train-batches", daemon=True)
+        self.thread.start()
+
+    def rows(self, step: int) -> np.ndarray:
+        """This worker's rows of `step`."""
+        return worker_slice(self.order.step_rows(step, self.global_batch), self.rank, self.world)
+
+    def _produce(self) -> None:
+        step = self.step
+        try:
+            while not self.stopping.is_set():
+                columns = self.reader.read(self.rows(step))
+                batch = to_batch(columns)
+                micro = [{k: v[i : i + self.micro_batch] for k, v in batch.items()} for i in range(0, len(batch["input_ids"]), self.micro_batch)]
+                self._put((step, micro))
+                step += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the training loop, which raises it
+            self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
                 continue
-            yield epoch, seen, batch
-        if seen == 0:
-            raise RuntimeError("the train split gave this worker no full micro-batch; prepare more data")
-        epoch += 1
+
+    def next(self) -> List[Batch]:
+        """The micro-batches of the next step."""
+        item = self.ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        step, micro = item
+        assert step == self.step, (step, self.step)
+        self.step += 1
+        return micro
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
 
 
-def eval_batches(shard: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    """One full pass over a worker's share of the evaluation set."""
-    yield from shard.iter_torch_batches(batch_size=batch_size, collate_fn=TokenCollate(), drop_last=True)
+def eval_batches(reader: ShardReader, rows: np.ndarray, rank: int, world: int, micro_batch: int) -> Iterator[Tuple[Batch, bool]]:
+    """This worker's share of the evaluation rows in micro-batches (the last one partial), as (batch, real).
+
+    Every worker yields the same number of batches: under ZeRO-3 every forward pass is a collective,
+    so a worker with fewer rows runs its missing passes on a copy of its last batch (`real` False),
+    which the evaluation leaves out of its sums.
+    """
+    mine = worker_slice(rows, rank, world)
+    most = -(-len(worker_slice(rows, 0, world)) // micro_batch)  # share 0 is never smaller than another
+    last: Optional[Batch] = None
+    for i in range(most):
+        part = mine[i * micro_batch : (i + 1) * micro_batch]
+        if len(part):
+            last = to_batch(reader.read(part))
+            yield last, True
+        else:
+            yield (last if last is not None else to_batch(reader.read(rows[:1]))), False

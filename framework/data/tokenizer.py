@@ -7,7 +7,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from framework.config import ConfigError, TokenizerConfig
+from framework.config import ConfigError
+from framework.data.config import TokenizerConfig
 
 EOS_TOKEN = "<|endoftext|>"
 # ChatML, so that chat requests to a model trained from scratch have a defined format.

@@ -1,17 +1,25 @@
-"""Training checkpoints: what one holds, how ranks write it, how a run reads it back.
+"""Training checkpoints: what one holds, how ranks write it, how a run reads it back (on any worker count).
 
 Layout of a checkpoint directory (each rank writes its own files; Ray Train merges them):
     latest, deepspeed/        DeepSpeed's checkpoint of every rank (ZeRO shards included)
     zero_to_fp32.py           DeepSpeed's own consolidation script (ZeRO stages 1-3 only)
-    train_state.json          step, data position (epoch, micro-batches into it), tokens seen
-    config.yaml               the resolved job config
+    train_state.json          step, rows consumed, tokens seen, the worker count and the data fingerprint
+    config.yaml               the resolved config
     hf_config/config.json     the transformers model config
     tokenizer/                the tokenizer the shards were made with
+
+A run resumed on another worker count (same global batch) loads the checkpoint through DeepSpeed's
+universal checkpoint: `ds_to_universal` turns the ranks' ZeRO partitions into one folder per
+parameter (fp32 weights and Adam moments), which any partitioning loads (docs/benchmarks.md
+measures what the conversion costs).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -21,9 +29,10 @@ import pyarrow.fs as pafs
 from omegaconf import OmegaConf
 
 from framework import storage
-from framework.config import JobConfig
+from framework.schema import Config
 
 DEEPSPEED_TAG = "deepspeed"
+UNIVERSAL_DIR = "universal"
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
 HF_CONFIG_DIR = "hf_config"
@@ -32,39 +41,56 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass
 class TrainState:
+    """Where a run is: everything the sample order and the metrics need to go on from here."""
+
     step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # per-worker micro-batches already consumed in `epoch`
+    rows: int = 0  # rows of the train split consumed: step × run.global_batch_size
     tokens: int = 0
+    world_size: int = 0  # the workers that wrote the checkpoint
+    data_fingerprint: str = ""  # the shards trained on (framework/data/shards.py: fingerprint)
 
 
-def save(engine: Any, directory: str, state: TrainState, job: JobConfig, tokenizer_uri: str, rank: int) -> None:
+def save(engine: Any, directory: str, state: TrainState, cfg: Config, tokenizer_uri: str, rank: int) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (all ranks must call it)."""
     engine.save_checkpoint(directory, tag=DEEPSPEED_TAG)
     if rank == 0:
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
             json.dump(dataclasses.asdict(state), f, indent=2)
-        OmegaConf.save(OmegaConf.structured(job), os.path.join(directory, CONFIG))
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(directory, CONFIG))
         engine.module.config.save_pretrained(os.path.join(directory, HF_CONFIG_DIR))
         storage.download_dir(tokenizer_uri, os.path.join(directory, TOKENIZER_DIR))
 
 
-def load(engine: Any, directory: str) -> TrainState:
-    """Restore the engine (weights, optimizer, LR schedule) and the position from a checkpoint."""
+def to_universal(directory: str, output: str) -> str:
+    """Convert the DeepSpeed checkpoint in `directory` to a universal one under `output`; gives the folder to load from."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=os.path.join(directory, DEEPSPEED_TAG), output_folder=os.path.join(output, DEEPSPEED_TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )
+    # The converter narrates every file and bar on stdout; a failure still raises with its own message.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    with open(os.path.join(output, "latest_universal"), "w") as f:
+        f.write(DEEPSPEED_TAG)
+    return output
+
+
+def load(engine: Any, directory: str) -> None:
+    """Restore the engine (weights, optimizer, LR schedule) from a checkpoint folder: DeepSpeed's own, or one `to_universal` made."""
     engine.load_checkpoint(directory, tag=DEEPSPEED_TAG)
-    with open(os.path.join(directory, TRAIN_STATE)) as f:
-        return TrainState(**json.load(f))
 
 
 def read_state(directory: str) -> TrainState:
-    with open(os.path.join(directory, TRAIN_STATE)) as f:
-        return TrainState(**json.load(f))
+    """The run's position stored in a checkpoint (a local directory or a URI)."""
+    return TrainState(**json.loads(storage.read_text(storage.join(directory, TRAIN_STATE))))
 
 
-def read_job_config(directory: str) -> JobConfig:
-    """The job config a checkpoint (a local directory or a URI) was trained with, typed."""
+def read_config(directory: str) -> Config:
+    """The config a checkpoint (a local directory or a URI) was trained with, typed."""
     saved = OmegaConf.create(storage.read_text(storage.join(directory, CONFIG)))
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), saved))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -86,19 +112,19 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return None
 
 
-# What a resumed run must share with the checkpoint it resumes: the model's shape, the ZeRO partitioning
-# of its optimizer state, and what a data position (micro-batches into an epoch, per worker) means.
-# Anything else (steps, learning rate, intervals) may change between runs of the same name.
+# What a resumed run must share with the checkpoint it resumes: the model's shape, the ZeRO stage of
+# its optimizer state, and what a step means (the rows of a global batch). The worker count and the
+# micro-batch may change (the sample order and DeepSpeed's universal checkpoint are independent of
+# them), as may steps, learning rate and intervals; the shards are compared by fingerprint.
 RESUME_KEYS = (
-    "model.arch", "model.hf_config", "model.pretrained_path", "data.seq_len", "data.output_dir",
-    "deepspeed.stage", "run.num_workers", "run.micro_batch_size", "run.global_batch_size",
+    "model.arch", "model.hf_config", "model.pretrained_path", "data.seq_len", "deepspeed.stage", "run.global_batch_size",
 )
 
 
-def resume_conflicts(saved: JobConfig, job: JobConfig) -> List[Tuple[str, Any, Any]]:
-    """(key, checkpoint's value, job's value) for every RESUME_KEYS value that differs."""
-    def get(cfg: JobConfig, key: str) -> Any:
+def resume_conflicts(saved: Config, cfg: Config) -> List[Tuple[str, Any, Any]]:
+    """(key, checkpoint's value, config's value) for every RESUME_KEYS value that differs."""
+    def get(c: Config, key: str) -> Any:
         group, name = key.split(".")
-        return getattr(getattr(cfg, group), name)
+        return getattr(getattr(c, group), name)
 
-    return [(key, get(saved, key), get(job, key)) for key in RESUME_KEYS if get(saved, key) != get(job, key)]
+    return [(key, get(saved, key), get(cfg, key)) for key in RESUME_KEYS if get(saved, key) != get(cfg, key)]

@@ -1,36 +1,46 @@
 """The per-worker training loop, top to bottom: model → engine → batches → step → log → evaluate → checkpoint.
 
-Ray enters only through `ray.train` (rank, dataset shards, report, checkpoint); DeepSpeed owns the
-optimizer step, gradient accumulation, clipping, mixed precision and the ZeRO partitioning.
+Whatever runs the loop enters only through a `Session` (framework/train/session.py): Ray Train's
+workers, or one bare process. DeepSpeed owns the optimizer step, gradient accumulation, clipping,
+mixed precision and the ZeRO partitioning; the sample order (framework/data/sampler.py) owns which
+rows every step trains on.
+
+The loss of a step is the mean over every target token of its global batch, on any worker count:
+each micro-batch's summed token loss is divided by the step's target tokens over all workers
+(transformers' `num_items_in_batch`), times the workers × micro-batches DeepSpeed averages over, so
+1 worker × 4 micro-batches and 2 × 2 take the same gradient (up to float summation order).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import tempfile
 import time
 from typing import Any, Dict, List
 
 import deepspeed
-import ray.train
-import ray.train.torch
+import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from framework import storage
-from framework.config import JobConfig
-from framework.data.stream import eval_batches, micro_batches
-from framework.model import build_model, flops_per_token, peak_tflops
+from framework.data.sampler import SampleOrder
+from framework.data.stream import ShardReader, TrainBatches, eval_batches, split_blocks, target_tokens
+from framework.model import build_model, flops_per_token, peak_tflops, torch_dtype
+from framework.schema import Config
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
 from framework.train.metrics import MetricsLogger, peak_memory_gb, quiet_worker_logs, say
+from framework.train.optim import apply_optim_settings, build_lr_schedule, build_optimizer
+from framework.train.plan import TrainPlan
+from framework.train.session import Session
 
 
-def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> Dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, load_universal: bool = False) -> Dict[str, Any]:
     """DeepSpeed's JSON config from `conf/deepspeed/*` and the batch settings in `conf/run/*`."""
-    run, ds = job.run, job.deepspeed
-    precision = run.precision if run.precision != "auto" else ("bf16" if use_gpu else "fp32")
+    run, ds = cfg.run, cfg.deepspeed
+    dtype = torch_dtype(run.precision, use_gpu)
     zero: Dict[str, Any] = {"stage": ds.stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -41,11 +51,13 @@ def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> Dict[str
         "train_batch_size": run.global_batch_size,
         "train_micro_batch_size_per_gpu": run.micro_batch_size,
         "gradient_accumulation_steps": run.global_batch_size // (run.micro_batch_size * world_size),
-        "gradient_clipping": job.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        # Our AdamW also runs with offloaded optimizer state; DeepSpeed's CPU Adam would need a C++ build.
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        # A checkpoint written by another worker count loads through DeepSpeed's universal format.
+        "checkpoint": {"load_universal": load_universal},
+        # Our optimizer also runs with offloaded optimizer state; DeepSpeed's CPU Adam would need a C++ build.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -53,133 +65,160 @@ def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> Dict[str
     }
 
 
-def build_optimizer(model: torch.nn.Module, job: JobConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and norm weights (the 1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": job.optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    o = job.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+def universal_dir(plan: TrainPlan, name: str) -> str:
+    """Where a node converts a checkpoint to the universal format: node-local, the same path for every rank on the node."""
+    return os.path.join(tempfile.gettempdir(), "framework-universal", plan.config.run.name.replace("/", "_"), os.path.basename(name))
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, job: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to optim.lr, then cosine down to optim.lr × optim.min_lr_ratio at run.max_steps."""
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, job.optim.warmup_steps, job.run.max_steps, min_lr_rate=job.optim.min_lr_ratio
-    )
-
-
-def train_loop_per_worker(config: Dict[str, Any]) -> None:
+def train(plan: TrainPlan, session: Session) -> None:
+    """Train `plan` from its latest checkpoint (or from scratch) to run.max_steps on this worker."""
     quiet_worker_logs()
-    job: JobConfig = config["job"]
-    manifest: Dict[str, Any] = config["manifest"]
-    run = job.run
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    cfg, manifest = plan.config, plan.manifest
+    run = cfg.run
+    rank, world, device = session.rank, session.world_size, session.device
     use_gpu = device.type == "cuda"
+    if rank == 0 or world <= 8:
+        say(f"rank {rank} of {world}: pid {os.getpid()}, {device}")
 
-    # Model and engine.
-    tokenizer_uri = storage.join(config["data_dir"], manifest["tokenizer"])
-    model = build_model(job.model, config["model_config"], run.seed)
-    ds_config = deepspeed_config(job, world, use_gpu)
-    optimizer = build_optimizer(model, job, fused=use_gpu and not job.deepspeed.offload_optimizer)
-    scheduler = build_lr_schedule(optimizer, job)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    # Resume point first: a checkpoint from another worker count is loaded in DeepSpeed's universal format.
+    with session.checkpoint() as restored:
+        state = checkpoint.read_state(restored) if restored else TrainState(world_size=world, data_fingerprint=manifest["fingerprint"])
+        # ZeRO-0 keeps whole weights and optimizer state, which any worker count loads as they are.
+        reshard = restored is not None and state.world_size != world and cfg.deepspeed.stage > 0
+
+        # Model and engine.
+        model = build_model(cfg.model, plan.model_config, run.seed)
+        ds_config = deepspeed_config(cfg, world, use_gpu, load_universal=reshard)
+        optimizer = build_optimizer(model, cfg.optim, fused=use_gpu and not cfg.deepspeed.offload_optimizer)
+        scheduler = build_lr_schedule(optimizer, cfg.optim, run.max_steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+        if restored:
+            source = restored
+            if reshard:
+                source = universal_dir(plan, session.checkpoint_name() or restored)
+                if session.local_rank == 0:
+                    started = time.perf_counter()
+                    shutil.rmtree(source, ignore_errors=True)
+                    checkpoint.to_universal(restored, source)
+                    say(f"rank {rank}: {state.world_size}-worker checkpoint converted for {world} workers in {time.perf_counter() - started:.1f}s")
+                dist.barrier()
+            checkpoint.load(engine, source)
+            apply_optim_settings(engine, cfg.optim, run.max_steps, state.step)
+            if reshard:
+                dist.barrier()
+                if session.local_rank == 0:
+                    shutil.rmtree(source, ignore_errors=True)
+            state.world_size = world
+            if rank == 0:
+                say(f"resumed from {session.checkpoint_name()} at step {state.step}")
+
     accumulation = ds_config["gradient_accumulation_steps"]
     seq_len = manifest["seq_len"]
-    tokens_per_step = run.global_batch_size * seq_len
-    step_flops = flops_per_token(engine.module, seq_len) * tokens_per_step
+    global_tokens = run.global_batch_size * seq_len
+    step_flops = flops_per_token(engine.module, seq_len) * global_tokens
     peak = peak_tflops(run.peak_tflops)
 
-    # Resume: weights, optimizer, LR schedule and data position from the latest checkpoint.
-    state = TrainState()
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as directory:
-            state = checkpoint.load(engine, directory)
-        if rank == 0:
-            say(f"resumed from {restored.path} at step {state.step}")
-
-    batches = micro_batches(
-        ray.train.get_dataset_shard("train"), run.micro_batch_size, state.epoch, state.batches_in_epoch
+    # Data: this worker's slice of every step's rows, from the step the checkpoint left off.
+    order = SampleOrder(split_blocks(manifest, "train"), run.seed, run.shuffle_window)
+    reader = ShardReader(plan.data_dir, manifest, "train", cache_groups=2 * run.shuffle_window + 2)
+    batches = TrainBatches(
+        reader, order, global_batch=run.global_batch_size, micro_batch=run.micro_batch_size, rank=rank, world=world,
+        start_step=state.step, prefetch_steps=run.prefetch_steps,
     )
-    validation = ray.train.get_dataset_shard("validation")
-    logger = MetricsLogger(config["log_dir"], rank == 0, state.step, run.max_steps)
-    pending: List[torch.Tensor] = []  # per-step mean losses on this rank, synced once per log interval
-    interval_start, interval_steps = time.perf_counter(), 0
-    last_eval: Dict[str, float] = {}
+    validation = ShardReader(plan.data_dir, manifest, "validation", cache_groups=4)
+    # Without loss masks every step predicts the same number of tokens; with them, they are counted.
+    fixed_targets = None if "loss_mask" in manifest["columns"] else float(run.global_batch_size * (seq_len - 1))
+
+    logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps)
+    pending: List[torch.Tensor] = []  # per step: (summed token loss on this rank, the step's target tokens)
+    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
 
     engine.train()
-    while state.step < run.max_steps:
-        step_loss = torch.zeros((), device=device)
-        for _ in range(accumulation):
-            state.epoch, state.batches_in_epoch, batch = next(batches)
-            batch = batch.to(device, non_blocking=True)
-            loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-            step_loss += loss.detach() / accumulation
-        state.step += 1
-        state.tokens += tokens_per_step
-        pending.append(step_loss)
-        interval_steps += 1
+    try:
+        while state.step < run.max_steps:
+            waited = time.perf_counter()
+            micro = batches.next()
+            data_wait += time.perf_counter() - waited
+            targets = fixed_targets or all_reduced(float(sum(target_tokens(b) for b in micro)), device)
+            per_micro = targets / (world * accumulation)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            for batch in micro:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = engine(**batch, num_items_in_batch=per_micro).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+                loss_sum += loss.detach().double() * per_micro
+            state.step += 1
+            state.rows += run.global_batch_size
+            state.tokens += global_tokens
+            pending.append(torch.stack([loss_sum, torch.tensor(targets, device=device, dtype=torch.float64)]))
+            interval_steps += 1
 
-        checkpoint_now = state.step % run.checkpoint_interval == 0 or state.step == run.max_steps
-        evaluate_now = state.step % run.eval_interval == 0 or checkpoint_now
-        if state.step % run.log_interval == 0 or evaluate_now:
-            losses = torch.stack(pending)
-            dist.all_reduce(losses, op=dist.ReduceOp.AVG) if world > 1 else None
-            if use_gpu:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - interval_start
-            records = [{"step": state.step - len(pending) + i + 1, "train/loss": v} for i, v in enumerate(losses.tolist())]
-            throughput = interval_steps * tokens_per_step / elapsed
-            records[-1].update({
-                "train/lr": engine.get_lr()[0],
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/tokens": state.tokens,
-                "perf/tokens_per_s": throughput,
-                "perf/step_s": elapsed / interval_steps,
-                "perf/peak_mem_gb": peak_memory_gb(),
-            })
-            if peak:
-                records[-1]["perf/mfu"] = step_flops * interval_steps / elapsed / (world * peak * 1e12)
-            if evaluate_now:
-                last_eval = evaluate(engine, validation, run.micro_batch_size, device, world)
-                records[-1].update(last_eval)
-            logger.log(records)
-            pending, interval_start, interval_steps = [], time.perf_counter(), 0
+            checkpoint_now = state.step % run.checkpoint_interval == 0 or state.step == run.max_steps
+            evaluate_now = state.step % run.eval_interval == 0 or checkpoint_now
+            if state.step % run.log_interval == 0 or evaluate_now:
+                sums = torch.stack(pending)[:, 0].contiguous()
+                if world > 1:
+                    dist.all_reduce(sums)
+                losses = (sums / torch.stack(pending)[:, 1]).tolist()
+                if use_gpu:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - interval_start
+                records: List[Dict[str, float]] = [{"step": state.step - len(pending) + i + 1, "train/loss": v} for i, v in enumerate(losses)]
+                records[-1].update({
+                    "train/lr": engine.get_lr()[0],
+                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/tokens": state.tokens,
+                    "train/epoch": order.epoch_of(state.step, run.global_batch_size),
+                    "perf/tokens_per_s": interval_steps * global_tokens / elapsed,
+                    "perf/step_s": elapsed / interval_steps,
+                    "perf/data_wait": data_wait / elapsed,
+                    "perf/peak_mem_gb": peak_memory_gb(),
+                })
+                if peak:
+                    records[-1]["perf/mfu"] = step_flops * interval_steps / elapsed / (world * peak * 1e12)
+                last_eval: Dict[str, float] = {}
+                if evaluate_now:
+                    last_eval = evaluate(engine, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)
+                    records[-1].update(last_eval)
+                logger.log(records)
+                pending, interval_steps, data_wait = [], 0, 0.0
 
-            if evaluate_now:
-                # Every report carries fresh validation metrics, so Tune schedulers can act on any of them.
-                report = {"step": state.step, "tokens": state.tokens, "train_loss": records[-1]["train/loss"]}
-                report.update({k.replace("/", "_"): v for k, v in last_eval.items()})
-                if checkpoint_now:
-                    with tempfile.TemporaryDirectory() as directory:
-                        checkpoint.save(engine, directory, state, job, tokenizer_uri, rank)
-                        ray.train.report(
-                            report,
-                            checkpoint=ray.train.Checkpoint.from_directory(directory),
-                            checkpoint_dir_name=checkpoint.checkpoint_dir_name(state.step),
-                        )
-                else:
-                    ray.train.report(report)
+                if evaluate_now:
+                    # Every report carries fresh validation metrics, so Tune schedulers can act on any of them.
+                    report = {"step": state.step, "tokens": state.tokens, "train_loss": records[-1]["train/loss"]}
+                    report.update({k.replace("/", "_"): v for k, v in last_eval.items()})
+                    if checkpoint_now:
+                        with tempfile.TemporaryDirectory() as directory:
+                            checkpoint.save(engine, directory, state, cfg, plan.tokenizer_uri, rank)
+                            session.report(report, checkpoint_dir=directory, step=state.step)
+                    else:
+                        session.report(report)
                 interval_start = time.perf_counter()  # evaluation and checkpoint time is not training time
-    logger.close()
+    finally:
+        batches.close()
+        logger.close()
+
+
+def all_reduced(value: float, device: torch.device) -> float:
+    """`value` summed over every worker."""
+    tensor = torch.tensor(value, device=device, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return float(tensor)
 
 
 @torch.no_grad()
-def evaluate(engine: Any, shard: Any, batch_size: int, device: torch.device, world: int) -> Dict[str, float]:
-    """Mean token loss and perplexity over the fixed evaluation set, summed across all workers."""
+def evaluate(engine: Any, reader: ShardReader, rows: np.ndarray, micro_batch: int, rank: int, world: int, device: torch.device) -> Dict[str, float]:
+    """Mean token loss and perplexity over the whole evaluation set (`rows`), each row counted once, summed across workers."""
     engine.eval()
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (loss × predicted tokens, predicted tokens)
-    for batch in eval_batches(shard, batch_size):
-        batch = batch.to(device, non_blocking=True)
-        predicted = batch.numel() - batch.shape[0]  # the first token of each row is never predicted
-        totals += torch.tensor([engine(input_ids=batch, labels=batch).loss.item() * predicted, predicted], device=device, dtype=torch.float64)
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (summed token loss, target tokens)
+    for batch, real in eval_batches(reader, rows, rank, world, micro_batch):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss_sum = engine(**batch, num_items_in_batch=1).loss  # reduction "sum" over the batch's target tokens
+        if real:
+            totals += torch.stack([loss_sum.double(), torch.tensor(float(target_tokens(batch)), device=device, dtype=torch.float64)])
     if world > 1:
         dist.all_reduce(totals)
     engine.train()

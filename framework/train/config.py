@@ -1,0 +1,142 @@
+"""The schemas of `conf/deepspeed/*`, `conf/optim/*` and `conf/run/*`, read by the training plan and loop, and their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING
+
+from framework.config import require
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = MISSING
+    stage: int = MISSING
+    offload_optimizer: bool = MISSING
+    offload_param: bool = MISSING
+    # Extra keys merged verbatim into DeepSpeed's `zero_optimization` section.
+    zero_extra: Dict[str, Any] = MISSING
+
+
+@dataclass
+class OptimConfig:
+    # An optimizer of framework/train/optim.py's OPTIMIZERS (adamw, adam).
+    name: str = MISSING
+    lr: float = MISSING
+    min_lr_ratio: float = MISSING
+    weight_decay: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
+    eps: float = MISSING
+    warmup_steps: int = MISSING
+    grad_clip: float = MISSING
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    num_workers: int = MISSING
+    # Elastic training: the fewest workers a run goes on with after losing some (Ray Train's
+    # ScalingConfig(num_workers=(min_workers, num_workers))); null: a fixed-size run.
+    min_workers: Optional[int] = MISSING
+    gpus_per_worker: int = MISSING
+    # CPUs each Train worker holds; null: at most one each on CPU (what fits), 1 to 8 beside a GPU.
+    cpus_per_worker: Optional[float] = MISSING
+    max_steps: int = MISSING
+    global_batch_size: int = MISSING
+    micro_batch_size: int = MISSING
+    precision: str = MISSING  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    log_interval: int = MISSING
+    eval_interval: int = MISSING
+    # Validation rows evaluated, drawn once with run.seed from the whole split; null: all of it.
+    eval_rows: Optional[int] = MISSING
+    checkpoint_interval: int = MISSING
+    keep_checkpoints: int = MISSING
+    # Local directory or any pyarrow filesystem URI (s3://, gs://, ...).
+    storage_path: str = MISSING
+    # Seeds the model's initial weights and the sample order (framework/data/sampler.py).
+    seed: int = MISSING
+    # Row groups whose rows are shuffled together each epoch; larger mixes more, reads more at once.
+    shuffle_window: int = MISSING
+    # Steps of batches each worker reads ahead in a background thread.
+    prefetch_steps: int = MISSING
+    max_failures: int = MISSING
+    # Seconds a run (or a restart after a failure) waits for its workers' CPUs/GPUs, e.g. for an
+    # autoscaler to add nodes, before it fails instead of waiting for a node that never comes.
+    resource_wait_s: int = MISSING
+    # Seconds the workers wait for each other to form the process group (TorchConfig.timeout_s).
+    init_timeout_s: int = MISSING
+    # Ray cluster address; null uses RAY_ADDRESS or starts a local cluster.
+    ray_address: Optional[str] = MISSING
+    # Peak TFLOP/s per GPU for MFU; null looks the GPU up by name (H100/H200 bf16: 989).
+    peak_tflops: Optional[float] = MISSING
+
+
+def worker_counts(run: RunConfig) -> range:
+    """Every worker count the run may train with: run.num_workers, or min_workers..num_workers when elastic."""
+    return range(run.min_workers if run.min_workers is not None else run.num_workers, run.num_workers + 1)
+
+
+def check_run(run: RunConfig) -> None:
+    """The `run` rules a schema cannot express; raises ConfigError naming the first bad key."""
+    require(run.num_workers >= 1, "run.num_workers", run.num_workers, "expected at least 1")
+    require(
+        run.min_workers is None or 1 <= run.min_workers <= run.num_workers,
+        "run.min_workers", run.min_workers, f"expected null or 1 to run.num_workers={run.num_workers}",
+    )
+    require(run.micro_batch_size >= 1, "run.micro_batch_size", run.micro_batch_size, "expected at least 1")
+    for workers in worker_counts(run):
+        per_step = workers * run.micro_batch_size
+        require(
+            run.global_batch_size % per_step == 0 and run.global_batch_size >= per_step,
+            "run.global_batch_size", run.global_batch_size,
+            f"expected a multiple of run.num_workers × run.micro_batch_size = {workers} × {run.micro_batch_size} = {per_step}"
+            + (" (every worker count from run.min_workers up trains the same global batch)" if run.min_workers is not None else ""),
+        )
+    require(run.gpus_per_worker >= 0, "run.gpus_per_worker", run.gpus_per_worker, "expected 0 or more")
+    require(
+        run.cpus_per_worker is None or run.cpus_per_worker > 0,
+        "run.cpus_per_worker", run.cpus_per_worker, "expected a positive number or null (sized automatically)",
+    )
+    require(run.max_steps >= 1, "run.max_steps", run.max_steps, "expected at least 1")
+    for key in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "init_timeout_s",
+                "resource_wait_s", "shuffle_window", "prefetch_steps"):
+        value = getattr(run, key)
+        require(value >= 1, f"run.{key}", value, "expected at least 1")
+    require(run.eval_rows is None or run.eval_rows >= 1, "run.eval_rows", run.eval_rows, "expected at least 1, or null (the whole validation split)")
+    require(run.precision in PRECISIONS, "run.precision", run.precision, f"expected one of {PRECISIONS}")
+    require(
+        run.gpus_per_worker > 0 or run.precision in ("auto", "fp32"),
+        "run.precision", run.precision, "half precision needs GPUs (run.gpus_per_worker>0); use fp32 or auto on CPU",
+    )
+    require(run.max_failures >= -1, "run.max_failures", run.max_failures, "expected -1 (forever) or more")
+
+
+def check_deepspeed(ds: DeepSpeedConfig) -> None:
+    require(ds.stage in (0, 1, 2, 3), "deepspeed.stage", ds.stage, "expected 0, 1, 2 or 3")
+    require(
+        not ds.offload_optimizer or ds.stage >= 1,
+        "deepspeed.offload_optimizer", ds.offload_optimizer, "optimizer offload needs deepspeed.stage >= 1",
+    )
+    require(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", ds.offload_param, "parameter offload needs deepspeed.stage=3")
+
+
+def check_optim(optim: OptimConfig, max_steps: int) -> None:
+    from framework.train.optim import OPTIMIZERS
+
+    require(optim.name in OPTIMIZERS, "optim.name", optim.name, f"expected one of {tuple(OPTIMIZERS)}")
+    require(optim.lr > 0, "optim.lr", optim.lr, "expected a positive learning rate")
+    require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", optim.min_lr_ratio, "expected a value in [0, 1]")
+    require(
+        0 <= optim.warmup_steps < max_steps,
+        "optim.warmup_steps", optim.warmup_steps, f"expected 0 <= warmup_steps < run.max_steps={max_steps}",
+    )
+    require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "expected 0 or more")
+    for key in ("beta1", "beta2"):
+        require(0 <= getattr(optim, key) < 1, f"optim.{key}", getattr(optim, key), "expected a value in [0, 1)")
+    require(optim.eps > 0, "optim.eps", optim.eps, "expected a positive number")
+    require(optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip, "expected 0 (off) or a positive norm")

@@ -1,0 +1,190 @@
+"""Config → one plan, made once in the driver before any cluster work: everything a training run reads.
+
+`make_plan` validates the config, reads the manifest, builds the transformers config from the shards'
+tokenizer, draws the evaluation rows and finds the checkpoint to resume (checking it against the
+config and the shards), each exactly once; the TorchTrainer, every worker and a sweep's trials read
+the plan and nothing else. `size_workers` places the workers on the cluster's nodes once connected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from framework import storage
+from framework.config import ConfigError, absolute
+from framework.data.sampler import evaluation_rows
+from framework.data.shards import read_manifest
+from framework.schema import Config, validate
+from framework.train import checkpoint
+from framework.train.checkpoint import TrainState
+from framework.train.config import RunConfig
+
+
+@dataclass
+class TrainPlan:
+    config: Config  # validated, local paths absolute
+    manifest: Dict[str, Any]
+    model_config: Any  # the transformers config, sized to the shards' tokenizer
+    eval_rows: np.ndarray  # validation rows every evaluation measures (framework/data/sampler.py)
+    run_dir: str  # <run.storage_path>/<run.name>: checkpoints, and logs/ when storage is local
+    log_dir: str  # TensorBoard events and metrics.jsonl
+    resume_from: Optional[str]  # the latest complete checkpoint, resumed by a re-run of the same name
+    resume_state: Optional[TrainState]
+
+    @property
+    def data_dir(self) -> str:
+        return self.config.data.output_dir
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return storage.join(self.data_dir, self.manifest["tokenizer"])
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute local paths: Ray workers do not run in the driver's directory."""
+    run = replace(cfg.run, storage_path=absolute(cfg.run.storage_path))
+    data = replace(cfg.data, output_dir=absolute(cfg.data.output_dir))
+    model = replace(cfg.model, pretrained_path=absolute(cfg.model.pretrained_path) if cfg.model.pretrained_path else None)
+    return replace(cfg, run=run, data=data, model=model)
+
+
+def check_shards(cfg: Config, manifest: Dict[str, Any]) -> None:
+    """The shards must match the config, hold a global batch, and hold the evaluation set asked for."""
+    run, data = cfg.run, cfg.data
+    if manifest["seq_len"] != data.seq_len:
+        raise ConfigError(
+            f"data.seq_len={data.seq_len}: the shards in {data.output_dir} were packed with "
+            f"seq_len={manifest['seq_len']}; re-run prep or set data.seq_len={manifest['seq_len']}"
+        )
+    train_rows, val_rows = (manifest["splits"][s]["rows"] for s in ("train", "validation"))
+    if train_rows < run.global_batch_size:
+        raise ConfigError(f"run.global_batch_size={run.global_batch_size}: the train split of {data.output_dir} has only {train_rows} rows")
+    if run.eval_rows is not None and run.eval_rows > val_rows:
+        raise ConfigError(
+            f"run.eval_rows={run.eval_rows}: the validation split of {data.output_dir} holds {val_rows} rows; "
+            f"ask for at most {val_rows}, or null for all of them"
+        )
+
+
+def model_config_for(cfg: Config, manifest: Dict[str, Any]) -> Any:
+    """The transformers config of the model, sized to the shards' tokenizer (vocabulary, special tokens)."""
+    from transformers import AutoTokenizer
+
+    from framework.model import hf_config, special_token_ids
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(storage.join(cfg.data.output_dir, manifest["tokenizer"]), tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    config = hf_config(cfg.model, manifest["vocab_size"], special_token_ids(tokenizer))
+    if config.vocab_size < manifest["vocab_size"]:
+        # A pretrained model keeps its own embeddings: token ids past them would fail inside the workers.
+        raise ConfigError(
+            f"model.pretrained_path={cfg.model.pretrained_path}: the model embeds {config.vocab_size} tokens but the "
+            f"shards in {cfg.data.output_dir} use a {manifest['vocab_size']}-token tokenizer; prepare them with "
+            f"data.tokenizer.path={cfg.model.pretrained_path}"
+        )
+    return config
+
+
+def check_resume(cfg: Config, manifest: Dict[str, Any], run_dir: str) -> tuple[Optional[str], Optional[TrainState]]:
+    """The checkpoint a run of this name resumes, and its state; refuses one trained with other settings or other shards."""
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:
+        return None, None
+    name = latest.rsplit("/", 1)[-1]
+    conflicts = checkpoint.resume_conflicts(checkpoint.read_config(latest), cfg)
+    if conflicts:
+        key, saved, now = conflicts[0]
+        raise ConfigError(
+            f"{key}={now}: run {cfg.run.name} resumes {name}, trained with {key}={saved}; keep the run's settings or start a new run.name"
+        )
+    state = checkpoint.read_state(latest)
+    if state.data_fingerprint != manifest["fingerprint"]:
+        raise ConfigError(
+            f"data.output_dir={cfg.data.output_dir}: run {cfg.run.name} resumes {name}, trained on other shards "
+            f"(fingerprint {state.data_fingerprint[:12]}, these are {manifest['fingerprint'][:12]}: prep ran again, or other "
+            f"sources or tokenizer); point data.output_dir at the shards it trained on, or start a new run.name"
+        )
+    return latest, state
+
+
+def log_dir(cfg: Config) -> str:
+    """TensorBoard and metrics.jsonl live beside the run's checkpoints when storage is local."""
+    if "://" in cfg.run.storage_path:
+        return absolute(os.path.join("outputs", "logs", cfg.run.name))
+    return os.path.join(cfg.run.storage_path, cfg.run.name, "logs")
+
+
+def make_plan(cfg: Config) -> TrainPlan:
+    """Everything a training run of `cfg` needs, read and checked once; raises ConfigError before any cluster work."""
+    cfg = resolve_paths(validate(cfg))
+    manifest = read_manifest(cfg.data.output_dir)
+    check_shards(cfg, manifest)
+    model_config = model_config_for(cfg, manifest)
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    resume_from, resume_state = check_resume(cfg, manifest, run_dir)
+    rows = evaluation_rows(manifest["splits"]["validation"]["rows"], cfg.run.eval_rows, manifest["seed"])
+    return TrainPlan(cfg, manifest, model_config, rows, run_dir, log_dir(cfg), resume_from, resume_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placing the workers
+
+def node_resources() -> List[Dict[str, float]]:
+    """CPUs and GPUs of every alive node of the connected cluster."""
+    import ray
+
+    return [
+        {"CPU": float(n["Resources"].get("CPU", 0.0)), "GPU": float(n["Resources"].get("GPU", 0.0)), "name": n.get("NodeManagerAddress", "?")}
+        for n in ray.nodes() if n.get("Alive")
+    ]
+
+
+def _fit(nodes: Sequence[Dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many workers of `cpus` CPUs and `gpus` GPUs the nodes hold, node by node (a worker cannot span nodes)."""
+    total = 0
+    for node in nodes:
+        by_cpu = math.floor(node["CPU"] / cpus + 1e-9) if cpus > 0 else math.inf
+        by_gpu = math.floor(node["GPU"] / gpus + 1e-9) if gpus > 0 else math.inf
+        total += min(by_cpu, by_gpu) if not (by_cpu == by_gpu == math.inf) else 0
+    return int(total)
+
+
+def size_workers(run: RunConfig, nodes: Sequence[Dict[str, float]], trials: int = 1, key: str = "run.num_workers") -> Dict[str, float]:
+    """Resources per Train worker so that `trials` runs of run.num_workers workers fit the nodes; else one line with the numbers.
+
+    With run.cpus_per_worker null a CPU worker takes at most one CPU (torch threads past that buy
+    little on CPU), less when that is what fits; a GPU worker takes 1 to 8 of the CPUs beside its GPU.
+    Workers read their own data (framework/data/stream.py), so nothing else needs CPUs.
+    """
+    workers = trials * (run.min_workers if run.min_workers is not None else run.num_workers)
+    gpus = float(run.gpus_per_worker)
+    per_worker = run.cpus_per_worker
+    if per_worker is None:
+        if gpus:
+            shares = [n["CPU"] / math.floor(n["GPU"] / gpus) for n in nodes if n["GPU"] >= gpus]
+            per_worker = float(max(1, min(8, math.floor(min(shares))))) if shares else 1.0
+        else:
+            # The largest share of a CPU (at most 1, in Ray's 1e-4 steps) at which the workers fit node by node.
+            options = [min(1.0, math.floor(n["CPU"] / k * 1e4) / 1e4) for n in nodes for k in range(1, workers + 1) if n["CPU"] > 0]
+            fitting = [x for x in options if x > 0 and _fit(nodes, x, 0) >= workers]
+            per_worker = max(fitting) if fitting else 1.0
+    fits = _fit(nodes, per_worker, gpus)
+    if fits < workers:
+        each = f"{per_worker:g} CPUs" + (f" + {gpus:g} GPUs" if gpus else "")
+        layout = ", ".join(f"{n['name']}: {n['CPU']:g} CPUs" + (f"/{n['GPU']:g} GPUs" if gpus else "") for n in nodes) or "no alive nodes"
+        count = f"{trials} trials × {workers // trials}" if trials > 1 else f"{workers}"
+        raise ConfigError(
+            f"{key}={run.num_workers if trials == 1 else trials}: {count} workers × {each} do not fit the cluster's nodes "
+            f"({layout}): at most {fits} fit; lower {key}, run.num_workers or run.cpus_per_worker"
+        )
+    resources = {"CPU": per_worker}
+    if gpus:
+        resources["GPU"] = gpus
+    return resources
