@@ -42,15 +42,19 @@ def register(name: str, schema: type) -> None:
 
 
 def typed(schema: type, node: Any, group: str, example: str = "VALUE") -> Any:
-    """`node` (a DictConfig or dict) typed as a `schema` instance; OmegaConf's errors become one ConfigError line naming `<group>.<key>`."""
+    """`node` (a DictConfig or dict) typed as a `schema` instance; OmegaConf's errors become one ConfigError line naming `<group>.<key>`.
+
+    `group` is the node's place in its config ("" for a root): it prefixes the keys errors name.
+    """
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    prefix = f"{group}." if group else ""
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except MissingMandatoryValue as exc:
-        raise ConfigError(f"{group}.{exc.full_key}: missing; expected e.g. {group}.{exc.full_key}={example}") from None
+        raise ConfigError(f"{prefix}{exc.full_key}: missing; expected e.g. {prefix}{exc.full_key}={example}") from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{group}.{one_line(exc)}") from None
+        raise ConfigError(f"{prefix}{one_line(exc)}") from None
 
 
 def require(ok: bool, key: str, value: Any, expected: str) -> None:

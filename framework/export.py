@@ -52,11 +52,11 @@ class ExportConfig:
     # A checkpoint directory, a run directory (its latest checkpoint), or a run name under `runs_dir`.
     checkpoint: str = MISSING
     # The Hugging Face folder to write (replaced if it holds an earlier export); null: outputs/export/<run>.
-    output_dir: Optional[str] = None
-    runs_dir: str = "outputs/runs"
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: the weights' dtype in the folder
+    output_dir: Optional[str] = MISSING
+    runs_dir: Optional[str] = MISSING
+    dtype: str = MISSING  # fp32 | bf16 | fp16: the weights' dtype in the folder
     # Largest safetensors file; bigger models are split into shards with an index.
-    max_shard_size: str = "5GB"
+    max_shard_size: str = MISSING
 
 
 @dataclass
@@ -76,11 +76,12 @@ def to_export_config(cfg: DictConfig | Dict[str, Any]) -> ExportConfig:
     return typed(ExportConfig, cfg["export"] if "export" in cfg else cfg, "export", example="outputs/runs/RUN")
 
 
-def resolve_checkpoint(value: str, runs_dir: str = "outputs/runs") -> str:
-    """The checkpoint directory `value` names: itself, a run directory's latest checkpoint, or a run name's."""
+def resolve_checkpoint(value: str, runs_dir: Optional[str] = None) -> str:
+    """The checkpoint directory `value` names: itself, a run directory's latest checkpoint, or (with `runs_dir`) a run name's."""
     key = "export.checkpoint"
     require("://" not in value, key, value, "expected a local directory; copy the checkpoint from storage first")
-    candidates = [value] if os.path.isabs(value) or os.path.isdir(value) else [value, os.path.join(runs_dir, value)]
+    by_name = runs_dir is not None and not (os.path.isabs(value) or os.path.isdir(value))
+    candidates = [value, os.path.join(runs_dir, value)] if by_name else [value]
     path = next((c for c in candidates if os.path.isdir(c)), None)
     nor_run = "" if len(candidates) == 1 else f", nor a run of that name in export.runs_dir={runs_dir}"
     require(path is not None, key, value, f"no such directory{nor_run}")
@@ -330,7 +331,7 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: str = "fp3
     the written folder does not reproduce the checkpoint's logits; `output_dir` is then left untouched.
     """
     checkpoint_dir, output_dir = validate_export(
-        ExportConfig(checkpoint=checkpoint_dir, output_dir=output_dir, dtype=dtype, max_shard_size=max_shard_size)
+        ExportConfig(checkpoint=checkpoint_dir, output_dir=output_dir, runs_dir=None, dtype=dtype, max_shard_size=max_shard_size)
     )
     torch_dtype = DTYPES[dtype]
     model = reference_model(checkpoint_dir, torch_dtype)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from framework.config import compose, optional_group, register
+from framework.config import compose, optional_group, register, typed
 from framework.data.config import DataConfig, check_data
 from framework.model import ModelConfig, check_model
 from framework.train.config import DeepSpeedConfig, OptimConfig, RunConfig, check_deepspeed, check_optim, check_run
@@ -49,12 +49,7 @@ def validate(cfg: Config) -> Config:
 
 def to_config(cfg: DictConfig) -> Config:
     """A composed DictConfig as the typed, validated Config (the `tune` node checked by the sweep, not here)."""
-    return validate(OmegaConf.to_object(cfg) if OmegaConf.get_type(cfg) is Config else _typed(cfg))
-
-
-def _typed(cfg: DictConfig) -> Config:
-    node = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    return OmegaConf.to_object(node)
+    return validate(typed(Config, cfg, ""))
 
 
 def load_config(overrides: Sequence[str] | None = None) -> Config:

@@ -7,7 +7,9 @@ from omegaconf import DictConfig
 from framework.config import ConfigError, hydra_entry
 
 # bench.name → the module whose `run(cfg)` (and optional `check(cfg)`) implements it.
-BENCHMARKS = {"serve": "framework.serve.bench", "train": "framework.train.bench", "tune": "framework.tune.bench"}
+BENCHMARKS = {
+    "data": "framework.data.bench", "serve": "framework.serve.bench", "train": "framework.train.bench", "tune": "framework.tune.bench",
+}
 
 
 def _module(cfg: DictConfig):  # noqa: ANN202 - a module

@@ -101,6 +101,40 @@ def trained_checkpoints(trained_runs) -> Dict[int, str]:
     return {stage: latest_checkpoint(path) for stage, path in trained_runs.items()}
 
 
+@pytest.fixture(scope="session")
+def bare_runs(prepared_data, run_storage, ray_session) -> Dict[int, str]:
+    """The same 20-step run on one worker without Ray Train (the loop on a bare session, in a Ray task
+    so that its process group stays apart from this process), under ZeRO-1 and ZeRO-3."""
+    from framework.schema import load_config
+
+    return {
+        stage: train_bare(ray_session, load_config(run_overrides(
+            prepared_data, run_storage, f"bare-zero{stage}", deepspeed=f"zero{stage}", **{"run.num_workers": 1})))[0]
+        for stage in (1, 3)
+    }
+
+
+def train_bare(ray, cfg) -> tuple:
+    """(run directory, reports) of `cfg` trained by the loop on a bare session, in a Ray task of one CPU
+    (its own process: the process group and environment a bare session sets up stay out of this one)."""
+    from framework.train.trainer import run_bare
+
+    def task(c):
+        plan, reports = run_bare(c)
+        return plan.run_dir, reports
+
+    return ray.get(ray.remote(task).options(num_cpus=1).remote(cfg))
+
+
+@pytest.fixture(scope="session")
+def exports(trained_checkpoints, tmp_path_factory) -> Dict[int, str]:
+    """Each ZeRO stage's final checkpoint exported once, as a verified Hugging Face folder."""
+    from framework.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("export")
+    return {stage: export_checkpoint(path, str(root / f"tiny-zero{stage}")) for stage, path in trained_checkpoints.items()}
+
+
 def launch(script: str, *args: str, env: Dict[str, str] | None = None, timeout: float = 600):
     """Run `python launch/<script> args...` as a user would, from the project root."""
     import subprocess

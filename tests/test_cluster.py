@@ -25,14 +25,16 @@ from typing import Dict, List, Optional
 
 import pytest
 import requests
-from conftest import SMALL_CORPUS, run_overrides
+from conftest import SMALL_CORPUS, VAL_FRACTION, run_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SUBMIT = [PYTHON, str(ROOT / "launch" / "submit.py")]
 
 # Logical CPUs per node and per Train worker: two workers of 3 CPUs fit neither node together, so
-# they spread one per node, and the head keeps 2 CPUs for Ray Data's read tasks.
+# they spread one per node (the head's other 2 CPUs run prep's tasks and the preflight).
 HEAD_CPUS, WORKER_CPUS, CPUS_PER_TRAIN_WORKER = 5, 3, 3
 
 
@@ -253,6 +255,7 @@ def prep_overrides(shared: Path) -> List[str]:
         f"data.sources.0.path='{SMALL_CORPUS}'",
         "data.tokenizer.vocab_size=1024",
         "data.seq_len=64",
+        f"data.val_fraction={VAL_FRACTION}",
         f"data.output_dir={shared}/data/small",
     ]
 
@@ -267,7 +270,7 @@ def train_overrides(shared: Path, name: str, max_steps: int, **extra: object) ->
             "run.log_interval": 2,
             "run.eval_interval": 100000,
             "run.checkpoint_interval": 100000,
-            "run.eval_batches": 1,
+            "run.eval_rows": 64,
             **extra,
         },
     )

@@ -1,8 +1,10 @@
-"""Training the tiny model with 2 Ray Train workers under DeepSpeed ZeRO 1, 2 and 3; resume after a kill."""
+"""Training the tiny model with 2 Ray Train workers under DeepSpeed ZeRO 1, 2 and 3: the same rows and losses
+on any worker count, resume on another worker count, after a kill, and the checks before any cluster work."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_overrides
+from conftest import ROOT, launch, run_overrides, train_bare
+from framework.config import ConfigError
+from framework.schema import load_config
+
+pytestmark = pytest.mark.slow
+
+# Worker counts change only how floating-point sums are grouped: the all-reduce of 2 workers' gradients
+# against 1 worker's accumulation, and 2 micro-batch sums per step against 4. Each regrouping moves an
+# fp32 result by ~1e-7 relative; over 20 Adam steps that compounds to ~1e-6 on the losses. 1e-5 leaves
+# room while a real difference (a row trained twice or skipped, a wrong LR step) moves losses by >1e-3.
+WORKER_COUNT_RTOL = 1e-5
 
 
 def _losses(run_dir):
@@ -69,14 +81,16 @@ def test_zero_stages_give_the_same_losses(trained_runs):
 
 
 def test_checkpoints_hold_every_rank_and_the_run_state(trained_checkpoints):
-    from framework.train.checkpoint import read_job_config, read_state
+    from framework.train.checkpoint import read_config, read_state
 
     z3 = trained_checkpoints[3]
     files = os.listdir(os.path.join(z3, "deepspeed"))
     assert {f for f in files if f.startswith("zero_pp_rank_") and "optim" in f} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     }
-    assert read_state(z3).step == 20 and read_job_config(z3).deepspeed.stage == 3
+    state = read_state(z3)
+    assert (state.step, state.rows, state.world_size, read_config(z3).deepspeed.stage) == (20, 20 * 8, 2, 3)
+    assert len(state.data_fingerprint) == 64
     assert os.path.isfile(os.path.join(z3, "tokenizer", "tokenizer.json"))
     assert os.path.isfile(os.path.join(z3, "hf_config", "config.json"))
     # keep_checkpoints=2: steps 10 and 20 are kept
@@ -91,6 +105,70 @@ def test_zero3_shards_consolidate_to_the_zero1_weights(trained_checkpoints):
     assert w1.keys() == w3.keys()
     for name in w1:
         torch.testing.assert_close(w3[name], w1[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_one_and_two_workers_train_on_the_same_rows_to_the_same_losses(trained_runs, bare_runs):
+    """The rows of a step are a function of the seed and the step alone; each worker takes its slice."""
+    two, steps = _losses(trained_runs[1])
+    one, one_steps = _losses(bare_runs[1])
+    assert one_steps == steps == list(range(1, 21))
+    np.testing.assert_allclose(one, two, rtol=WORKER_COUNT_RTOL)
+    three_two, _ = _losses(trained_runs[3])
+    three_one, _ = _losses(bare_runs[3])
+    np.testing.assert_allclose(three_one, three_two, rtol=WORKER_COUNT_RTOL)
+
+
+def _copy_until(run_dir: str, step: int, target: str) -> None:
+    """A run directory as a run killed after its checkpoint at `step` left it (nothing of later steps)."""
+    os.makedirs(os.path.join(target, "logs"))
+    name = f"checkpoint_{step:08d}"
+    shutil.copytree(os.path.join(run_dir, name), os.path.join(target, name))
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f, open(os.path.join(target, "logs", "metrics.jsonl"), "w") as out:
+        out.writelines(line for line in f if json.loads(line)["step"] <= step)
+
+
+@pytest.mark.parametrize("stage, direction", [(1, "2→1"), (3, "2→1"), (1, "1→2"), (3, "1→2")])
+def test_a_run_killed_after_its_first_checkpoint_resumes_on_another_worker_count(
+    prepared_data, run_storage, trained_runs, bare_runs, ray_session, stage, direction
+):
+    """It continues the same sample sequence, and its optimizer state (DeepSpeed's universal checkpoint), to
+    the losses and weights of the run never interrupted."""
+    from framework.train.checkpoint import latest_checkpoint, read_state
+    from framework.train.trainer import run
+
+    name = f"elastic-zero{stage}-{'to1' if direction == '2→1' else 'to2'}"
+    source, workers = (trained_runs[stage], 1) if direction == "2→1" else (bare_runs[stage], 2)
+    _copy_until(source, 10, os.path.join(run_storage, name))
+    cfg = load_config(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}", **{"run.num_workers": workers}))
+    if workers == 1:
+        train_bare(ray_session, cfg)
+    else:
+        run(cfg)
+    resumed = os.path.join(run_storage, name)
+    assert read_state(latest_checkpoint(resumed)).world_size == workers
+    losses, steps = _losses(resumed)
+    reference, _ = _losses(source)
+    assert steps == list(range(1, 21))
+    np.testing.assert_allclose(losses[10:], reference[10:], rtol=WORKER_COUNT_RTOL)
+    got, want = _weights(latest_checkpoint(resumed)), _weights(latest_checkpoint(source))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_one_checkpoint_gives_one_validation_loss_on_any_worker_count_and_micro_batch(
+    prepared_data, run_storage, trained_runs, ray_session
+):
+    """A finished run run again evaluates its final checkpoint: 2 workers × micro-batch 2 (as trained), 2 × 4 and 1 × 4
+    (no Ray Train) measure the same mean over the same rows, to float summation order."""
+    from framework.train.trainer import run
+
+    logged = [r for r in map(json.loads, open(os.path.join(trained_runs[1], "logs", "metrics.jsonl"))) if "val/loss" in r][-1]["val/loss"]
+    overrides = run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero1", **{"run.micro_batch_size": 4})
+    two = run(load_config(overrides)).metrics
+    _, reports = train_bare(ray_session, load_config(overrides + ["run.num_workers=1"]))
+    assert two["step"] == reports[-1]["step"] == 20
+    assert two["val_loss"] == pytest.approx(logged, rel=1e-6, abs=0)
+    assert reports[-1]["val_loss"] == pytest.approx(logged, rel=1e-6, abs=0)
 
 
 def _wait_past_first_checkpoint(proc: subprocess.Popen, run_dir: str, timeout_s: float = 300) -> None:
@@ -117,14 +195,19 @@ def test_a_dead_worker_and_an_interrupted_driver_both_resume_on_the_same_curve(p
     args = [sys.executable, str(ROOT / "launch" / "train.py"), *overrides]
     run_dir = os.path.join(run_storage, name)
 
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as a Ctrl-C would send it; the child must not inherit an ignored SIGINT from a background shell.
+    # Ray folds log lines that differ only in numbers (rank 0's and rank 1's) unless told not to.
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output: list = []
     threading.Thread(target=lambda: [output.append(line) for line in first.stdout], daemon=True).start()
     try:
         _wait_past_first_checkpoint(first, run_dir)
-        workers = subprocess.run(["pgrep", "-f", "^ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
-        assert len(workers) == 2, workers
-        os.kill(int(workers[-1]), signal.SIGKILL)
+        # Every worker names its process as it starts (`rank 1 of 2: pid N`): the handle to kill rank 1 by.
+        pids = [int(m.group(1)) for line in list(output) if (m := re.search(r"rank 1 of 2: pid (\d+)", line))]
+        assert len(pids) == 1, "".join(output)[-3000:]
+        os.kill(pids[0], signal.SIGKILL)
         # The restarted worker group resumes from checkpoint 10 and trains past it again.
         deadline = time.time() + 300
         while not _trained_on_after_resuming(output):
@@ -161,42 +244,65 @@ def _trained_on_after_resuming(output: list) -> bool:
     return resumed is not None and any(re.search(r"step 1[1-9]/20", line) for line in lines[resumed:])
 
 
-def test_budget_that_cannot_fit_fails_with_the_numbers(prepared_data, run_storage, ray_session):
-    from framework.config import ConfigError, load_job_config
+def test_workers_that_cannot_fit_the_nodes_fail_before_training_with_the_numbers(prepared_data, run_storage, ray_session):
     from framework.train.trainer import run
 
-    with pytest.raises(ConfigError, match=r"run.num_workers=2: 2 workers × 1 CPUs .* do not fit the cluster's 2 CPUs"):
-        run(load_job_config(run_overrides(prepared_data, run_storage, "too-big", **{"run.cpus_per_worker": 1})))
+    with pytest.raises(ConfigError, match=r"^run.num_workers=3: 3 workers × 1 CPUs do not fit the cluster's nodes \(.*: 2 CPUs\): at most 2 fit"):
+        run(load_config(run_overrides(prepared_data, run_storage, "too-big", **{"run.num_workers": 3, "run.cpus_per_worker": 1,
+                                                                                "run.global_batch_size": 12})))
+
+
+def test_setting_cpus_aside_for_reads_is_refused_by_name_since_workers_read_their_own_rows():
+    result = launch("train.py", "run.data_cpus=0.5", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["ConfigError: run.data_cpus: Key 'data_cpus' not in 'RunConfig'"]
 
 
 def test_rerunning_a_run_name_with_other_settings_fails_before_ray(prepared_data, run_storage, trained_runs, tmp_path):
-    """zero1 has checkpoints; resuming it with another data.seq_len would not fit them: one line, no cluster."""
-    from conftest import launch
-
+    """zero1 has checkpoints; resuming them under ZeRO-2 would not fit their optimizer state: one line, no cluster."""
     ray_tmp = tmp_path / "ray"
     ray_tmp.mkdir()
-    overrides = run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero1", **{"run.num_workers": 1})
+    overrides = run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero2")
     result = launch("train.py", *overrides, env={"RAY_TMPDIR": str(ray_tmp)}, timeout=180)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ConfigError: run.num_workers=1: run zero1 resumes checkpoint_00000020"), result.stderr
-    assert "run.num_workers=2" in lines[0]
+    assert lines == [
+        "ConfigError: deepspeed.stage=2: run zero1 resumes checkpoint_00000020, trained with deepspeed.stage=1; "
+        "keep the run's settings or start a new run.name"
+    ], result.stderr
     assert list(ray_tmp.iterdir()) == [], "a Ray session was started for a run that cannot resume"
 
 
-def test_fine_tuning_starts_from_the_local_hugging_face_model(prepared_data, run_storage, trained_runs, trained_checkpoints, tmp_path):
+def test_reprepared_shards_are_refused_and_the_same_shards_elsewhere_resume(prepared_data, run_storage, trained_runs, tmp_path, ray_session):
+    """A run's checkpoints record the shards' fingerprint (tokenizer and every shard's content, not their path)."""
+    from conftest import prep_overrides
+    from framework.data.prepare import run as prepare
+    from framework.train.plan import make_plan
+
+    moved = tmp_path / "mounted-elsewhere"
+    shutil.copytree(prepared_data, moved)
+    plan = make_plan(load_config(run_overrides(str(moved), run_storage, "zero1", deepspeed="zero1")))
+    assert plan.resume_from.endswith("checkpoint_00000020") and plan.resume_state.step == 20
+
+    again = tmp_path / "again"
+    prepare(load_config(prep_overrides(str(again)) + ["data.tokenizer.vocab_size=1000"]))
+    result = launch("train.py", *run_overrides(str(again), run_storage, "zero1", deepspeed="zero1"), timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"ConfigError: data.output_dir={again}: run zero1 resumes checkpoint_00000020, trained on other shards")
+
+
+def test_fine_tuning_starts_from_the_local_hugging_face_model(prepared_data, run_storage, trained_runs, exports):
     """model=hf-local trains the folder's own weights: with a learning rate too small to move them, its
     validation loss is the one the exported run measured last on the same evaluation rows."""
-    from framework.config import load_job_config
-    from framework.export import export_checkpoint
     from framework.train.trainer import run
 
-    folder = export_checkpoint(trained_checkpoints[1], str(tmp_path / "hf"))
+    folder = exports[1]
     overrides = {
         "model": "hf-local", "model.pretrained_path": folder, "optim.lr": 1e-9, "optim.warmup_steps": 0,
         "run.max_steps": 2, "run.eval_interval": 2, "run.checkpoint_interval": 2,
     }
-    run(load_job_config(run_overrides(prepared_data, run_storage, "fine-tune", **overrides)))
+    run(load_config(run_overrides(prepared_data, run_storage, "fine-tune", **overrides)))
 
     def last_val_loss(run_dir):
         with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f:

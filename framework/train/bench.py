@@ -1,18 +1,17 @@
-"""Training throughput: the framework's tokens/s and MFU per ZeRO stage against a bare PyTorch loop on
-the same model, in one run: `python launch/bench.py bench=train` (CPU) or `bench=train-gpu` (llama-125m,
-sequence 1024, bf16, one GPU).
+"""Training throughput: the framework's tokens/s and MFU per ZeRO stage against the same loop without Ray, in one run:
+`python launch/bench.py bench=train` (CPU) or `bench=train-gpu` (llama-125m, sequence 1024, bf16, one GPU).
 
 For each stage in `bench.stages` the training job (`bench.overrides` + `deepspeed=zero<stage>`) runs
-as a fresh Ray Train + DeepSpeed run; its figures come from the run's own metrics.jsonl, over the log
-intervals after `bench.warmup_steps` (start-up, compilation and allocator warm-up excluded, as are
-evaluation and checkpoint time, which the loop keeps out of its interval timers).
-
-The baseline is the same model, built by the same code, trained by a plain PyTorch loop in one Ray
-task holding one Train worker's resources: `torch.optim.AdamW` (fused on GPU), bf16 autocast where the
-job trains in bf16, the same micro-batch, accumulation and clipping, on random token batches already
-on the device (so it pays for no data loading at all). `ratio` = framework tokens/s ÷ baseline tokens/s
-per worker. MFU is 6·N + 12·L·d·T FLOPs per token against the GPU's peak (`framework/model.py`).
-If the shards the job names are missing, they are prepared first (`framework/data/prepare.py`).
+twice on identical code: as a Ray Train run (TorchTrainer, Ray's worker and process group, the run's
+checkpoints through Ray Train's storage), and as the same per-worker loop on a bare session
+(`framework.train.session.LocalSession`: one process, no Ray Train) inside one Ray task holding one
+Train worker's resources. Both read their batches through the same data path. Figures come from each
+run's own metrics.jsonl, over the log intervals after `bench.warmup_steps` (start-up and allocator
+warm-up excluded, as are evaluation and checkpoint time, which the loop keeps out of its interval
+timers). `ratio` = Ray Train run tokens/s per worker ÷ bare loop tokens/s: what Ray Train costs.
+MFU is 6·N + 12·L·d·T FLOPs per token against the GPU's peak (`framework/model.py`). `perf/data_wait`
+is the share of step time a worker waited for its next batch. If the shards the job names are
+missing, they are prepared first (`framework/data/prepare.py`).
 """
 
 from __future__ import annotations
@@ -21,40 +20,38 @@ import json
 import os
 import shutil
 import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
-from framework.config import ConfigError, JobConfig, absolute, load_job_config, typed
+from framework.config import ConfigError, absolute, typed
+from framework.schema import Config, load_config
 
 
 @dataclass
 class TrainBenchConfig:
-    name: str = "train"
-    stages: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    name: str = MISSING
+    stages: List[int] = MISSING
     # The training job (conf/config.yaml overrides); its run name and storage are the benchmark's.
-    overrides: List[str] = field(default_factory=list)
+    overrides: List[str] = MISSING
     # Log intervals ending at or before this step are left out of the figures.
-    warmup_steps: int = 10
-    # Also time the bare PyTorch loop on the same model.
-    baseline: bool = True
+    warmup_steps: int = MISSING
+    # Also run the same loop without Ray Train (the baseline of `ratio`).
+    baseline: bool = MISSING
     # CPUs of the local Ray cluster the benchmark starts; null: all of this machine's.
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = MISSING
     # Runs go here (cleared first); the figures go to `output`.
-    storage_path: str = "outputs/bench/train"
-    output: str = "outputs/bench/train.json"
+    storage_path: str = MISSING
+    output: str = MISSING
 
 
 def to_bench_config(cfg: DictConfig) -> TrainBenchConfig:
     return typed(TrainBenchConfig, cfg.bench, "bench")
 
 
-def stage_job(bench: TrainBenchConfig, stage: int) -> JobConfig:
-    return load_job_config([
-        *bench.overrides, f"deepspeed=zero{stage}", f"run.name=zero{stage}", f"run.storage_path={absolute(bench.storage_path)}",
-    ])
+def stage_config(bench: TrainBenchConfig, stage: int, name: str) -> Config:
+    return load_config([*bench.overrides, f"deepspeed=zero{stage}", f"run.name={name}", f"run.storage_path={absolute(bench.storage_path)}"])
 
 
 def check(cfg: DictConfig) -> None:
@@ -63,127 +60,82 @@ def check(cfg: DictConfig) -> None:
     if not bench.stages or any(s not in (0, 1, 2, 3) for s in bench.stages):
         raise ConfigError(f"bench.stages={bench.stages}: expected a non-empty list of ZeRO stages 0-3")
     try:
-        job = stage_job(bench, bench.stages[0])
+        job = stage_config(bench, bench.stages[0], "check")
     except ConfigError as exc:
         raise ConfigError(f"bench.overrides: {exc}") from None
     if not 0 <= bench.warmup_steps < job.run.max_steps:
         raise ConfigError(f"bench.warmup_steps={bench.warmup_steps}: expected 0 or more and fewer than run.max_steps={job.run.max_steps}")
     if job.run.log_interval > job.run.max_steps - bench.warmup_steps:
         raise ConfigError(f"bench.warmup_steps={bench.warmup_steps}: leaves no full log interval (run.log_interval={job.run.log_interval})")
+    if bench.baseline and job.run.num_workers != 1:
+        raise ConfigError(f"bench.overrides: run.num_workers={job.run.num_workers}: the bare baseline is one process; benchmark one worker")
 
 
 def steady_figures(metrics_jsonl: str, warmup_steps: int) -> Dict[str, Optional[float]]:
-    """Median tokens/s and MFU, and the peak memory, over the log intervals after `warmup_steps`."""
+    """Median tokens/s, MFU and data wait, and the peak memory, over the log intervals after `warmup_steps`."""
     with open(metrics_jsonl) as f:
         records = [r for r in map(json.loads, f) if "perf/tokens_per_s" in r and r["step"] > warmup_steps]
     mfu = [r["perf/mfu"] for r in records if "perf/mfu" in r]
     return {
         "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in records),
         "mfu": statistics.median(mfu) if mfu else None,
+        "data_wait": statistics.median(r["perf/data_wait"] for r in records),
         "peak_mem_gb": max(r["perf/peak_mem_gb"] for r in records),
         "intervals": len(records),
     }
 
 
-def bare_pytorch_loop(job: JobConfig, model_config: Any, warmup_steps: int) -> Dict[str, Optional[float]]:
-    """Tokens/s (and MFU) of a plain PyTorch training loop on one worker's share of the job's batch."""
-    import torch
+def bare_run(cfg: Config) -> str:
+    """The training loop on a bare session in this process (a Ray task); gives its metrics.jsonl."""
+    from framework.train.trainer import run_bare
 
-    from framework.model import build_model, flops_per_token, peak_tflops
-    from framework.train.loop import build_optimizer
-    from framework.train.metrics import peak_memory_gb
-
-    run = job.run
-    use_gpu = torch.cuda.is_available() and run.gpus_per_worker > 0
-    device = torch.device("cuda" if use_gpu else "cpu")
-    precision = run.precision if run.precision != "auto" else ("bf16" if use_gpu else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    model = build_model(job.model, model_config, run.seed).to(device).train()
-    optimizer = build_optimizer(model, job, fused=use_gpu)
-    accumulation = run.global_batch_size // (run.micro_batch_size * run.num_workers)
-    seq_len = job.data.seq_len
-    tokens_per_step = accumulation * run.micro_batch_size * seq_len  # one worker's share
-    generator = torch.Generator().manual_seed(run.seed)
-    batches = [torch.randint(0, model_config.vocab_size, (run.micro_batch_size, seq_len), generator=generator).to(device) for _ in range(accumulation)]
-
-    def step() -> None:
-        for batch in batches:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(input_ids=batch, labels=batch).loss / accumulation
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(warmup_steps):
-        step()
-    if use_gpu:
-        torch.cuda.synchronize()
-    measured = run.max_steps - warmup_steps
-    start = time.perf_counter()
-    for _ in range(measured):
-        step()
-    if use_gpu:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    tokens_per_s = measured * tokens_per_step / elapsed
-    peak = peak_tflops(run.peak_tflops) if use_gpu else None
-    return {
-        "tokens_per_s": tokens_per_s,
-        "mfu": flops_per_token(model, seq_len) * tokens_per_s / (peak * 1e12) if peak else None,
-        "peak_mem_gb": peak_memory_gb(),
-    }
+    plan, _ = run_bare(cfg)
+    return os.path.join(plan.log_dir, "metrics.jsonl")
 
 
-def ensure_shards(job: JobConfig) -> None:
+def ensure_shards(cfg: Config) -> None:
     from framework.data.prepare import run as prepare
 
-    if not os.path.exists(os.path.join(absolute(job.data.output_dir), "manifest.json")):
-        prepare(job)
+    if not os.path.exists(os.path.join(absolute(cfg.data.output_dir), "manifest.json")):
+        prepare(cfg)
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
-    from framework.data.shards import read_manifest
-    from framework.train.trainer import log_dir, model_config_for, resolve_paths, worker_resources
+    from framework.train.plan import log_dir, node_resources, size_workers
     from framework.train.trainer import run as train
 
     bench = to_bench_config(cfg)
     root = absolute(bench.storage_path)
     shutil.rmtree(root, ignore_errors=True)  # a leftover run of the same name would resume, not train
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
+    stages: Dict[str, Any] = {}
     try:
-        first = resolve_paths(stage_job(bench, bench.stages[0]))
+        first = stage_config(bench, bench.stages[0], "check")
         ensure_shards(first)
-        stages: Dict[str, Any] = {}
+        resources = size_workers(first.run, node_resources())
         for stage in bench.stages:
-            job = resolve_paths(stage_job(bench, stage))
+            job = stage_config(bench, stage, f"zero{stage}")
             train(job)
-            stages[f"zero{stage}"] = steady_figures(os.path.join(log_dir(job), "metrics.jsonl"), bench.warmup_steps)
-        baseline = None
-        if bench.baseline:
-            resources = worker_resources(first)
-            model_config = model_config_for(first, read_manifest(first.data.output_dir))
-            task = ray.remote(bare_pytorch_loop).options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0))
-            baseline = ray.get(task.remote(first, model_config, bench.warmup_steps))
+            figures = {"framework": steady_figures(os.path.join(log_dir(job), "metrics.jsonl"), bench.warmup_steps)}
+            if bench.baseline:
+                bare = replace(job, run=replace(job.run, name=f"bare-zero{stage}"))
+                task = ray.remote(bare_run).options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0))
+                figures["bare"] = steady_figures(ray.get(task.remote(bare)), bench.warmup_steps)
+                figures["ratio"] = round(figures["framework"]["tokens_per_s"] / figures["bare"]["tokens_per_s"], 3)
+            stages[f"zero{stage}"] = figures
     finally:
         ray.shutdown()
 
-    machine = gpu_name() or f"{os.cpu_count()}-core CPU"
-    for figures in stages.values():
-        per_worker = figures["tokens_per_s"] / first.run.num_workers
-        figures["ratio"] = round(per_worker / baseline["tokens_per_s"], 3) if baseline else None
     result = {
-        "machine": machine,
+        "machine": gpu_name() or f"{os.cpu_count()}-core CPU",
         "model": first.model.name,
         "seq_len": first.data.seq_len,
         "precision": first.run.precision,
-        "num_workers": first.run.num_workers,
         "global_batch_size": first.run.global_batch_size,
         "micro_batch_size": first.run.micro_batch_size,
         "stages": stages,
-        "baseline": baseline,
         "config": asdict(bench),
     }
     os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
@@ -206,13 +158,14 @@ def print_table(result: Dict[str, Any]) -> None:
     def pct(value: Optional[float]) -> str:
         return f"{100 * value:.1f}%" if value is not None else "—"
 
-    table = Table(title=f"bench train: {result['model']}, seq {result['seq_len']}, {result['num_workers']} worker(s), {result['machine']}")
-    for column in ("run", "tokens/s", "MFU", "peak mem GB", "÷ bare PyTorch per worker"):
+    table = Table(title=f"bench train: {result['model']}, seq {result['seq_len']}, one worker, {result['machine']}")
+    for column in ("run", "tokens/s", "MFU", "data wait", "peak mem GB", "Ray Train ÷ bare loop"):
         table.add_column(column, justify="right")
-    for name, f in result["stages"].items():
-        table.add_row(f"framework {name}", f"{f['tokens_per_s']:,.0f}", pct(f["mfu"]), f"{f['peak_mem_gb']:.2f}",
-                      f"×{f['ratio']:.2f}" if f["ratio"] is not None else "—")
-    if result["baseline"]:
-        b = result["baseline"]
-        table.add_row("bare PyTorch", f"{b['tokens_per_s']:,.0f}", pct(b["mfu"]), f"{b['peak_mem_gb']:.2f}", "×1.00")
+    for name, stage in result["stages"].items():
+        for side in ("framework", "bare"):
+            if side in stage:
+                f = stage[side]
+                ratio = f"×{stage['ratio']:.2f}" if side == "framework" and "ratio" in stage else ""
+                label = f"{name} Ray Train" if side == "framework" else f"{name} bare loop"
+                table.add_row(label, f"{f['tokens_per_s']:,.0f}", pct(f["mfu"]), pct(f["data_wait"]), f"{f['peak_mem_gb']:.2f}", ratio)
     Console().print(table)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import pyarrow.fs as pafs
+import torch
 from omegaconf import OmegaConf
 
 from framework import storage
@@ -80,6 +81,13 @@ def to_universal(directory: str, output: str) -> str:
 def load(engine: Any, directory: str) -> None:
     """Restore the engine (weights, optimizer, LR schedule) from a checkpoint folder: DeepSpeed's own, or one `to_universal` made."""
     engine.load_checkpoint(directory, tag=DEEPSPEED_TAG)
+    # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group one shared `step` tensor,
+    # which the optimizer then advances once per group each step (a wrong Adam bias correction from
+    # the second group on); each group gets its own counter back.
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def read_state(directory: str) -> TrainState:

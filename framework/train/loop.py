@@ -13,7 +13,6 @@ each micro-batch's summed token loss is divided by the step's target tokens over
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -26,13 +25,14 @@ import torch
 import torch.distributed as dist
 
 from framework.data.sampler import SampleOrder
-from framework.data.stream import ShardReader, TrainBatches, eval_batches, split_blocks, target_tokens
+from framework.data.stream import ShardReader, TrainBatches, split_blocks, target_tokens
+from framework.evaluate import loss_sums, metrics
 from framework.model import build_model, flops_per_token, peak_tflops, torch_dtype
 from framework.schema import Config
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
 from framework.train.metrics import MetricsLogger, peak_memory_gb, quiet_worker_logs, say
-from framework.train.optim import apply_optim_settings, build_lr_schedule, build_optimizer
+from framework.train.optim import apply_optim_settings, build_lr_schedule, build_optimizer, decay_flags
 from framework.train.plan import TrainPlan
 from framework.train.session import Session
 
@@ -94,6 +94,7 @@ def train(plan: TrainPlan, session: Session) -> None:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
         if restored:
+            decays = decay_flags(engine)
             source = restored
             if reshard:
                 source = universal_dir(plan, session.checkpoint_name() or restored)
@@ -104,7 +105,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                     say(f"rank {rank}: {state.world_size}-worker checkpoint converted for {world} workers in {time.perf_counter() - started:.1f}s")
                 dist.barrier()
             checkpoint.load(engine, source)
-            apply_optim_settings(engine, cfg.optim, run.max_steps, state.step)
+            apply_optim_settings(engine, cfg.optim, run.max_steps, state.step, decays)
             if reshard:
                 dist.barrier()
                 if session.local_rank == 0:
@@ -129,6 +130,16 @@ def train(plan: TrainPlan, session: Session) -> None:
     validation = ShardReader(plan.data_dir, manifest, "validation", cache_groups=4)
     # Without loss masks every step predicts the same number of tokens; with them, they are counted.
     fixed_targets = None if "loss_mask" in manifest["columns"] else float(run.global_batch_size * (seq_len - 1))
+
+    if state.step >= run.max_steps:
+        # Nothing left to train: the run's final checkpoint is evaluated (on this worker count and
+        # micro-batch) and reported, and its logs are left as they are.
+        batches.close()
+        result = evaluate(engine, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)
+        if rank == 0:
+            say(f"run {run.name} is at step {state.step} of {run.max_steps}: evaluated its checkpoint: val {result['val/loss']:.6f}")
+        session.report({"step": state.step, "tokens": state.tokens, **{k.replace("/", "_"): v for k, v in result.items()}})
+        return
 
     logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps)
     pending: List[torch.Tensor] = []  # per step: (summed token loss on this rank, the step's target tokens)
@@ -209,18 +220,11 @@ def all_reduced(value: float, device: torch.device) -> float:
     return float(tensor)
 
 
-@torch.no_grad()
 def evaluate(engine: Any, reader: ShardReader, rows: np.ndarray, micro_batch: int, rank: int, world: int, device: torch.device) -> Dict[str, float]:
     """Mean token loss and perplexity over the whole evaluation set (`rows`), each row counted once, summed across workers."""
     engine.eval()
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # (summed token loss, target tokens)
-    for batch, real in eval_batches(reader, rows, rank, world, micro_batch):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss_sum = engine(**batch, num_items_in_batch=1).loss  # reduction "sum" over the batch's target tokens
-        if real:
-            totals += torch.stack([loss_sum.double(), torch.tensor(float(target_tokens(batch)), device=device, dtype=torch.float64)])
+    totals = loss_sums(engine, reader, rows, rank, world, micro_batch, device)
     if world > 1:
         dist.all_reduce(totals)
     engine.train()
-    loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+    return metrics(totals)

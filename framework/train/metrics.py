@@ -29,12 +29,11 @@ def quiet_worker_logs() -> None:
 
     Silences Ray Train's INFO line for every `ray.train.report` (the whole metrics dict and checkpoint;
     its logger is named by its file path, outside the `ray.train` logger that RunConfig's LoggingConfig
-    sets), and the FutureWarning that DeepSpeed's ZeRO gathers raise for a torch.distributed name it
-    still calls, once per rank: nothing a user of this framework can act on.
+    sets, so it inherits the root logger's level, INFO on a Train worker), and the FutureWarning that
+    DeepSpeed's ZeRO gathers raise for a torch.distributed name it still calls, once per rank: nothing
+    a user of this framework can act on. The loop's own lines do not go through logging (`say`).
     """
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -42,7 +42,12 @@ def scheduled_lr(optim: OptimConfig, max_steps: int, step: int) -> float:
     return optim.lr * build_lr_schedule(optimizer, optim, max_steps).lr_lambdas[0](step)
 
 
-def apply_optim_settings(engine: Any, optim: OptimConfig, max_steps: int, step: int) -> None:
+def decay_flags(engine: Any) -> List[bool]:
+    """Which of the engine's param groups decay (`param_groups`' `decay`), read before a checkpoint is loaded into it."""
+    return [bool(group.get("decay", True)) for group in engine.optimizer.param_groups]
+
+
+def apply_optim_settings(engine: Any, optim: OptimConfig, max_steps: int, step: int, decays: List[bool]) -> None:
     """Make an engine restored from a checkpoint train on with `optim`'s values, not the checkpoint's.
 
     DeepSpeed's load_checkpoint restores the optimizer's param groups (lr, betas, eps, weight decay),
@@ -50,10 +55,12 @@ def apply_optim_settings(engine: Any, optim: OptimConfig, max_steps: int, step: 
     them. A resumed run (a changed optim.lr, say) and a PBT clone (another trial's checkpoint) must
     train with their own config: the schedule's shape (warm-up, minimum ratio, run.max_steps) is
     already this config's, built before loading; only its position came from the checkpoint.
+    `decays` (`decay_flags` before loading) says which groups decay: DeepSpeed 0.19's ZeRO-3 universal
+    load copies the first group's settings, `decay` included, into every group.
     """
     lr = scheduled_lr(optim, max_steps, step)
-    for group in engine.optimizer.param_groups:
-        group.update(lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay if group.get("decay", True) else 0.0)
+    for group, decay in zip(engine.optimizer.param_groups, decays):
+        group.update(lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay if decay else 0.0, decay=decay)
     scheduler = engine.lr_scheduler
     scheduler.base_lrs = [optim.lr] * len(scheduler.base_lrs)
     scheduler._last_lr = [lr] * len(scheduler.base_lrs)  # what get_last_lr() reports until the next step

@@ -35,9 +35,14 @@ class Session(Protocol):
 
 
 class RaySession:
-    """A Ray Train worker's session."""
+    """A Ray Train worker's session.
 
-    def __init__(self) -> None:
+    The checkpoint to resume is the one Ray Train hands the worker group (after a restart, the
+    latest the run reported), else `resume_from`: the run's latest checkpoint the driver's plan found,
+    for a run directory whose checkpoints Ray Train has no record of (copied from other storage).
+    """
+
+    def __init__(self, resume_from: Optional[str] = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -46,6 +51,11 @@ class RaySession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self._restored = ray.train.get_checkpoint()
+        if self._restored is None and resume_from is not None:
+            from framework import storage
+
+            fs, path = storage.resolve(resume_from)
+            self._restored = ray.train.Checkpoint(path, filesystem=fs)
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Optional[str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 import ray.train
@@ -29,7 +29,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     from framework.train.loop import train
     from framework.train.session import RaySession
 
-    train(config["plan"], RaySession())
+    plan = config["plan"]
+    train(plan, RaySession(plan.resume_from))
 
 
 def failure_config(plan: TrainPlan) -> ray.train.FailureConfig:
@@ -116,3 +117,19 @@ def run(cfg: Config) -> ray.train.Result:
     if result.checkpoint:
         print(f"train: latest checkpoint: {result.checkpoint.path}", flush=True)
     return result
+
+
+def run_bare(cfg: Config) -> Tuple[TrainPlan, List[Dict[str, Any]]]:
+    """Train `cfg` in this one process on a bare session (no Ray Train; run.num_workers must be 1); gives its plan and reports.
+
+    The benchmark's baseline (framework/train/bench.py): the same loop, data path and checkpoints.
+    """
+    from framework.train.loop import train
+    from framework.train.session import LocalSession
+
+    plan = make_plan(cfg)
+    if plan.config.run.num_workers != 1:
+        raise ValueError(f"run.num_workers={plan.config.run.num_workers}: a bare run is one process")
+    session = LocalSession(plan.run_dir, plan.config.run.keep_checkpoints, use_gpu=plan.config.run.gpus_per_worker > 0)
+    train(plan, session)
+    return plan, session.reports
