@@ -1,15 +1,20 @@
 """Training checkpoint → Hugging Face model folder (safetensors, config, tokenizer, generation config), verified.
 
-Any checkpoint that training writes (`framework/train/checkpoint.py`) exports, whatever its ZeRO stage
-and number of workers:
+Any complete checkpoint that training writes (`framework/train/checkpoint.py`), local or on object
+storage, exports whatever its ZeRO stage and number of workers:
     ZeRO-1/2/3   DeepSpeed's own `zero_to_fp32` joins the ranks' fp32 master-weight shards; for ZeRO-3
                  it hands out one parameter at a time (lazy mode), so only one copy of the model is
                  ever held in memory.
-    ZeRO-0       the full weights are in `deepspeed/mp_rank_00_model_states.pt` under `module`.
-The weights go into the model the framework trains (`framework.model.build_model` from the
-checkpoint's `hf_config/`), whose logits on a fixed input are the reference: the folder is written
-beside `output_dir`, loaded back with `AutoModelForCausalLM.from_pretrained`, and only moved into
-place when its logits match. A mismatch raises ExportError and leaves `output_dir` as it was.
+    ZeRO-0       the full weights are in `deepspeed/mp_rank_00_model_states.pt` under `module`
+                 (read with torch.load(weights_only=True)).
+Before any weight is read, every file is checked against the sha256 its rank recorded when it wrote
+it (`files/rank-<r>.json`): a corrupted, replaced or swapped shard fails in one line naming the file.
+The reference the folder must reproduce is not the merged tensors it saves but the training engine's
+own logits on a fixed input (`probe.safetensors`), computed at save time with the ZeRO-3 parameters
+gathered inside DeepSpeed: a merge that joins the shards wrongly cannot match them. The folder is
+written beside `output_dir`, loaded back with `AutoModelForCausalLM.from_pretrained`, and moved into
+place only when it matches. An existing `output_dir` is replaced only when it holds an earlier export
+(its `export.json`): any other folder is refused, so nothing of the user's is ever deleted.
 """
 
 from __future__ import annotations
@@ -17,41 +22,43 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from framework.config import absolute, register, require, typed
-from framework.train.checkpoint import CONFIG, DEEPSPEED_TAG, HF_CONFIG_DIR, TOKENIZER_DIR, TRAIN_STATE, latest_checkpoint
+from framework import storage
+from framework.config import RunError, absolute, register, require, typed
+from framework.model import DTYPES, PROBE_TEXT, max_positions, pad_token_id
+from framework.train import checkpoint as ckpt
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Stage 0 keeps the whole model in rank 0's model states; ZeRO-1/2/3 shard it over every rank's optimizer states.
 MODULE_STATES = "mp_rank_00_model_states.pt"
 ZERO_SHARDS = "*_optim_states.pt"
-_RANK = re.compile(r"zero_pp_rank_(\d+)_")
-# The fixed input whose logits must match: a line of code (the tokenizer at work) and seeded random ids.
-PROBE_TEXT = 'def fibonacci(n):\n    """The n-th Fibonacci number."""\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n'
-PROBE_LEN = 32
-# Reference and export run the same arithmetic on the same weights; anything past rounding is a bug.
+# What an export writes into its folder beside the weights: where it came from. An output_dir holding it
+# may be replaced by a new export; one without it is not ours to delete.
+EXPORT_MARKER = "export.json"
+# Training engine and exported model run the same arithmetic on the same weights: a difference past
+# the rounding of the coarser of the two dtypes is a bug.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
-class ExportError(RuntimeError):
-    """The exported folder does not reproduce the checkpoint (weights missing, logits differ)."""
+class ExportError(RunError):
+    """The checkpoint or the folder written from it is not what training saved (a file differs, logits differ)."""
 
 
 @dataclass
 class ExportConfig:
-    # A checkpoint directory, a run directory (its latest checkpoint), or a run name under `runs_dir`.
+    # A checkpoint directory, a run directory (its latest complete checkpoint), a run name under
+    # `runs_dir`, or the same on object storage (s3://...).
     checkpoint: str = MISSING
-    # The Hugging Face folder to write (replaced if it holds an earlier export); null: outputs/export/<run>.
+    # The Hugging Face folder to write (replaced only if it holds an earlier export); null: outputs/export/<run>.
     output_dir: Optional[str] = MISSING
     runs_dir: Optional[str] = MISSING
     dtype: str = MISSING  # fp32 | bf16 | fp16: the weights' dtype in the folder
@@ -77,79 +84,60 @@ def to_export_config(cfg: DictConfig | Dict[str, Any]) -> ExportConfig:
 
 
 def resolve_checkpoint(value: str, runs_dir: Optional[str] = None) -> str:
-    """The checkpoint directory `value` names: itself, a run directory's latest checkpoint, or (with `runs_dir`) a run name's."""
+    """The complete checkpoint `value` names (a local path or a URI): itself, a run directory's latest, or a run name's."""
     key = "export.checkpoint"
-    require("://" not in value, key, value, "expected a local directory; copy the checkpoint from storage first")
-    by_name = runs_dir is not None and not (os.path.isabs(value) or os.path.isdir(value))
-    candidates = [value, os.path.join(runs_dir, value)] if by_name else [value]
-    path = next((c for c in candidates if os.path.isdir(c)), None)
+    by_name = runs_dir is not None and "://" not in value and not (os.path.isabs(value) or os.path.isdir(value))
+    candidates = [value, storage.join(runs_dir, value)] if by_name else [value]
+    path = next((c for c in candidates if storage.exists(c)), None)
     nor_run = "" if len(candidates) == 1 else f", nor a run of that name in export.runs_dir={runs_dir}"
     require(path is not None, key, value, f"no such directory{nor_run}")
-    if not os.path.isfile(os.path.join(path, TRAIN_STATE)):
-        latest = latest_checkpoint(path)
+    if not storage.exists(storage.join(path, ckpt.TRAIN_STATE)):
+        latest = ckpt.latest_checkpoint(path)
+        incomplete = ckpt.checkpoint_names(path)
         require(
             latest is not None, key, value,
-            f"not a training checkpoint (no {TRAIN_STATE}) nor a run directory with checkpoint_* directories",
+            f"no complete checkpoint in this run ({', '.join(incomplete)} never completed)" if incomplete
+            else f"not a training checkpoint (no {ckpt.TRAIN_STATE}) nor a run directory with checkpoint_* directories",
         )
         path = latest
     path = absolute(path)
-    for part in (os.path.join(HF_CONFIG_DIR, "config.json"), TOKENIZER_DIR, DEEPSPEED_TAG):
-        require(os.path.exists(os.path.join(path, part)), key, value, f"incomplete checkpoint {path}: no {part}")
-    ds_dir = os.path.join(path, DEEPSPEED_TAG)
-    shards = glob.glob(os.path.join(ds_dir, ZERO_SHARDS))
     require(
-        bool(shards) or os.path.isfile(os.path.join(ds_dir, MODULE_STATES)),
-        key, value, f"incomplete checkpoint {path}: {DEEPSPEED_TAG}/ holds neither ZeRO shards nor {MODULE_STATES}",
+        ckpt.is_complete(path), key, value,
+        f"incomplete checkpoint {path}: no {ckpt.COMPLETE} marker (a save that did not finish); export the run's latest complete one",
     )
-    if shards:
-        # Every rank writes one shard; a run killed mid-save or a partial copy leaves some out.
-        ranks = sorted(int(m.group(1)) for m in (_RANK.search(os.path.basename(f)) for f in shards) if m)
-        workers = _num_workers(path) or len(ranks)
-        require(
-            ranks == list(range(workers)), key, value,
-            f"incomplete checkpoint {path}: ZeRO shards for ranks {ranks} of {workers} workers",
-        )
+    for part in (storage.join(ckpt.HF_CONFIG_DIR, "config.json"), ckpt.TOKENIZER_DIR, ckpt.DEEPSPEED_TAG, ckpt.PROBE):
+        require(storage.exists(storage.join(path, part)), key, value, f"checkpoint {path} has no {part} (written by an older version?)")
     return path
 
 
-def _num_workers(checkpoint_dir: str) -> Optional[int]:
-    """run.num_workers of the job that wrote the checkpoint, or None if its config.yaml does not say."""
-    try:
-        return int(OmegaConf.load(os.path.join(checkpoint_dir, CONFIG)).run.num_workers)
-    except Exception:  # noqa: BLE001 - the shards alone are checked then
-        return None
-
-
-def default_output_dir(checkpoint_dir: str) -> str:
+def default_output_dir(checkpoint: str) -> str:
     """outputs/export/<run name>, the run being the checkpoint's parent directory."""
-    return os.path.join("outputs", "export", os.path.basename(os.path.dirname(os.path.abspath(checkpoint_dir))))
+    return os.path.join("outputs", "export", checkpoint.rstrip("/").rsplit("/", 2)[-2])
 
 
-def check_output_dir(output_dir: str, checkpoint_dir: str) -> None:
-    """An existing `output_dir` is replaced only when it is a model folder (an earlier export)."""
+def check_output_dir(output_dir: str, checkpoint: str) -> None:
+    """`output_dir` must be new, empty, or an earlier export (its EXPORT_MARKER), and outside the checkpoint."""
     key = "export.output_dir"
     require("://" not in output_dir, key, output_dir, "expected a local directory")
     require(not os.path.isfile(output_dir), key, output_dir, "is a file; expected a directory to write the model folder to")
-    out, ckpt = os.path.abspath(output_dir), os.path.abspath(checkpoint_dir)
-    require(
-        os.path.commonpath([out, ckpt]) not in (out, ckpt), key, output_dir,
-        f"overlaps the checkpoint {checkpoint_dir}; choose a directory outside it",
-    )
+    if "://" not in checkpoint:
+        out, source = os.path.abspath(output_dir), os.path.abspath(checkpoint)
+        require(os.path.commonpath([out, source]) not in (out, source), key, output_dir, f"overlaps the checkpoint {checkpoint}; choose a directory outside it")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         require(
-            os.path.isfile(os.path.join(output_dir, "config.json")), key, output_dir,
-            "exists and is not a model folder; choose a new or empty directory",
+            os.path.isfile(os.path.join(output_dir, EXPORT_MARKER)), key, output_dir,
+            f"exists and holds something other than an earlier export (no {EXPORT_MARKER}); nothing there is replaced: choose a new or empty directory",
         )
 
 
 def validate_export(export: ExportConfig) -> Tuple[str, str]:
-    """Check the export config; gives (checkpoint directory, output directory)."""
+    """Check the export config; gives (checkpoint, output directory)."""
     require(export.dtype in DTYPES, "export.dtype", export.dtype, f"expected one of {tuple(DTYPES)}")
     require(_shard_size_ok(export.max_shard_size), "export.max_shard_size", export.max_shard_size, "expected a size such as 5GB or 500MB")
-    checkpoint_dir = resolve_checkpoint(export.checkpoint, export.runs_dir)
-    output_dir = export.output_dir or default_output_dir(checkpoint_dir)
-    check_output_dir(output_dir, checkpoint_dir)
-    return checkpoint_dir, output_dir
+    checkpoint = resolve_checkpoint(export.checkpoint, export.runs_dir)
+    output_dir = export.output_dir or default_output_dir(checkpoint)
+    check_output_dir(output_dir, checkpoint)
+    return checkpoint, output_dir
 
 
 def _shard_size_ok(size: str) -> bool:
@@ -166,20 +154,31 @@ def check_export(cfg: DictConfig) -> None:
     validate_export(to_export_config(cfg))
 
 
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: str) -> Iterator[str]:
+    """The checkpoint as a local directory: itself, or a temporary copy of one on object storage."""
+    if "://" not in checkpoint:
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        storage.download_dir(checkpoint, tmp)
+        yield tmp
+
+
 # ---------------------------------------------------------------------------------------------
-# Weights: consolidation and the reference model
+# Weights: consolidation into the model
 
 def consolidated_weights(checkpoint_dir: str) -> Mapping[str, Any]:
     """Every parameter of the checkpoint by name, full size; values are tensors or lazy tensors (`.contiguous()`)."""
-    ds_dir = os.path.join(checkpoint_dir, DEEPSPEED_TAG)
+    ds_dir = os.path.join(checkpoint_dir, ckpt.DEEPSPEED_TAG)
     if not glob.glob(os.path.join(ds_dir, ZERO_SHARDS)):
         # ZeRO-0: memory-mapped, so tensors are read from disk as they are copied into the model.
-        return torch.load(os.path.join(ds_dir, MODULE_STATES), map_location="cpu", mmap=True, weights_only=False)["module"]
+        return torch.load(os.path.join(ds_dir, MODULE_STATES), map_location="cpu", mmap=True, weights_only=True)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed narrates each file and bar; a failure still raises with its own message.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG, lazy_mode=True)
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=ckpt.DEEPSPEED_TAG, lazy_mode=True)
 
 
 def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], dtype: torch.dtype) -> None:
@@ -205,12 +204,12 @@ def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], dtype: torc
         raise ExportError(f"the checkpoint has no weights for: {', '.join(missing[:5])}")
 
 
-def reference_model(checkpoint_dir: str, dtype: torch.dtype) -> Any:
-    """The framework's model from the checkpoint's `hf_config/`, holding the checkpoint's consolidated weights."""
+def merged_model(checkpoint_dir: str, dtype: torch.dtype) -> Any:
+    """The checkpoint's model (from its `hf_config/`) holding the checkpoint's consolidated weights in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = AutoConfig.from_pretrained(os.path.join(checkpoint_dir, HF_CONFIG_DIR), local_files_only=True)
+    config = AutoConfig.from_pretrained(os.path.join(checkpoint_dir, ckpt.HF_CONFIG_DIR), local_files_only=True)
     # No random init: every weight is overwritten, and untouched empty tensors cost no memory.
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -223,29 +222,27 @@ def reference_model(checkpoint_dir: str, dtype: torch.dtype) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The folder and its verification
 
-def probe_ids(tokenizer: Any, config: Any) -> torch.Tensor:
-    """Two rows of PROBE_LEN ids: the tokenized PROBE_TEXT (repeated to length) and seeded random ids."""
-    from framework.model import max_positions
-
-    length = min(PROBE_LEN, max_positions(config) or PROBE_LEN)
-    text = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
-    row = (text * (length // len(text) + 1))[:length]
-    random = torch.randint(config.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
-    return torch.stack([torch.tensor(row), random])
-
-
 @torch.no_grad()
 def logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def training_probe(checkpoint_dir: str) -> Tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(ids, logits, dtype): the fixed input and the training engine's logits on it, and the dtype it trained in."""
+    from safetensors.torch import load_file
+
+    from framework.model import torch_dtype
+
+    probe = load_file(os.path.join(checkpoint_dir, ckpt.PROBE))
+    cfg = ckpt.read_config(checkpoint_dir)
+    return probe["ids"], probe["logits"], torch_dtype(cfg.run.precision, cfg.run.gpus_per_worker > 0)
 
 
 def prepare_tokenizer(checkpoint_dir: str, config: Any) -> Any:
     """The checkpoint's tokenizer, with a pad token (eos) and the model's context length."""
     from transformers import AutoTokenizer
 
-    from framework.model import max_positions
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_dir, TOKENIZER_DIR), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_dir, ckpt.TOKENIZER_DIR), local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched generation pads with it
     if max_positions(config):
@@ -257,15 +254,11 @@ def generation_config(tokenizer: Any) -> Any:
     """bos/eos/pad from the tokenizer, so that `generate` stops at the end of a document and can batch."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer))
 
 
-def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, tokenizer: Any) -> float:
-    """Load `folder` as a user would and check its logits, dtype, tokenizer; gives the largest logit difference."""
+def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: float, dtype: torch.dtype, tokenizer: Any) -> float:
+    """Load `folder` as a user would and check its logits against the training engine's, its dtype and tokenizer; gives the largest logit difference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto")
@@ -274,12 +267,12 @@ def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, dtype: torch.
     got = logits(model.eval(), ids)
     del model
     if got.shape != expected.shape:
-        raise ExportError(f"{folder}: logits of shape {tuple(got.shape)}, the checkpoint's are {tuple(expected.shape)}")
+        raise ExportError(f"{folder}: logits of shape {tuple(got.shape)}, the training engine's are {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
-    tolerance = TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
     if not diff <= tolerance:  # also catches NaN
         raise ExportError(
-            f"{folder}: logits differ from the checkpoint's by up to {diff:.3g} (tolerance {tolerance:.3g}) on the fixed input"
+            f"{folder}: logits differ from the training engine's by up to {diff:.3g} (tolerance {tolerance:.3g}) on the fixed "
+            f"input: the checkpoint's shards do not join into the model that trained"
         )
     reloaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if reloaded(PROBE_TEXT, add_special_tokens=False)["input_ids"] != tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
@@ -314,7 +307,7 @@ def _quiet_progress_bars():
 
 
 def _replace_dir(staged: str, output_dir: str) -> None:
-    """Move the verified folder into place; an earlier export there is removed only after the move."""
+    """Move the verified folder into place: renames on one filesystem; an earlier export is deleted only after the move."""
     old = None
     if os.path.exists(output_dir):
         old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
@@ -324,21 +317,34 @@ def _replace_dir(staged: str, output_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: str = "fp32", max_shard_size: str = "5GB") -> str:
-    """Write `checkpoint_dir` (or a run directory's latest checkpoint) as a verified Hugging Face folder; gives `output_dir`.
+def export_checkpoint(checkpoint: str, output_dir: Optional[str], *, dtype: Optional[str] = None, max_shard_size: Optional[str] = None) -> str:
+    """Write a complete checkpoint (or a run's latest) as a verified Hugging Face folder; gives the folder.
 
-    Raises ConfigError (one line naming the key) for a path that is not a checkpoint, and ExportError when
-    the written folder does not reproduce the checkpoint's logits; `output_dir` is then left untouched.
+    `dtype` and `max_shard_size` left out take conf/export.yaml's values (what launch/export.py uses). Raises ConfigError (one line naming the key) for a path that is not a complete checkpoint or an
+    output_dir that is not ours to replace, and ExportError when a file or the written folder is not
+    what training saved; `output_dir` is then left untouched.
     """
-    checkpoint_dir, output_dir = validate_export(
-        ExportConfig(checkpoint=checkpoint_dir, output_dir=output_dir, runs_dir=None, dtype=dtype, max_shard_size=max_shard_size)
+    if dtype is None or max_shard_size is None:
+        from framework.config import compose
+
+        configured = to_export_config(compose(["export.checkpoint=unused"], "export"))
+        dtype, max_shard_size = dtype or configured.dtype, max_shard_size or configured.max_shard_size
+    checkpoint, output_dir = validate_export(
+        ExportConfig(checkpoint=checkpoint, output_dir=output_dir, runs_dir=None, dtype=dtype, max_shard_size=max_shard_size)
     )
-    torch_dtype = DTYPES[dtype]
-    model = reference_model(checkpoint_dir, torch_dtype)
-    tokenizer = prepare_tokenizer(checkpoint_dir, model.config)
+    target_dtype = DTYPES[dtype]
+    with local_checkpoint(checkpoint) as checkpoint_dir:
+        try:
+            ckpt.verify_files(checkpoint_dir)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        ids, expected, trained_dtype = training_probe(checkpoint_dir)
+        model = merged_model(checkpoint_dir, target_dtype)
+        tokenizer = prepare_tokenizer(checkpoint_dir, model.config)
+        state = ckpt.read_state(checkpoint_dir)
     model.generation_config = generation_config(tokenizer)
-    ids = probe_ids(tokenizer, model.config)
-    expected = logits(model, ids)
+    coarser = max(TOLERANCE[target_dtype], TOLERANCE[trained_dtype])
+    tolerance = coarser * max(1.0, expected.abs().max().item())
 
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
@@ -351,14 +357,16 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: str = "fp3
             tokenizer.save_pretrained(staged)
             params = sum(p.numel() for p in model.parameters())
             del model  # one model in memory at a time: the exported one is loaded next
-            diff = verify(staged, ids, expected, torch_dtype, tokenizer)
+            diff = verify(staged, ids, expected, tolerance, target_dtype, tokenizer)
+        with open(os.path.join(staged, EXPORT_MARKER), "w") as f:
+            json.dump({"checkpoint": checkpoint, "step": state.step, "dtype": dtype, "max_logit_difference": diff}, f, indent=2)
         _share_permissions(staged)
         _replace_dir(staged, output_dir)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     print(
-        f"export: {checkpoint_dir} → {output_dir}: {params / 1e6:.2f}M parameters, {dtype}, "
-        f"logits match the checkpoint's (max |Δ| = {diff:.2g})",
+        f"export: {checkpoint} (step {state.step}) → {output_dir}: {params / 1e6:.2f}M parameters, {dtype}, "
+        f"logits match the training engine's (max |Δ| = {diff:.2g})",
         flush=True,
     )
     return output_dir
@@ -367,8 +375,8 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: str = "fp3
 def run(cfg: DictConfig) -> str:
     """Export the checkpoint `export.checkpoint` names to `export.output_dir`; gives the folder."""
     export = to_export_config(cfg)
-    checkpoint_dir, output_dir = validate_export(export)
-    return export_checkpoint(checkpoint_dir, output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size)
+    checkpoint, output_dir = validate_export(export)
+    return export_checkpoint(checkpoint, output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size)
 
 
 __all__ = ["ExportConfig", "ExportError", "check_export", "export_checkpoint", "resolve_checkpoint", "run"]

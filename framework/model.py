@@ -135,3 +135,17 @@ def check_model(model: ModelConfig, seq_len: int) -> PretrainedConfig:
     positions = max_positions(config)
     require(positions is None or positions >= seq_len, "data.seq_len", seq_len, f"longer than the model's {positions} positions (model={model.name})")
     return config
+
+
+# A fixed input whose logits fingerprint a model: a line of code (the tokenizer at work) and seeded random ids.
+PROBE_TEXT = 'def fibonacci(n):\n    """The n-th Fibonacci number."""\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n'
+PROBE_LEN = 32
+
+
+def probe_ids(tokenizer: Any, config: PretrainedConfig) -> torch.Tensor:
+    """Two rows of PROBE_LEN ids: the tokenized PROBE_TEXT (repeated to length) and seeded random ids."""
+    length = min(PROBE_LEN, max_positions(config) or PROBE_LEN)
+    text = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
+    row = (text * (length // len(text) + 1))[:length]
+    random = torch.randint(config.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
+    return torch.stack([torch.tensor(row), random])

@@ -17,7 +17,20 @@ def resolve(uri: str) -> Tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """`base/part/...`; a URI's query (s3://b/p?endpoint_override=...) stays at the end."""
+    path, query = base.split("?", 1) if "?" in base else (base, None)
+    joined = "/".join([path.rstrip("/"), *parts])
+    return f"{joined}?{query}" if query else joined
+
+
+def uri_of(fs: pafs.FileSystem, path: str) -> str:
+    """A filesystem and a path in it (as Ray Train gives a checkpoint) as the URI this module resolves."""
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_dir(path)
 
 
 def exists(uri: str) -> bool:

@@ -135,6 +135,21 @@ def exports(trained_checkpoints, tmp_path_factory) -> Dict[int, str]:
     return {stage: export_checkpoint(path, str(root / f"tiny-zero{stage}")) for stage, path in trained_checkpoints.items()}
 
 
+def as_zero0(checkpoint: str, target) -> "Path":
+    """A ZeRO-0 checkpoint made from a ZeRO-1 one: rank 0's model states alone (the whole model), as one worker wrote it."""
+    import json
+    import shutil
+
+    from framework.train.checkpoint import write_file_hashes
+
+    target = Path(target)
+    shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns("*_optim_states.pt", "zero_to_*.py", "rank-*.json"))
+    state = json.loads((target / "train_state.json").read_text())
+    (target / "train_state.json").write_text(json.dumps({**state, "world_size": 1}))
+    write_file_hashes(str(target), 0)
+    return target
+
+
 def launch(script: str, *args: str, env: Dict[str, str] | None = None, timeout: float = 600):
     """Run `python launch/<script> args...` as a user would, from the project root."""
     import subprocess

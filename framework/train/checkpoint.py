@@ -3,10 +3,19 @@
 Layout of a checkpoint directory (each rank writes its own files; Ray Train merges them):
     latest, deepspeed/        DeepSpeed's checkpoint of every rank (ZeRO shards included)
     zero_to_fp32.py           DeepSpeed's own consolidation script (ZeRO stages 1-3 only)
+    files/rank-<r>.json       the sha256 of every file rank r wrote: export checks them before reading any
+    probe.safetensors         the training engine's logits on a fixed input (framework/model.py: probe_ids),
+                              with the ZeRO-3 parameters gathered inside the engine: what an export must reproduce
     train_state.json          step, rows consumed, tokens seen, the worker count and the data fingerprint
     config.yaml               the resolved config
     hf_config/config.json     the transformers model config
     tokenizer/                the tokenizer the shards were made with
+    COMPLETE                  written last, once Ray Train has registered every rank's part (`MarkComplete`):
+                              only checkpoints with it are resumed, exported or counted; others are removed
+                              when the next one completes
+
+Everything here is JSON, YAML or safetensors except DeepSpeed's own `*.pt` files, which DeepSpeed
+reads with pickle: checkpoint storage must be writable by the job alone (docs/cluster.md).
 
 A run resumed on another worker count (same global batch) loads the checkpoint through DeepSpeed's
 universal checkpoint: `ds_to_universal` turns the ranks' ZeRO partitions into one folder per
@@ -23,7 +32,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow.fs as pafs
 import torch
@@ -33,8 +42,10 @@ from framework import storage
 from framework.schema import Config
 
 DEEPSPEED_TAG = "deepspeed"
-UNIVERSAL_DIR = "universal"
 TRAIN_STATE = "train_state.json"
+COMPLETE = "COMPLETE"
+FILES_DIR = "files"
+PROBE = "probe.safetensors"
 CONFIG = "config.yaml"
 HF_CONFIG_DIR = "hf_config"
 TOKENIZER_DIR = "tokenizer"
@@ -51,15 +62,81 @@ class TrainState:
     data_fingerprint: str = ""  # the shards trained on (framework/data/shards.py: fingerprint)
 
 
-def save(engine: Any, directory: str, state: TrainState, cfg: Config, tokenizer_uri: str, rank: int) -> None:
-    """Write this rank's part of a checkpoint into a local `directory` (all ranks must call it)."""
+def save(engine: Any, directory: str, state: TrainState, cfg: Config, tokenizer_uri: str, probe: torch.Tensor, rank: int) -> None:
+    """Write this rank's part of a checkpoint into a local `directory` (all ranks must call it: the probe is a collective under ZeRO-3)."""
+    from safetensors.torch import save_file
+
     engine.save_checkpoint(directory, tag=DEEPSPEED_TAG)
+    logits = probe_logits(engine, probe)
     if rank == 0:
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
             json.dump(dataclasses.asdict(state), f, indent=2)
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(directory, CONFIG))
         engine.module.config.save_pretrained(os.path.join(directory, HF_CONFIG_DIR))
         storage.download_dir(tokenizer_uri, os.path.join(directory, TOKENIZER_DIR))
+        save_file({"ids": probe.contiguous(), "logits": logits.contiguous()}, os.path.join(directory, PROBE))
+    write_file_hashes(directory, rank)
+
+
+@torch.no_grad()
+def probe_logits(engine: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The engine's logits on `ids` (fp32 on the CPU), as the model trains them: its dtype, its gathered ZeRO-3 parameters."""
+    engine.eval()
+    try:
+        return engine(input_ids=ids.to(engine.device), use_cache=False).logits.float().cpu()
+    finally:
+        engine.train()
+
+
+def write_file_hashes(directory: str, rank: int) -> None:
+    """files/rank-<rank>.json: the sha256 of every file this rank wrote into its part of the checkpoint."""
+    hashes = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if not relative.startswith(FILES_DIR + os.sep):
+                hashes[relative] = file_sha256(path)
+    os.makedirs(os.path.join(directory, FILES_DIR), exist_ok=True)
+    with open(os.path.join(directory, FILES_DIR, f"rank-{rank}.json"), "w") as f:
+        json.dump(hashes, f, indent=1, sort_keys=True)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(directory: str) -> None:
+    """Raise ValueError naming the first file of a local checkpoint that is missing or differs from what its rank wrote."""
+    state = read_state(directory)
+    listed = sorted(os.listdir(os.path.join(directory, FILES_DIR))) if os.path.isdir(os.path.join(directory, FILES_DIR)) else []
+    wanted = [f"rank-{r}.json" for r in range(state.world_size)]
+    if listed != sorted(wanted):
+        raise ValueError(f"{directory}: file lists of ranks {listed} of {state.world_size} workers (a save that did not finish)")
+    for name in wanted:
+        with open(os.path.join(directory, FILES_DIR, name)) as f:
+            for relative, sha in json.load(f).items():
+                path = os.path.join(directory, relative)
+                if not os.path.isfile(path):
+                    raise ValueError(f"{path}: missing (written by {name[:-5]})")
+                if file_sha256(path) != sha:
+                    raise ValueError(f"{path}: its content is not what {name[:-5]} wrote (sha256 differs: corrupted, replaced or swapped)")
+
+
+def mark_complete(checkpoint_uri: str, step: int) -> None:
+    """Write the COMPLETE marker into a checkpoint whose every part is stored, then remove older incomplete ones."""
+    storage.write_json(storage.join(checkpoint_uri, COMPLETE), {"step": step})
+    run_dir = checkpoint_uri.rstrip("/").rsplit("/", 1)[0]
+    for name in checkpoint_names(run_dir):
+        uri = storage.join(run_dir, name)
+        if name < checkpoint_dir_name(step) and not storage.exists(storage.join(uri, COMPLETE)):
+            storage.delete_dir(uri)
 
 
 def to_universal(directory: str, output: str) -> str:
@@ -105,17 +182,24 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest complete checkpoint directory of a run (a local directory or a URI), or None."""
+def checkpoint_names(run_dir: str) -> List[str]:
+    """The names of a run's checkpoint folders (complete or not), oldest first."""
     fs, path = storage.resolve(run_dir)
-    names = sorted(
+    return sorted(
         info.base_name
         for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
     )
-    for name in reversed(names):
-        # A checkpoint whose upload was cut short has no train_state.json (rank 0 writes it last).
-        if storage.exists(storage.join(run_dir, name, TRAIN_STATE)):
+
+
+def is_complete(checkpoint_uri: str) -> bool:
+    return storage.exists(storage.join(checkpoint_uri, COMPLETE))
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of a run (a local directory or a URI), or None; incomplete ones never count."""
+    for name in reversed(checkpoint_names(run_dir)):
+        if is_complete(storage.join(run_dir, name)):
             return storage.join(run_dir, name)
     return None
 

@@ -65,11 +65,16 @@ class RunConfig:
     # Steps of batches each worker reads ahead in a background thread.
     prefetch_steps: int = MISSING
     max_failures: int = MISSING
-    # Seconds a run (or a restart after a failure) waits for its workers' CPUs/GPUs, e.g. for an
-    # autoscaler to add nodes, before it fails instead of waiting for a node that never comes.
+    # Seconds a run, and each restart after a failure, waits for its workers' CPUs/GPUs (an
+    # autoscaler adding nodes, say) before it fails instead of waiting for a node that never comes.
     resource_wait_s: int = MISSING
-    # Seconds the workers wait for each other to form the process group (TorchConfig.timeout_s).
-    init_timeout_s: int = MISSING
+    # Seconds the workers wait for each other to form the process group (a worker lost during set-up).
+    setup_timeout_s: int = MISSING
+    # Seconds one collective (an all-reduce, a ZeRO gather, a barrier around a save) may take before
+    # the attempt fails: long enough for a rank that loads a model or saves alone to catch up.
+    collective_timeout_s: int = MISSING
+    # Elastic runs: seconds between checks for room to grow back (Ray Train's elastic_resize_monitor_interval_s).
+    resize_check_s: int = MISSING
     # Ray cluster address; null uses RAY_ADDRESS or starts a local cluster.
     ray_address: Optional[str] = MISSING
     # Peak TFLOP/s per GPU for MFU; null looks the GPU up by name (H100/H200 bf16: 989).
@@ -103,8 +108,8 @@ def check_run(run: RunConfig) -> None:
         "run.cpus_per_worker", run.cpus_per_worker, "expected a positive number or null (sized automatically)",
     )
     require(run.max_steps >= 1, "run.max_steps", run.max_steps, "expected at least 1")
-    for key in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "init_timeout_s",
-                "resource_wait_s", "shuffle_window", "prefetch_steps"):
+    for key in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "setup_timeout_s",
+                "collective_timeout_s", "resize_check_s", "resource_wait_s", "shuffle_window", "prefetch_steps"):
         value = getattr(run, key)
         require(value >= 1, f"run.{key}", value, "expected at least 1")
     require(run.eval_rows is None or run.eval_rows >= 1, "run.eval_rows", run.eval_rows, "expected at least 1, or null (the whole validation split)")

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from typing import Any, Dict, List
 
 import deepspeed
@@ -79,6 +80,10 @@ def train(plan: TrainPlan, session: Session) -> None:
     use_gpu = device.type == "cuda"
     if rank == 0 or world <= 8:
         say(f"rank {rank} of {world}: pid {os.getpid()}, {device}")
+    if dist.is_initialized():
+        # The process group was formed under run.setup_timeout_s; its collectives get their own bound.
+        # (PyTorch's own way to change a group's timeout, which dist.breakpoint uses too.)
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=run.collective_timeout_s))
 
     # Resume point first: a checkpoint from another worker count is loaded in DeepSpeed's universal format.
     with session.checkpoint() as restored:
@@ -202,7 +207,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                     report.update({k.replace("/", "_"): v for k, v in last_eval.items()})
                     if checkpoint_now:
                         with tempfile.TemporaryDirectory() as directory:
-                            checkpoint.save(engine, directory, state, cfg, plan.tokenizer_uri, rank)
+                            checkpoint.save(engine, directory, state, cfg, plan.tokenizer_uri, plan.probe, rank)
                             session.report(report, checkpoint_dir=directory, step=state.step)
                     else:
                         session.report(report)

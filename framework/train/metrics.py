@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 import warnings
 from typing import Dict, List, Optional
@@ -45,19 +46,32 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLogger:
-    """Writes on rank 0 only; on a resumed run it drops whatever was logged after the checkpoint."""
+    """Writes on rank 0 only; on a resumed run it drops whatever was logged after the checkpoint.
+
+    `log_dir` is a local directory or a URI (the run's `logs/` on object storage): then the files are
+    written in a local directory of this node, first filled with what the run logged so far, and
+    uploaded after every log interval, so they outlive the pod that trained.
+    """
 
     def __init__(self, log_dir: str, enabled: bool, start_step: int, max_steps: int):
         self.enabled = enabled
         self.max_steps = max_steps
         self.writer = None
         self.jsonl: Optional[str] = None
+        self.remote: Optional[str] = None
         self.started, self.start_step = time.perf_counter(), start_step
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        from framework import storage
+
+        if "://" in log_dir:
+            self.remote, log_dir = log_dir, tempfile.mkdtemp(prefix="framework-logs-")
+            if storage.exists(self.remote):
+                storage.download_dir(self.remote, log_dir)
         os.makedirs(log_dir, exist_ok=True)
+        self.local = log_dir
         # purge_step hides events past the checkpoint, so a resumed loss curve continues seamlessly.
         self.writer = SummaryWriter(log_dir, purge_step=start_step if start_step else None)
         self.jsonl = os.path.join(log_dir, "metrics.jsonl")
@@ -82,14 +96,22 @@ class MetricsLogger:
                     if key != "step":
                         self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
+        self._upload()
         last = records[-1]
         done = last["step"] - self.start_step
         eta = (time.perf_counter() - self.started) / done * (self.max_steps - last["step"]) if done else 0.0
         say(format_line(last, self.max_steps, eta))
 
+    def _upload(self) -> None:
+        if self.remote:
+            from framework import storage
+
+            storage.upload_dir(self.local, self.remote)
+
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+            self._upload()
 
 
 def format_line(record: Dict[str, float], max_steps: int, eta_s: float) -> str:

@@ -32,6 +32,7 @@ class TrainPlan:
     manifest: Dict[str, Any]
     model_config: Any  # the transformers config, sized to the shards' tokenizer
     eval_rows: np.ndarray  # validation rows every evaluation measures (framework/data/sampler.py)
+    probe: Any  # the fixed input whose logits every checkpoint stores (framework/model.py: probe_ids)
     run_dir: str  # <run.storage_path>/<run.name>: checkpoints, and logs/ when storage is local
     log_dir: str  # TensorBoard events and metrics.jsonl
     resume_from: Optional[str]  # the latest complete checkpoint, resumed by a re-run of the same name
@@ -72,11 +73,11 @@ def check_shards(cfg: Config, manifest: Dict[str, Any]) -> None:
         )
 
 
-def model_config_for(cfg: Config, manifest: Dict[str, Any]) -> Any:
-    """The transformers config of the model, sized to the shards' tokenizer (vocabulary, special tokens)."""
+def model_config_for(cfg: Config, manifest: Dict[str, Any]) -> tuple:
+    """The transformers config of the model, sized to the shards' tokenizer (vocabulary, special tokens), and the probe ids."""
     from transformers import AutoTokenizer
 
-    from framework.model import hf_config, special_token_ids
+    from framework.model import hf_config, probe_ids, special_token_ids
 
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_dir(storage.join(cfg.data.output_dir, manifest["tokenizer"]), tmp)
@@ -89,7 +90,7 @@ def model_config_for(cfg: Config, manifest: Dict[str, Any]) -> Any:
             f"shards in {cfg.data.output_dir} use a {manifest['vocab_size']}-token tokenizer; prepare them with "
             f"data.tokenizer.path={cfg.model.pretrained_path}"
         )
-    return config
+    return config, probe_ids(tokenizer, config)
 
 
 def check_resume(cfg: Config, manifest: Dict[str, Any], run_dir: str) -> tuple[Optional[str], Optional[TrainState]]:
@@ -115,10 +116,8 @@ def check_resume(cfg: Config, manifest: Dict[str, Any], run_dir: str) -> tuple[O
 
 
 def log_dir(cfg: Config) -> str:
-    """TensorBoard and metrics.jsonl live beside the run's checkpoints when storage is local."""
-    if "://" in cfg.run.storage_path:
-        return absolute(os.path.join("outputs", "logs", cfg.run.name))
-    return os.path.join(cfg.run.storage_path, cfg.run.name, "logs")
+    """TensorBoard events and metrics.jsonl: `logs/` beside the run's checkpoints, on local or object storage."""
+    return storage.join(cfg.run.storage_path, cfg.run.name, "logs")
 
 
 def make_plan(cfg: Config) -> TrainPlan:
@@ -126,11 +125,11 @@ def make_plan(cfg: Config) -> TrainPlan:
     cfg = resolve_paths(validate(cfg))
     manifest = read_manifest(cfg.data.output_dir)
     check_shards(cfg, manifest)
-    model_config = model_config_for(cfg, manifest)
+    model_config, probe = model_config_for(cfg, manifest)
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     resume_from, resume_state = check_resume(cfg, manifest, run_dir)
     rows = evaluation_rows(manifest["splits"]["validation"]["rows"], cfg.run.eval_rows, manifest["seed"])
-    return TrainPlan(cfg, manifest, model_config, rows, run_dir, log_dir(cfg), resume_from, resume_state)
+    return TrainPlan(cfg, manifest, model_config, rows, probe, run_dir, log_dir(cfg), resume_from, resume_state)
 
 
 # ---------------------------------------------------------------------------------------------

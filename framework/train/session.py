@@ -89,9 +89,13 @@ def _free_port() -> int:
 class LocalSession:
     """One process, no Ray: world of one, checkpoints kept under `run_dir` (the newest `keep`), reports kept in `reports`."""
 
-    def __init__(self, run_dir: str, keep: int, use_gpu: bool = False) -> None:
+    def __init__(self, run_dir: str, keep: int, setup_timeout_s: int, use_gpu: bool = False) -> None:
+        from datetime import timedelta
+
         import torch.distributed as dist
 
+        if "://" in run_dir:
+            raise ValueError(f"{run_dir}: a bare session keeps its checkpoints in a local directory")
         self.rank = self.local_rank = 0
         self.world_size = 1
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -104,7 +108,9 @@ class LocalSession:
             for name in ("RANK", "LOCAL_RANK"):
                 os.environ.setdefault(name, "0")
             os.environ.setdefault("WORLD_SIZE", "1")
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo", rank=0, world_size=1, timeout=timedelta(seconds=setup_timeout_s)
+            )
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Optional[str]]:
@@ -120,6 +126,7 @@ class LocalSession:
         target = os.path.join(self.run_dir, checkpoint.checkpoint_dir_name(step))
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(checkpoint_dir, target)
+        checkpoint.mark_complete(target, step)
         kept = sorted(n for n in os.listdir(self.run_dir) if n.startswith("checkpoint_"))
         for name in kept[: -self.keep]:
             shutil.rmtree(os.path.join(self.run_dir, name), ignore_errors=True)

@@ -6,7 +6,6 @@ through the plan.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -14,13 +13,15 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from framework import storage
 from framework.cluster import connect
 from framework.config import RunError
 from framework.schema import Config
+from framework.train.checkpoint import mark_complete
 from framework.train.plan import TrainPlan, make_plan, node_resources, size_workers
 
-# Ray Train asks for its worker group's resources in attempts of this many seconds (its documented
-# environment variable; 60 s unless set).
+# How long Ray Train waits for its worker group's resources in one attempt (its environment
+# variable, passed from the driver to Ray Train's controller; 60 s unless set).
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
@@ -33,17 +34,24 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     train(plan, RaySession(plan.resume_from))
 
 
+class MarkComplete(ray.train.UserCallback):
+    """On Ray Train's controller: mark each checkpoint complete once Ray Train has registered every rank's part of it."""
+
+    def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Optional[ray.train.Checkpoint]) -> None:
+        if checkpoint is not None:
+            mark_complete(storage.uri_of(checkpoint.filesystem, checkpoint.path), int(metrics[0]["step"]))
+
+
 def failure_config(plan: TrainPlan) -> ray.train.FailureConfig:
-    """Restarts after a worker dies (run.max_failures), and a bounded wait for the workers' resources.
+    """Restarts after a worker dies (run.max_failures), and no retry of a start that timed out.
 
     Ray Train asks for its worker group's resources in attempts of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
-    (60 s) and by default retries forever: a run that lost a node on a fixed-size cluster would wait for
-    ever. run.resource_wait_s bounds the attempts, so such a run fails with Ray's timeout error instead.
+    and by default retries forever: a run that lost a node on a fixed-size cluster would wait for ever.
+    Its count of failed attempts never resets, so a budget of attempts would be one for the whole run;
+    instead each start (and each restart) gets one attempt of run.resource_wait_s (`fit` sets the
+    variable, which Ray Train hands to its controller) and a run whose attempt times out fails.
     """
-    run = plan.config.run
-    attempt_s = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV, 60.0))
-    attempts = max(1, math.ceil(run.resource_wait_s / attempt_s))
-    return ray.train.FailureConfig(max_failures=run.max_failures, controller_failure_limit=attempts - 1)
+    return ray.train.FailureConfig(max_failures=plan.config.run.max_failures, controller_failure_limit=0)
 
 
 def unplaced_workers_error(plan: TrainPlan, resources: Dict[str, float], error: Exception) -> Exception:
@@ -65,7 +73,10 @@ def scaling_config(plan: TrainPlan, resources: Dict[str, float]) -> ray.train.Sc
     """Fixed at run.num_workers, or elastic between run.min_workers and run.num_workers."""
     run = plan.config.run
     workers = run.num_workers if run.min_workers is None else (run.min_workers, run.num_workers)
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(run.gpus_per_worker), resources_per_worker=resources)
+    return ray.train.ScalingConfig(
+        num_workers=workers, use_gpu=bool(run.gpus_per_worker), resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=float(run.resize_check_s),
+    )
 
 
 def build_trainer(plan: TrainPlan, resources: Dict[str, float], callbacks: Optional[List[Any]] = None) -> TorchTrainer:
@@ -77,7 +88,8 @@ def build_trainer(plan: TrainPlan, resources: Dict[str, float], callbacks: Optio
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
-        torch_config=TorchConfig(backend="nccl" if run.gpus_per_worker else "gloo", timeout_s=run.init_timeout_s),
+        # The process group's own timeout bounds its set-up; the loop then sets run.collective_timeout_s.
+        torch_config=TorchConfig(backend="nccl" if run.gpus_per_worker else "gloo", timeout_s=run.setup_timeout_s),
         scaling_config=scaling_config(plan, resources),
         run_config=ray.train.RunConfig(
             name=run.name,
@@ -85,7 +97,7 @@ def build_trainer(plan: TrainPlan, resources: Dict[str, float], callbacks: Optio
             failure_config=failure_config(plan),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
+            callbacks=[MarkComplete(), *(callbacks or [])],
         ),
     )
 
@@ -93,10 +105,17 @@ def build_trainer(plan: TrainPlan, resources: Dict[str, float], callbacks: Optio
 def fit(plan: TrainPlan, resources: Dict[str, float], callbacks: Optional[List[Any]] = None) -> ray.train.Result:
     """Run the TorchTrainer of `plan` to the end; a run whose workers could not be placed ends in one RunError line."""
     trainer = build_trainer(plan, resources, callbacks)
+    previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(plan.config.run.resource_wait_s)
     try:
         return trainer.fit()
     except ray.train.ControllerError as exc:
         raise unplaced_workers_error(plan, resources, exc) from exc
+    finally:
+        if previous is None:
+            os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous
 
 
 def run(cfg: Config) -> ray.train.Result:
@@ -115,7 +134,7 @@ def run(cfg: Config) -> ray.train.Result:
     result = fit(plan, resources)
     print(f"train: done. metrics: {result.metrics}", flush=True)
     if result.checkpoint:
-        print(f"train: latest checkpoint: {result.checkpoint.path}", flush=True)
+        print(f"train: latest checkpoint: {storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)}", flush=True)
     return result
 
 
@@ -130,6 +149,7 @@ def run_bare(cfg: Config) -> Tuple[TrainPlan, List[Dict[str, Any]]]:
     plan = make_plan(cfg)
     if plan.config.run.num_workers != 1:
         raise ValueError(f"run.num_workers={plan.config.run.num_workers}: a bare run is one process")
-    session = LocalSession(plan.run_dir, plan.config.run.keep_checkpoints, use_gpu=plan.config.run.gpus_per_worker > 0)
+    run = plan.config.run
+    session = LocalSession(plan.run_dir, run.keep_checkpoints, run.setup_timeout_s, use_gpu=run.gpus_per_worker > 0)
     train(plan, session)
     return plan, session.reports
