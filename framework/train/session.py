@@ -37,7 +37,7 @@ class Session(Protocol):
 class RaySession:
     """A Ray Train worker's session."""
 
-    def __init__(self) -> None:
+    def __init__(self, resume_from: Optional[str] = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -45,7 +45,9 @@ class RaySession:
         self.rank, self.local_rank = context.get_world_rank(), context.get_local_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self._restored = ray.train.get_checkpoint()
+        # Ray hands back the run's own latest checkpoint; a new run seeded with another run's (a PBT
+        # clone, framework/tune/pbt.py) has none yet and starts from the plan's `resume_from`.
+        self._restored = ray.train.get_checkpoint() or (ray.train.Checkpoint(resume_from) if resume_from else None)
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Optional[str]]:

@@ -29,7 +29,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     from framework.train.loop import train
     from framework.train.session import RaySession
 
-    train(config["plan"], RaySession())
+    train(config["plan"], RaySession(config["plan"].resume_from))
 
 
 def failure_config(plan: TrainPlan) -> ray.train.FailureConfig:
