@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import pandas as pd
 
+from framework.config import last_line
 from framework.tune.plan import Sweep
 from framework.tune.space import format_value, trial_overrides
 
@@ -41,7 +42,7 @@ def outcomes(results: Any, unfinished: Iterable[str] = ()) -> List[TrialOutcome]
     for result in results:
         trial_id = os.path.basename(result.path.rstrip("/"))
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        error = None if result.error is None else (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+        error = None if result.error is None else last_line(result.error)
         found.append(TrialOutcome(trial_id, dict(result.config or {}), history, error, trial_id not in unfinished))
     return found
 

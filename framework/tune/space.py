@@ -18,13 +18,12 @@ Nothing here imports Ray at module level, so checking a sweep on the command lin
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ConfigError
+from framework.config import ConfigError, one_line
 
 GRAMMAR = (
     "expected Hydra's sweep grammar: choice(a, b), range(start, stop, step), interval(a, b), int(interval(a, b)), "
@@ -91,13 +90,6 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and type(value).__module__ == "numpy" else value
 
 
-def _hydra_error(exc: Exception) -> str:
-    """Hydra's parse error without its `<Error> while evaluating '...':` preamble, on one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    first = re.sub(r"^\w+ while evaluating '.*?': ", "", lines[0]) if lines else type(exc).__name__
-    return f"{first} ({lines[1]})" if len(lines) > 1 and lines[1].startswith("Available") else first
-
-
 def parse_param(key: str, value: Any) -> Param:
     """One space entry read by Hydra's override parser; raises ConfigError naming `tune.space.<key>`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -109,7 +101,7 @@ def parse_param(key: str, value: Any) -> Param:
     try:
         override = OverridesParser.create().parse_override(f"{key}={written}")
     except HydraException as exc:
-        raise ConfigError(f"{where}: {_hydra_error(exc)}; {GRAMMAR}") from None
+        raise ConfigError(f"{where}: {one_line(exc)}; {GRAMMAR}") from None
     if override.type not in (OverrideType.CHANGE, OverrideType.ADD) or override.package is not None:
         raise ConfigError(f"tune.space.{key}: expected a config key, or +key for one the schema leaves open")
     swept = override.value()
