@@ -1,6 +1,6 @@
 """Sweep overhead: N short trials run as a sweep against their training time alone: `python launch/bench.py bench=tune`.
 
-One sweep of `trials` trials of the same length (a grid over learning rates, FIFO: none is stopped
+One sweep of `trials` trials of the same length (a grid of `choice(...)` learning rates, FIFO: none is stopped
 early), `max_concurrent_trials` at a time, on a local Ray cluster of `num_cpus` CPUs. Reported:
 
     wall_s          the sweep's wall time (`Tuner.fit`, from the first trial's start to the last one's end)
@@ -9,7 +9,7 @@ early), `max_concurrent_trials` at a time, on a local Ray cluster of `num_cpus` 
     overhead        wall_s / (Σ train_s / max_concurrent_trials): 1.0 would be a sweep that only trains
 
 and, with `plain_run`, one run of the same training job by `framework.train.trainer.run` outside Tune, so
-that what every Train run pays (worker group, DeepSpeed, datasets, evaluation, checkpoints) is told
+that what every Train run pays (worker group, DeepSpeed, data reading, evaluation, checkpoints) is told
 apart from what the sweep adds: `over_plain` = wall_s / (trials × plain_wall_s / max_concurrent_trials).
 """
 
@@ -19,28 +19,28 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from framework.config import ConfigError, absolute, typed
 
 
 @dataclass
 class TuneBenchConfig:
-    name: str = "tune"
-    trials: int = 4
-    max_concurrent_trials: int = 1
+    name: str = MISSING
+    trials: int = MISSING
+    max_concurrent_trials: int = MISSING
     # CPUs of the local Ray cluster the benchmark starts.
-    num_cpus: int = 2
+    num_cpus: int = MISSING
     # Also time one run of the same job outside Tune.
-    plain_run: bool = True
+    plain_run: bool = MISSING
     # The training job of every trial (conf/config.yaml overrides); the data must be prepared.
-    overrides: List[str] = field(default_factory=list)
+    overrides: List[str] = MISSING
     # Sweeps and the plain run go here (cleared first); the figures go to `output`.
-    storage_path: str = "outputs/bench/tune"
-    output: str = "outputs/bench/tune.json"
+    storage_path: str = MISSING
+    output: str = MISSING
 
 
 def to_bench_config(cfg: DictConfig) -> TuneBenchConfig:
@@ -53,7 +53,7 @@ def sweep_overrides(bench: TuneBenchConfig, name: str) -> List[str]:
     root = absolute(bench.storage_path)
     return [
         *bench.overrides,
-        "tune=grid", "tune.scheduler=fifo", "~tune/space", f'+tune.space.optim.lr="grid({rates})"',
+        "tune=grid", "tune.scheduler=fifo", "~tune/space", f'+tune.space.optim.lr="choice({rates})"',
         f"tune.name={name}", f"tune.storage_path={root}", f"tune.output_dir={root}/{name}",
         f"tune.max_concurrent_trials={bench.max_concurrent_trials}", "tune.promote=false", "tune.verbose=0",
     ]
@@ -61,7 +61,7 @@ def sweep_overrides(bench: TuneBenchConfig, name: str) -> List[str]:
 
 def check(cfg: DictConfig) -> None:
     """Checks for launch/bench.py before any work: counts, and the sweep the benchmark will run."""
-    from framework.tune.sweep import load_sweep
+    from framework.tune.plan import load_sweep
 
     bench = to_bench_config(cfg)
     for key in ("trials", "max_concurrent_trials", "num_cpus"):
@@ -88,17 +88,17 @@ def training_seconds(metrics_jsonl: str) -> float:
 def run(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
-    from framework.config import load_job_config
+    from framework.schema import load_config
     from framework.train.trainer import run as train
+    from framework.tune.plan import plan_sweep
     from framework.tune.runner import run as sweep_run
-    from framework.tune.sweep import load_sweep
 
     bench = to_bench_config(cfg)
     root = absolute(bench.storage_path)
     shutil.rmtree(root, ignore_errors=True)
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
-        sweep = load_sweep(sweep_overrides(bench, "sweep"))
+        sweep = plan_sweep(sweep_overrides(bench, "sweep"))
         result = sweep_run(sweep)
         train_s = {
             row.trial: training_seconds(os.path.join(root, "sweep", row.trial, "logs", "metrics.jsonl"))
@@ -106,9 +106,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         }
         plain_s = None
         if bench.plain_run:
-            job = load_job_config([*bench.overrides, "run.name=plain", f"run.storage_path={root}"])
+            config = load_config([*bench.overrides, "run.name=plain", f"run.storage_path={root}"])
             start = time.perf_counter()
-            train(job)
+            train(config)
             plain_s = time.perf_counter() - start
     finally:
         ray.shutdown()
@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "machine": f"{os.cpu_count()}-core CPU, local Ray cluster of {bench.num_cpus} CPUs",
         "trials": bench.trials,
         "max_concurrent_trials": n,
-        "steps": sweep.job.run.max_steps,
+        "steps": sweep.base.run.max_steps,
         "wall_s": round(result.wall_s, 1),
         "train_s": {k: round(v, 2) for k, v in train_s.items()},
         "trial_wall_s": {row.trial: round(row.wall_s, 1) for row in result.table.itertuples()},

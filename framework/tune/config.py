@@ -25,6 +25,9 @@ class PbtConfig:
     quantile_fraction: float = MISSING
     # Chance that an explored value is drawn anew from its distribution instead of scaled by 0.8 or 1.2.
     resample_probability: float = MISSING
+    # Wait for the whole population at each perturbation interval and decide for all trials at once
+    # (Tune's synchronous PBT): the same exploits every run, at the cost of trials idling while they wait.
+    synch: bool = MISSING
 
 
 @dataclass

@@ -1,25 +1,23 @@
-"""What a sweep leaves a person: the results table, two plots, and the best trial promoted to a Hugging Face folder.
+"""What a sweep leaves a person to read: the results table and two plots (framework/tune/promotion.py exports the best trial).
 
     <output_dir>/results.csv, results.parquet   one row per trial, best first
     <output_dir>/history.parquet                every report of every trial (step, metrics, checkpoint)
     <output_dir>/curves.png                     the metric against step per trial; × ends a stopped trial
     <output_dir>/params.png                     the final metric against each swept value
-    <output_dir>/best/, best.json               the best trial's final checkpoint, exported and verified
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
 import pandas as pd
 
-from framework import storage
-from framework.tune.sweep import Sweep, format_value, trial_overrides
+from framework.config import last_line
+from framework.tune.plan import Sweep
+from framework.tune.space import format_value, trial_overrides
 
 # A trial's status in the table. UNFINISHED: the driver was interrupted before the trial ended (a
 # resume runs it again); it is neither completed nor stopped early.
@@ -44,7 +42,7 @@ def outcomes(results: Any, unfinished: Iterable[str] = ()) -> List[TrialOutcome]
     for result in results:
         trial_id = os.path.basename(result.path.rstrip("/"))
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        error = None if result.error is None else (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+        error = None if result.error is None else last_line(result.error)
         found.append(TrialOutcome(trial_id, dict(result.config or {}), history, error, trial_id not in unfinished))
     return found
 
@@ -58,22 +56,15 @@ def trial_status(trial: TrialOutcome, steps: int, max_steps: int) -> str:
     return COMPLETED if steps >= max_steps else STOPPED
 
 
-def _checkpoint_uri(storage_root: str, path: Any) -> Optional[str]:
-    """Train reports a checkpoint's path inside its filesystem; give it back the storage's scheme."""
-    if not isinstance(path, str) or not path:
-        return None
-    return f"{storage_root.split('://', 1)[0]}://{path}" if "://" in storage_root else path
-
-
-def results_table(trials: List[TrialOutcome], sweep: Sweep, storage_root: str) -> pd.DataFrame:
+def results_table(trials: List[TrialOutcome], sweep: Sweep) -> pd.DataFrame:
     """One row per trial: its values and overrides, final and best metric, steps, stopped early or not, wall time, checkpoint."""
-    metric, mode = sweep.config.metric, sweep.config.mode
+    metric, mode = sweep.tune.metric, sweep.tune.mode
     rows = []
     for trial in trials:
         history = trial.history
         values = history[metric].dropna() if metric in history else pd.Series(dtype=float)
         steps = int(history["step"].max()) if "step" in history and len(history) else 0
-        max_steps = int(trial.config.get("run.max_steps", sweep.job.run.max_steps))
+        max_steps = int(trial.config.get("run.max_steps", sweep.base.run.max_steps))
         status = trial_status(trial, steps, max_steps)
         checkpoints = history.dropna(subset=["checkpoint_path"]) if "checkpoint_path" in history else history.iloc[0:0]
         row: Dict[str, Any] = {"trial": trial.trial_id, "status": status}
@@ -85,7 +76,7 @@ def results_table(trials: List[TrialOutcome], sweep: Sweep, storage_root: str) -
             "steps": steps,
             "stopped_early": status == STOPPED,
             "wall_s": float(history["time_total_s"].iloc[-1]) if "time_total_s" in history and len(history) else math.nan,
-            "checkpoint": _checkpoint_uri(storage_root, checkpoints["checkpoint_path"].iloc[-1]) if len(checkpoints) else None,
+            "checkpoint": sweep.uri(checkpoints["checkpoint_path"].iloc[-1]) if len(checkpoints) else None,
             "checkpoint_step": int(checkpoints["step"].iloc[-1]) if len(checkpoints) else None,
             "error": trial.error,
         })
@@ -128,8 +119,8 @@ def print_table(table: pd.DataFrame, sweep: Sweep) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    metric = sweep.config.metric
-    view = Table(title=f"sweep {sweep.config.name}: {len(table)} trials, {metric} ({sweep.config.mode})")
+    metric = sweep.tune.metric
+    view = Table(title=f"sweep {sweep.tune.name}: {len(table)} trials, {metric} ({sweep.tune.mode})")
     columns = ["trial", "status", *sweep.params, f"final_{metric}", f"best_{metric}", "steps", "wall_s"]
     for column in columns:
         view.add_column(column, justify="left" if column in ("trial", "status") else "right")
@@ -156,9 +147,9 @@ def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = sweep.config.metric
+    metric = sweep.tune.metric
     status = dict(zip(table["trial"], table["status"]))
-    best = best_trial(table, sweep)
+    best = best_trial(table, sweep.tune.metric)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, trial in enumerate(trials):
         if metric not in trial.history or "step" not in trial.history:
@@ -167,13 +158,13 @@ def plot_curves(trials: List[TrialOutcome], table: pd.DataFrame, sweep: Sweep, p
         if not len(points):
             continue
         color = f"C{i % 10}"
-        label = f"{trial.trial_id}: " + " ".join(f"{k.rsplit('.', 1)[-1]}={_short(trial.config.get(k))}" for k in sweep.params if sweep.params[k].dist)
+        label = f"{trial.trial_id}: " + " ".join(f"{k.rsplit('.', 1)[-1]}={_short(trial.config.get(k))}" for k in sweep.params if sweep.params[k].sampled)
         ax.plot(points["step"], points[metric], "-o", color=color, ms=3, lw=3 if trial.trial_id == best else 1.2, label=label)
         end = {STOPPED: "x", ERROR: "s"}.get(status.get(trial.trial_id), "o")
         ax.plot(points["step"].iloc[-1], points[metric].iloc[-1], end, color=color, ms=11 if end == "x" else 6, mew=2.5)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
-    ax.set_title(f"sweep {sweep.config.name}: {metric} per trial (× stopped early, thick: best)")
+    ax.set_title(f"sweep {sweep.tune.name}: {metric} per trial (× stopped early, thick: best)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -188,11 +179,11 @@ def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = f"final_{sweep.config.metric}"
-    swept = [p for p in sweep.params.values() if p.dist is not None] or list(sweep.params.values())
+    metric = f"final_{sweep.tune.metric}"
+    swept = [p for p in sweep.params.values() if p.sampled] or list(sweep.params.values())
     fig, axes = plt.subplots(1, max(1, len(swept)), figsize=(max(7.0, 4.5 * len(swept)), 4.5), squeeze=False)
     rows = table[table["status"] != ERROR]
-    best = best_trial(table, sweep)
+    best = best_trial(table, sweep.tune.metric)
     for ax, param in zip(axes[0], swept):
         values = list(rows[param.key]) if param.key in rows else []
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -208,18 +199,18 @@ def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
             if row["trial"] == best:
                 ax.plot(x, row[metric], "*", color="C3", ms=16, zorder=5)
         spread = numeric and values and min(values) > 0 and max(values) / min(values) >= 100
-        if numeric and (param.is_log or spread):
+        if numeric and (param.log or spread):
             ax.set_xscale("log")
         ax.set_xlabel(param.key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"sweep {sweep.config.name}: {metric} against each swept value\n(× stopped early, ★ best)")
+    fig.suptitle(f"sweep {sweep.tune.name}: {metric} against each swept value\n(× stopped early, ★ best)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def best_trial(table: pd.DataFrame, sweep: Sweep) -> Optional[str]:
+def best_trial(table: pd.DataFrame, metric: str) -> Optional[str]:
     """The trial promotion exports (and the plots mark): the best final metric among the ended trials whose
     final report came with a checkpoint (every completed trial: the loop checkpoints at
     run.max_steps), so that the exported weights are exactly those the metric was measured on."""
@@ -227,36 +218,5 @@ def best_trial(table: pd.DataFrame, sweep: Sweep) -> Optional[str]:
         return None
     ended = ~table["status"].isin([ERROR, UNFINISHED])
     candidates = table[ended & table["checkpoint"].notna() & (table["checkpoint_step"] == table["steps"])]
-    candidates = candidates.dropna(subset=[f"final_{sweep.config.metric}"])
+    candidates = candidates.dropna(subset=[f"final_{metric}"])
     return str(candidates["trial"].iloc[0]) if len(candidates) else None  # the table is sorted best first
-
-
-def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict[str, Any]]:
-    """Export the best trial's (`best_trial`) final checkpoint as a Hugging Face folder and write best.json."""
-    from framework.export import export_checkpoint
-
-    trial = best_trial(table, sweep)
-    if trial is None:
-        return None
-    best = table[table["trial"] == trial].iloc[0]
-    target = os.path.abspath(os.path.join(output_dir, "best"))
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_dir = best["checkpoint"]
-        if "://" in checkpoint_dir:
-            storage.download_dir(checkpoint_dir, tmp)
-            checkpoint_dir = tmp
-        path = export_checkpoint(checkpoint_dir, target)
-    record = {
-        "trial": str(best["trial"]),
-        "metric": sweep.config.metric,
-        "value": float(best[f"final_{sweep.config.metric}"]),
-        "mode": sweep.config.mode,
-        "overrides": best["overrides"].split() if best["overrides"] else [],
-        "path": os.path.abspath(path),
-        "step": int(best["steps"]),
-        "checkpoint": best["checkpoint"],
-    }
-    with open(os.path.join(output_dir, "best.json"), "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    return record
