@@ -277,10 +277,10 @@ def test_setup_and_collective_timeouts_are_separate_and_the_resource_wait_is_per
 
     cfg = load_config(run_overrides(prepared_data, run_storage, "timeouts", **{
         "run.num_workers": 1, "run.setup_timeout_s": 7, "run.collective_timeout_s": 77, "run.resource_wait_s": 33, "run.max_steps": 2,
-        "run.checkpoint_interval": 2, "run.eval_interval": 2}))
+        "run.checkpoint_interval": 2, "run.eval_interval": 2, "optim.warmup_steps": 0}))
     plan = make_plan(cfg)
     trainer = build_trainer(plan, {"CPU": 1.0})
-    assert trainer.torch_config.timeout_s == 7
+    assert trainer.backend_config.timeout_s == 7
     assert failure_config(plan).controller_failure_limit == 0
 
     def timeout_after_training(c):
