@@ -60,19 +60,26 @@ def _read(env, path: str) -> str:
         return f.read().decode()
 
 
-def test_the_lifecycle_on_object_storage(s3, tmp_path):
+@pytest.fixture(scope="module")
+def s3_data(s3):
+    """The small corpus prepared into the bucket by launch/prep.py; (URI, prep's output)."""
+    data = f"s3://{BUCKET}/data/small"
+    prep = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "prep.py"), f"data.sources.0.path='{SMALL_CORPUS}'", "data.tokenizer.vocab_size=1024",
+         "data.seq_len=64", "data.files_per_task=8", f"data.val_fraction={VAL_FRACTION}", f"data.output_dir={data}"],
+        cwd=ROOT, env={**os.environ, **s3}, capture_output=True, text=True, timeout=600,
+    )
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    return data, prep
+
+
+def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path):
     """prep → train (checkpoint, interrupted, resumed) → metrics and TensorBoard events in the bucket → export from
     the bucket → the exported folder generates. The credentials come from the environment alone."""
     import pyarrow.fs as pafs
 
     env = {**os.environ, **s3}
-    data, runs = f"s3://{BUCKET}/data/small", f"s3://{BUCKET}/runs"
-    prep = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "prep.py"), f"data.sources.0.path='{SMALL_CORPUS}'", "data.tokenizer.vocab_size=1024",
-         "data.seq_len=64", "data.files_per_task=8", f"data.val_fraction={VAL_FRACTION}", f"data.output_dir={data}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert prep.returncode == 0, prep.stderr[-3000:]
+    (data, prep), runs = s3_data, f"s3://{BUCKET}/runs"
     manifest = json.loads(_read(s3, "data/small/manifest.json"))
     assert manifest["splits"]["validation"]["rows"] > 0
 
@@ -120,6 +127,21 @@ def test_the_lifecycle_on_object_storage(s3, tmp_path):
     for info in fs.get_file_info(pafs.FileSelector(BUCKET, recursive=True)):
         if info.type == pafs.FileType.File and info.base_name.endswith((".json", ".yaml", ".jsonl")):
             assert secret not in _read(s3, info.path[len(BUCKET) + 1:]), info.path
+
+
+def test_a_sweep_on_object_storage_publishes_its_results_there(s3, s3_data, tmp_path):
+    """Trials' runs, the results table, plots and the promoted model with its best.json, all in the bucket."""
+    data, _ = s3_data
+    result = launch("tune.py", "tune=grid", "~tune/space", '+tune.space.optim.lr="choice(3e-3)"', "tune.name=s3-sweep",
+                    f"tune.storage_path=s3://{BUCKET}/sweeps", f"tune.output_dir={tmp_path / 'out'}", "tune.verbose=0",
+                    *[o for o in run_overrides(data, "unused", "unused", **{"run.max_steps": 10, "run.num_workers": 1})
+                      if not o.startswith(("run.name=", "run.storage_path="))],
+                    env=s3, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    best = json.loads(_read(s3, "sweeps/s3-sweep/published/best.json"))
+    assert best["path"] == "best" and best["step"] == 10
+    for name in ("results.csv", "curves.png", "best/model.safetensors", "best/export.json"):
+        assert _bucket(s3).get_file_info(f"{BUCKET}/sweeps/s3-sweep/published/{name}").size > 0, name
 
 
 def _copy_run_until(run_dir: str, step: int, target: str) -> None:

@@ -16,12 +16,13 @@ missing, they are prepared first (`framework/data/prepare.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import statistics
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
@@ -41,6 +42,11 @@ class TrainBenchConfig:
     baseline: bool = MISSING
     # CPUs of the local Ray cluster the benchmark starts; null: all of this machine's.
     num_cpus: Optional[int] = MISSING
+    # The cost of a checkpoint: the first stage's job with these overrides (frequent checkpoints), on each
+    # storage (local: under storage_path; s3: a loopback S3-protocol server) and upload mode.
+    checkpoint_overrides: List[str] = MISSING
+    checkpoint_storages: List[str] = MISSING
+    checkpoint_uploads: List[str] = MISSING
     # Runs go here (cleared first); the figures go to `output`.
     storage_path: str = MISSING
     output: str = MISSING
@@ -69,12 +75,23 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"bench.warmup_steps={bench.warmup_steps}: leaves no full log interval (run.log_interval={job.run.log_interval})")
     if bench.baseline and job.run.num_workers != 1:
         raise ConfigError(f"bench.overrides: run.num_workers={job.run.num_workers}: the bare baseline is one process; benchmark one worker")
+    for storage in bench.checkpoint_storages:
+        if storage not in ("local", "s3"):
+            raise ConfigError(f"bench.checkpoint_storages={bench.checkpoint_storages}: expected local and/or s3")
+    for upload in bench.checkpoint_uploads:
+        if upload not in ("sync", "async"):
+            raise ConfigError(f"bench.checkpoint_uploads={bench.checkpoint_uploads}: expected sync and/or async")
+
+
+def read_metrics(uri: str) -> List[Dict[str, Any]]:
+    from framework import storage
+
+    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
 
 
 def steady_figures(metrics_jsonl: str, warmup_steps: int) -> Dict[str, Optional[float]]:
     """Median tokens/s, MFU and data wait, and the peak memory, over the log intervals after `warmup_steps`."""
-    with open(metrics_jsonl) as f:
-        records = [r for r in map(json.loads, f) if "perf/tokens_per_s" in r and r["step"] > warmup_steps]
+    records = [r for r in read_metrics(metrics_jsonl) if "perf/tokens_per_s" in r and r["step"] > warmup_steps]
     mfu = [r["perf/mfu"] for r in records if "perf/mfu" in r]
     return {
         "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in records),
@@ -93,6 +110,41 @@ def bare_run(cfg: Config) -> str:
     return os.path.join(plan.log_dir, "metrics.jsonl")
 
 
+def checkpoint_figures(metrics_jsonl: str) -> Dict[str, float]:
+    """Median seconds a save blocked training, median seconds per training step, and their ratio."""
+    records = read_metrics(metrics_jsonl)
+    saves = [r["perf/checkpoint_s"] for r in records if "perf/checkpoint_s" in r]
+    steps = [r["perf/step_s"] for r in records if "perf/step_s" in r]
+    blocked, step = statistics.median(saves), statistics.median(steps)
+    return {"checkpoint_s": blocked, "step_s": step, "steps_per_checkpoint_blocked": blocked / step, "saves": len(saves)}
+
+
+@contextlib.contextmanager
+def loopback_s3(enabled: bool) -> Iterator[Optional[str]]:
+    """A bucket on a loopback S3-protocol server (moto), its endpoint and credentials in this process's environment
+    (set before Ray starts, so every worker has them); gives the bucket's URI, or None when not `enabled`."""
+    if not enabled:
+        yield None
+        return
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
+    try:
+        yield "s3://bench/runs"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def ensure_shards(cfg: Config) -> None:
     from framework.data.prepare import run as prepare
 
@@ -109,8 +161,11 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     bench = to_bench_config(cfg)
     root = absolute(bench.storage_path)
     shutil.rmtree(root, ignore_errors=True)  # a leftover run of the same name would resume, not train
-    ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
     stages: Dict[str, Any] = {}
+    checkpoints: Dict[str, Any] = {}
+    s3 = contextlib.ExitStack()
+    bucket = s3.enter_context(loopback_s3("s3" in bench.checkpoint_storages))
+    ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
         first = stage_config(bench, bench.stages[0], "check")
         ensure_shards(first)
@@ -118,15 +173,24 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         for stage in bench.stages:
             job = stage_config(bench, stage, f"zero{stage}")
             train(job)
-            figures = {"framework": steady_figures(os.path.join(log_dir(job), "metrics.jsonl"), bench.warmup_steps)}
+            figures = {"framework": steady_figures(log_dir(job) + "/metrics.jsonl", bench.warmup_steps)}
             if bench.baseline:
                 bare = replace(job, run=replace(job.run, name=f"bare-zero{stage}"))
                 task = ray.remote(bare_run).options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0))
                 figures["bare"] = steady_figures(ray.get(task.remote(bare)), bench.warmup_steps)
                 figures["ratio"] = round(figures["framework"]["tokens_per_s"] / figures["bare"]["tokens_per_s"], 3)
             stages[f"zero{stage}"] = figures
+        for place in bench.checkpoint_storages:
+            for upload in bench.checkpoint_uploads:
+                name = f"checkpoint-{place}-{upload}"
+                where = bucket if place == "s3" else root
+                job = load_config([*bench.overrides, *bench.checkpoint_overrides, f"deepspeed=zero{bench.stages[0]}",
+                                   f"run.name={name}", f"run.storage_path={where}", f"run.checkpoint_upload={upload}"])
+                train(job)
+                checkpoints[f"{place} {upload}"] = checkpoint_figures(log_dir(job) + "/metrics.jsonl")
     finally:
         ray.shutdown()
+        s3.close()
 
     result = {
         "machine": gpu_name() or f"{os.cpu_count()}-core CPU",
@@ -136,6 +200,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "global_batch_size": first.run.global_batch_size,
         "micro_batch_size": first.run.micro_batch_size,
         "stages": stages,
+        "checkpoints": checkpoints,
         "config": asdict(bench),
     }
     os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
@@ -169,3 +234,10 @@ def print_table(result: Dict[str, Any]) -> None:
                 label = f"{name} Ray Train" if side == "framework" else f"{name} bare loop"
                 table.add_row(label, f"{f['tokens_per_s']:,.0f}", pct(f["mfu"]), pct(f["data_wait"]), f"{f['peak_mem_gb']:.2f}", ratio)
     Console().print(table)
+    if result["checkpoints"]:
+        saves = Table(title="the cost of a checkpoint: time a save blocks training")
+        for column in ("storage, upload", "blocked s", "step s", "steps' worth"):
+            saves.add_column(column, justify="right")
+        for name, f in result["checkpoints"].items():
+            saves.add_row(name, f"{f['checkpoint_s']:.3f}", f"{f['step_s']:.3f}", f"{f['steps_per_checkpoint_blocked']:.1f}")
+        Console().print(saves)

@@ -56,6 +56,8 @@ class RunConfig:
     eval_rows: Optional[int] = MISSING
     checkpoint_interval: int = MISSING
     keep_checkpoints: int = MISSING
+    # sync: training waits while Ray Train stores a checkpoint; async: it goes on while the upload runs.
+    checkpoint_upload: str = MISSING
     # Local directory or any pyarrow filesystem URI (s3://, gs://, ...).
     storage_path: str = MISSING
     # Seeds the model's initial weights and the sample order (framework/data/sampler.py).
@@ -113,6 +115,7 @@ def check_run(run: RunConfig) -> None:
         value = getattr(run, key)
         require(value >= 1, f"run.{key}", value, "expected at least 1")
     require(run.eval_rows is None or run.eval_rows >= 1, "run.eval_rows", run.eval_rows, "expected at least 1, or null (the whole validation split)")
+    require(run.checkpoint_upload in ("sync", "async"), "run.checkpoint_upload", run.checkpoint_upload, "expected sync or async")
     require(run.precision in PRECISIONS, "run.precision", run.precision, f"expected one of {PRECISIONS}")
     require(
         run.gpus_per_worker > 0 or run.precision in ("auto", "fp32"),

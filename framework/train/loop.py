@@ -149,6 +149,7 @@ def train(plan: TrainPlan, session: Session) -> None:
     logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps)
     pending: List[torch.Tensor] = []  # per step: (summed token loss on this rank, the step's target tokens)
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+    checkpoint_s: float | None = None  # how long the last save blocked training
 
     engine.train()
     try:
@@ -192,6 +193,8 @@ def train(plan: TrainPlan, session: Session) -> None:
                     "perf/data_wait": data_wait / elapsed,
                     "perf/peak_mem_gb": peak_memory_gb(),
                 })
+                if checkpoint_s is not None:
+                    records[-1]["perf/checkpoint_s"], checkpoint_s = checkpoint_s, None
                 if peak:
                     records[-1]["perf/mfu"] = step_flops * interval_steps / elapsed / (world * peak * 1e12)
                 last_eval: Dict[str, float] = {}
@@ -206,9 +209,12 @@ def train(plan: TrainPlan, session: Session) -> None:
                     report = {"step": state.step, "tokens": state.tokens, "train_loss": records[-1]["train/loss"]}
                     report.update({k.replace("/", "_"): v for k, v in last_eval.items()})
                     if checkpoint_now:
-                        with tempfile.TemporaryDirectory() as directory:
-                            checkpoint.save(engine, directory, state, cfg, plan.tokenizer_uri, plan.probe, rank)
-                            session.report(report, checkpoint_dir=directory, step=state.step)
+                        saving = time.perf_counter()
+                        # An asynchronous upload reads the folder after report returns; the session removes it then.
+                        directory = tempfile.mkdtemp(prefix="checkpoint-")
+                        checkpoint.save(engine, directory, state, cfg, plan.tokenizer_uri, plan.probe, rank)
+                        session.report(report, checkpoint_dir=directory, step=state.step, upload=run.checkpoint_upload)
+                        checkpoint_s = time.perf_counter() - saving  # logged with the next interval
                     else:
                         session.report(report)
                 interval_start = time.perf_counter()  # evaluation and checkpoint time is not training time

@@ -181,7 +181,7 @@ def size_workers(run: RunConfig, nodes: Sequence[Dict[str, float]], trials: int 
         count = f"{trials} trials × {workers // trials}" if trials > 1 else f"{workers}"
         raise ConfigError(
             f"{key}={run.num_workers if trials == 1 else trials}: {count} workers × {each} do not fit the cluster's nodes "
-            f"({layout}): at most {fits} fit; lower {key}, run.num_workers or run.cpus_per_worker"
+            f"({layout}): at most {fits} fit; lower " + ", ".join(dict.fromkeys([key, "run.num_workers"])) + " or run.cpus_per_worker"
         )
     resources = {"CPU": per_worker}
     if gpus:

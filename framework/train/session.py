@@ -30,8 +30,12 @@ class Session(Protocol):
     def checkpoint_name(self) -> Optional[str]:
         """Where the checkpoint to resume lives, for messages."""
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None, step: int = 0) -> None:
-        """Hand over metrics (every rank, the same values) and, with `checkpoint_dir`, this rank's part of checkpoint `step`."""
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None, step: int = 0, upload: str = "sync") -> None:
+        """Hand over metrics (every rank, the same values) and, with `checkpoint_dir`, this rank's part of checkpoint `step`.
+
+        The session owns `checkpoint_dir` from then on and removes it once stored; with `upload="async"` that
+        may be after the call returns.
+        """
 
 
 class RaySession:
@@ -68,16 +72,19 @@ class RaySession:
     def checkpoint_name(self) -> Optional[str]:
         return self._restored.path if self._restored is not None else None
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None, step: int = 0) -> None:
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None, step: int = 0, upload: str = "sync") -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         if checkpoint_dir is None:
             ray.train.report(metrics)
-        else:
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                checkpoint_dir_name=checkpoint.checkpoint_dir_name(step),
-            )
+            return
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            checkpoint_dir_name=checkpoint.checkpoint_dir_name(step),
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
 
 
 def _free_port() -> int:
@@ -119,13 +126,13 @@ class LocalSession:
     def checkpoint_name(self) -> Optional[str]:
         return checkpoint.latest_checkpoint(self.run_dir)
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None, step: int = 0) -> None:
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None, step: int = 0, upload: str = "sync") -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is None:
             return
         target = os.path.join(self.run_dir, checkpoint.checkpoint_dir_name(step))
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, target)
+        shutil.move(checkpoint_dir, target)
         checkpoint.mark_complete(target, step)
         kept = sorted(n for n in os.listdir(self.run_dir) if n.startswith("checkpoint_"))
         for name in kept[: -self.keep]:

@@ -42,16 +42,30 @@ class MarkComplete(ray.train.UserCallback):
             mark_complete(storage.uri_of(checkpoint.filesystem, checkpoint.path), int(metrics[0]["step"]))
 
 
+# An elastic run's attempt to start its workers is short: when it fails (Ray Train counted a lost
+# node's resources as free), Ray Train decides again on the workers that really fit.
+ELASTIC_START_ATTEMPT_S = 30
+
+
+def start_attempt_s(plan: TrainPlan) -> int:
+    """Seconds one attempt to start the worker group waits for its resources."""
+    run = plan.config.run
+    return run.resource_wait_s if run.min_workers is None else min(run.resource_wait_s, ELASTIC_START_ATTEMPT_S)
+
+
 def failure_config(plan: TrainPlan) -> ray.train.FailureConfig:
-    """Restarts after a worker dies (run.max_failures), and no retry of a start that timed out.
+    """Restarts after a worker dies (run.max_failures), and what a start that timed out leads to.
 
     Ray Train asks for its worker group's resources in attempts of RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
     and by default retries forever: a run that lost a node on a fixed-size cluster would wait for ever.
     Its count of failed attempts never resets, so a budget of attempts would be one for the whole run;
-    instead each start (and each restart) gets one attempt of run.resource_wait_s (`fit` sets the
-    variable, which Ray Train hands to its controller) and a run whose attempt times out fails.
+    instead each start (and each restart) of a fixed-size run gets one attempt of run.resource_wait_s
+    (`fit` sets the variable, which Ray Train hands to its controller) and a run whose attempt times out
+    fails. An elastic run retries short attempts: Ray Train sizes each one to what the cluster holds,
+    and waits (without a bound: that is what run.min_workers asks for) while fewer than run.min_workers fit.
     """
-    return ray.train.FailureConfig(max_failures=plan.config.run.max_failures, controller_failure_limit=0)
+    elastic = plan.config.run.min_workers is not None
+    return ray.train.FailureConfig(max_failures=plan.config.run.max_failures, controller_failure_limit=-1 if elastic else 0)
 
 
 def unplaced_workers_error(plan: TrainPlan, resources: Dict[str, float], error: Exception) -> Exception:
@@ -106,7 +120,7 @@ def fit(plan: TrainPlan, resources: Dict[str, float], callbacks: Optional[List[A
     """Run the TorchTrainer of `plan` to the end; a run whose workers could not be placed ends in one RunError line."""
     trainer = build_trainer(plan, resources, callbacks)
     previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(plan.config.run.resource_wait_s)
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(start_attempt_s(plan))
     try:
         return trainer.fit()
     except ray.train.ControllerError as exc:

@@ -152,7 +152,22 @@ def publish(sweep: Sweep, trials: List[report.TrialOutcome], table: pd.DataFrame
     report.plot_curves(trials, table, sweep, os.path.join(out, "curves.png"))
     report.plot_params(table, sweep, os.path.join(out, "params.png"))
     report.print_table(table, sweep)
-    return promotion.promote(table, sweep, out) if t.promote else None
+    best = promotion.promote(table, sweep, out) if t.promote else None
+    if "://" in sweep.sweep_dir:
+        mirror(out, storage.join(sweep.sweep_dir, PUBLISHED), best)
+    return best
+
+
+# Under a sweep on object storage, the published results are copied beside its trials' runs.
+PUBLISHED = "published"
+
+
+def mirror(output_dir: str, uri: str, best: Optional[Dict[str, Any]]) -> None:
+    """Copy what a sweep published (tables, plots, best/ and best.json) to object storage; best.json there points at best/ beside it."""
+    storage.upload_dir(output_dir, uri)
+    if best is not None:
+        storage.write_json(storage.join(uri, "best.json"), {**best, "path": "best"})
+    print(f"tune: results, plots, best/ and best.json copied to {uri}", flush=True)
 
 
 def run(sweep: SweepPlan) -> SweepResult:
