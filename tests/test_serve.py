@@ -53,7 +53,8 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from framework.serve.bench import RandomModelConfig, random_model_folder
 
     tiny = RandomModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, context=256)
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, context=256,
+                             corpus_mb=0.3, seed=0)
     return random_model_folder(tmp_path_factory.mktemp("random_model"), tiny)
 
 

@@ -38,7 +38,7 @@ from framework.serve.api import (
     now,
     validation_error,
 )
-from framework.serve.config import ServeConfig, to_serve_config, validate_serve
+from framework.serve.config import ServeConfig, compose_serve_config, to_serve_config, validate_serve
 from framework.serve.engine import Delta, Job, JobFailed, StepOutput
 from framework.serve.folder import check_model_folder, default_model_id, resolve_model_path
 
@@ -224,27 +224,8 @@ def build(cfg: ServeConfig) -> serve.Application:
 
 
 def config_from_args(args: Dict[str, Any]) -> ServeConfig:
-    """A checked ServeConfig from Serve's builder args: `preset` (a conf/serve/ name, default "default")
-    plus any serve.* keys, e.g. {"preset": "gpu", "model_path": "/models/best.json"}."""
-    from hydra import compose as compose_in_app
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from framework.config import one_line, compose
-
-    args = dict(args)
-    overrides = [f"serve={args.pop('preset', 'default')}"]
-    try:
-        # Inside a running Hydra app (launch/bench.py) Hydra is initialised already and composes from conf/.
-        if GlobalHydra.instance().is_initialized():
-            preset = compose_in_app(config_name="serve", overrides=overrides)
-        else:
-            preset = compose(overrides, "serve")
-        # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
-        cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
-    except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
-        raise ConfigError(one_line(exc)) from None
-    validate_serve(cfg)
+    """A checked ServeConfig from Serve's builder args (see `compose_serve_config`), its model folder checked too."""
+    cfg = compose_serve_config(args)
     check_model_folder(resolve_model_path(cfg.model_path))
     return cfg
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig
 
-from framework.config import ConfigError, register, require, typed
+from framework.config import ConfigError, compose, one_line, register, require, typed
 
 
 @dataclass
@@ -120,6 +120,30 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
         "serve.api_key_env", serve.api_key_env, "expected an environment variable name, or null",
     )
     return serve
+
+
+def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
+    """A checked ServeConfig from a preset and serve.* keys, as Serve's builder args give them: `preset` (a
+    conf/serve/ name, default "default") plus any keys, e.g. {"preset": "gpu", "model_path": "/models/best.json"}."""
+    from hydra import compose as compose_in_app
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    args = dict(args)
+    overrides = [f"serve={args.pop('preset', 'default')}"]
+    try:
+        # Inside a running Hydra app (launch/bench.py) Hydra is initialised already and composes from conf/.
+        if GlobalHydra.instance().is_initialized():
+            preset = compose_in_app(config_name="serve", overrides=overrides)
+        else:
+            preset = compose(overrides, "serve")
+        # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
+        cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
+        raise ConfigError(one_line(exc)) from None
+    return validate_serve(cfg)
 
 
 def check_serve_config(cfg: DictConfig) -> None:
