@@ -483,17 +483,17 @@ def test_batched_greedy_decoding_equals_transformers_generate_row_by_row(random_
 
 
 def test_chat_the_template_refuses_is_a_400_on_messages(served_model_dir: Path) -> None:
-    from framework.serve import protocol
-    from framework.serve.api import APIError, ChatCompletionRequest
+    from framework.serve import routes
+    from framework.serve.protocol import APIError, ChatCompletionRequest
     from framework.serve.engine import load_engine
 
     engine = load_engine(served_model_dir, device="cpu")
     engine.tokenizer.chat_template = STRICT_TEMPLATE
     alternating = ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
-    assert protocol.chat_job(alternating, engine, 16, MAX_BATCH).prompt_tokens > 0
+    assert routes.chat_job(alternating, engine, 16, MAX_BATCH).prompt_tokens > 0
     twice = ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
     with pytest.raises(APIError) as refused:
-        protocol.chat_job(twice, engine, 16, MAX_BATCH)
+        routes.chat_job(twice, engine, 16, MAX_BATCH)
     assert (refused.value.status, refused.value.param) == (400, "messages")
     assert "roles must alternate" in refused.value.message
 

@@ -27,8 +27,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from framework.config import ConfigError
-from framework.serve import protocol
-from framework.serve.api import (
+from framework.serve import routes
+from framework.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -174,29 +174,29 @@ class LLMServer:
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):  # noqa: ANN201 - JSON or a stream of events
         self._check_model(body.model)
-        prepared = protocol.completion_job(body, self.engine, self.cfg.default_max_tokens, self.cfg.max_batch_size)
+        prepared = routes.completion_job(body, self.engine, self.cfg.default_max_tokens, self.cfg.max_batch_size)
         rid, created = new_id("cmpl"), now()
         deltas = self._deltas(prepared.job)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = protocol.completion_events(deltas, rid, created, self.model_id, prepared.prompt_tokens, include_usage)
+            events = routes.completion_events(deltas, rid, created, self.model_id, prepared.prompt_tokens, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        done = await protocol.collect(deltas, len(prepared.job.rows))
-        return protocol.completion_response(rid, created, self.model_id, done, prepared.prompt_tokens)
+        done = await routes.collect(deltas, len(prepared.job.rows))
+        return routes.completion_response(rid, created, self.model_id, done, prepared.prompt_tokens)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):  # noqa: ANN201
         self._check_model(body.model)
-        prepared = protocol.chat_job(body, self.engine, self.cfg.default_max_tokens, self.cfg.max_batch_size)
+        prepared = routes.chat_job(body, self.engine, self.cfg.default_max_tokens, self.cfg.max_batch_size)
         rid, created = new_id("chatcmpl"), now()
         deltas = self._deltas(prepared.job)
         rows = len(prepared.job.rows)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = protocol.chat_events(deltas, rid, created, self.model_id, rows, prepared.prompt_tokens, include_usage)
+            events = routes.chat_events(deltas, rid, created, self.model_id, rows, prepared.prompt_tokens, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        done = await protocol.collect(deltas, rows)
-        return protocol.chat_response(rid, created, self.model_id, done, prepared.prompt_tokens)
+        done = await routes.collect(deltas, rows)
+        return routes.chat_response(rid, created, self.model_id, done, prepared.prompt_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
