@@ -1,9 +1,9 @@
-"""OpenAI request and response shapes (completions, chat, models) and OpenAI-style error bodies.
+"""OpenAI request and response shapes (completions, chat, models, logprobs) and OpenAI-style error bodies.
 
-Requests are validated strictly (a string where a number belongs is a 400, not coerced) and unknown
-fields are ignored, as OpenAI's server does for parameters this server does not implement
-(logprobs, presence_penalty, ...). Every error a client can cause leaves as
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+Requests are validated strictly: a string where a number belongs is a 400, not coerced, and a field
+this server does not implement (`tools`, `suffix`, `best_of`, ...) is a 400 naming it, never accepted
+and ignored; such a field sent as null is no option and passes. Every error a client can cause leaves
+as `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
 
 StrictFloat = Annotated[float, Strict()]  # ints are accepted for floats (JSON has one number type); strings are not
 
@@ -49,6 +49,8 @@ def validation_error(errors: Sequence[Dict[str, Any]]) -> APIError:
         return APIError(400, f"Request body must be a JSON object sent as Content-Type: application/json "
                              f"({first.get('msg')})", code="invalid_body")
     param = _param_path(loc)
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"'{param}' is not supported by this server", param=param, code="unsupported_parameter")
     return APIError(400, f"Invalid value for '{param}': {first.get('msg')}", param=param, code="invalid_value")
 
 
@@ -69,7 +71,15 @@ def _param_path(loc: Sequence[Any]) -> str:
 # Requests
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_extras(cls, data: Any) -> Any:
+        """An unknown field sent as null asks for nothing; any other value is refused by name (extra="forbid")."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
 
 
 class StreamOptions(_Request):
@@ -78,12 +88,15 @@ class StreamOptions(_Request):
 
 class SamplingFields(_Request):
     model: StrictStr
-    max_tokens: Optional[StrictInt] = Field(None, ge=1)
     temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
     top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=128)
     stop: Optional[Union[StrictStr, List[StrictStr]]] = None
     seed: Optional[StrictInt] = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: Optional[StrictFloat] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[StrictFloat] = Field(None, ge=-2, le=2)
+    # Token id (as a string, JSON keys being strings) → a bias added to its logit, -100 to 100.
+    logit_bias: Optional[Dict[StrictStr, Annotated[StrictFloat, Field(ge=-100, le=100)]]] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[StrictStr] = None
@@ -95,6 +108,11 @@ class SamplingFields(_Request):
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, token ids, or a list of token id lists (one choice set per prompt).
     prompt: Union[StrictStr, List[StrictStr], List[StrictInt], List[List[StrictInt]]]
+    # 0 only with echo: score the prompt, generate nothing.
+    max_tokens: Optional[StrictInt] = Field(None, ge=0)
+    # The chosen token's logprob and this many of the most likely ones, per token (OpenAI allows up to 5).
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    echo: StrictBool = False
 
 
 class TextPart(_Request):
@@ -115,8 +133,11 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
     # The newer name OpenAI gives max_tokens on chat; either is accepted.
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +157,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of the choice's text (the prompt's first, with echo): its text, logprob, top tokens, offset."""
+
+    tokens: List[str]
+    token_logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: List[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
 
 
@@ -157,10 +187,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: List[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: List[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
 
 
@@ -181,7 +225,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
 
 
