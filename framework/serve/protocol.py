@@ -166,18 +166,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: List[int]
 
 
+FinishReason = Optional[Literal["stop", "length"]]
+
+
+class _Response(BaseModel):
+    """What every completion response and chunk starts with."""
+
+    id: str
+    created: int
+    model: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: FinishReason = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Response):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: List[CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -205,14 +213,11 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: List[ChatChoice]
     usage: Usage
 
@@ -226,14 +231,11 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: List[ChatChunkChoice]
     usage: Optional[Usage] = None
 
