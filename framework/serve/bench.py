@@ -200,6 +200,11 @@ class Client:
     def __init__(self, session: Any, url: str, model: str) -> None:
         self.session, self.url, self.model = session, url, model
 
+    async def steps(self) -> int:
+        """Forward passes the replica's engine has run (its /health counter)."""
+        async with self.session.get(f"{self.url}/health") as response:
+            return (await response.json())["steps"]
+
     async def complete(self, prompt: str, max_tokens: int, started: Optional[asyncio.Event] = None) -> Timed:
         """One streamed request; `started` is set when its first token arrives."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -229,12 +234,16 @@ async def _head_of_line(client: Client, bench: ServeBenchConfig, prompts: List[s
     """The short request alone (median of 3), then behind `long_requests` requests that are decoding."""
     hol = bench.head_of_line
     short_prompt = prompts[0]
+    before = await client.steps()
     alone = [await client.complete(short_prompt, hol.short_tokens) for _ in range(3)]
+    steps_alone = (await client.steps() - before) / len(alone)
     started = [asyncio.Event() for _ in range(hol.long_requests)]
     longs = [asyncio.create_task(client.complete(prompts[1 + i], hol.long_tokens, started[i]))
              for i in range(hol.long_requests)]
     await asyncio.gather(*(event.wait() for event in started))  # every long request is decoding
+    before = await client.steps()
     behind = await client.complete(short_prompt, hol.short_tokens)
+    steps_behind = await client.steps() - before
     still_decoding = sum(not task.done() for task in longs)
     long_done = await asyncio.gather(*longs)
     alone_s = statistics.median(t.last_s for t in alone)
@@ -242,6 +251,9 @@ async def _head_of_line(client: Client, bench: ServeBenchConfig, prompts: List[s
         "short_alone_s": round(alone_s, 3),
         "short_behind_long_s": round(behind.last_s, 3),
         "ratio": round(behind.last_s / alone_s, 2),
+        # Forward passes while the short request ran: the same few either way when it joins the running decode.
+        "engine_steps_alone": steps_alone,
+        "engine_steps_behind": steps_behind,
         "long_requests_still_decoding_when_short_ended": still_decoding,
         "long_requests_s": round(max(t.last_s for t in long_done), 3),
     }
