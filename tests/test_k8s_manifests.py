@@ -803,3 +803,34 @@ def test_rayservice_args_compose_into_a_valid_serve_config(name, obj):
     assert serve_cfg.api_key_env and serve_cfg.num_gpus == (1 if _is_gpu(name) else 0)
     names = {d.name for d in vars(serve_app).values() if isinstance(d, Deployment)}
     assert {d["name"] for d in app.get("deployments", [])} <= names, f"{name}: deployments the app does not have"
+
+
+def _rayservice_serve_config(obj: Dict):  # noqa: ANN202 - (the app's serveConfigV2 entry, its ServeConfig)
+    """The RayService's one application and the serve config its args compose into (model folder unchecked)."""
+    from framework.serve.config import compose_serve_config
+
+    [app] = yaml.safe_load(obj["spec"]["serveConfigV2"])["applications"]
+    return app, compose_serve_config(app["args"])
+
+
+@each("RayService")
+def test_rayservice_exposes_the_metrics_port_of_every_ray_pod(name, obj):
+    """Ray exports its own, Serve's and the framework's serving metrics (ray_llm_*) on this port of each node."""
+    for spec in _cluster_specs(obj):
+        for group_name, group in _groups(spec):
+            port = int(group["rayStartParams"]["metrics-export-port"])
+            ports = {p["name"]: p["containerPort"] for p in _ray_container(group)["ports"]}
+            assert ports.get("metrics") == port, f"{name}/{group_name}: metrics port not exposed"
+
+
+@each("RayService")
+def test_rayservice_proxies_check_the_key_and_size_the_app_configures(name, obj):
+    """Every pod's Serve proxy applies the ingress checks (framework/serve/ingress.py) with the app's own values."""
+    from framework.serve.ingress import ingress_environment
+
+    app, cfg = _rayservice_serve_config(obj)
+    expected = ingress_environment(cfg.api_key_env, app["route_prefix"], cfg.max_request_bytes)
+    for spec in _cluster_specs(obj):
+        for group_name, group in _groups(spec):
+            env = {e["name"]: e.get("value") for e in _ray_container(group).get("env", [])}
+            assert {k: env.get(k) for k in expected} == expected, f"{name}/{group_name}"

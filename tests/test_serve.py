@@ -2,7 +2,7 @@
 
 One application (the tiny model trained under ZeRO-3 by the shared fixture, exported, behind a sweep's
 best.json, with an API key and small queue limits) is deployed once for the module and shared by every
-test. Engine-level tests load the same exported folder without Serve.
+test. Engine-level behaviour is in test_serve_engine.py.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -23,19 +23,27 @@ import pytest
 import requests
 from omegaconf import OmegaConf
 
+from framework.serve.ingress import ingress_environment
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 # The served model's id: with serve.model_name unset, a best.json is served under its sweep's name.
 MODEL_NAME = "tiny-sweep"
 API_KEY = "sk-test-serve"
 KEY_ENV = "FRAMEWORK_TEST_SERVE_KEY"
-# Replicas read the key from their own environment, which they inherit from the process that started
-# the local Ray cluster. Other test modules may start it first, so set it at collection time, before any.
-os.environ[KEY_ENV] = API_KEY
+MAX_REQUEST_BYTES = 1 << 20
+# Replicas and Serve's proxies read their environment from the process that started the local Ray
+# cluster. Other test modules may start it first, so it is set at collection time, before any: the key
+# with the trailing newline a Kubernetes Secret made from a file carries (the replica must strip it),
+# and the proxy callback that checks the key and the body size before a request is routed.
+os.environ[KEY_ENV] = API_KEY + "\n"
+os.environ.update(ingress_environment(KEY_ENV, "/", MAX_REQUEST_BYTES))
 # The trained tiny model's max positions (conf/model/tiny.yaml), so the context checks follow the model.
 CONTEXT = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").hf_config.max_position_embeddings
 # Small limits so that a burst of a few dozen requests overflows them. Requests wait in Serve's queue
 # while the router picks a replica, so the queue must hold the 4 concurrent requests a test sends.
-MAX_ONGOING, MAX_QUEUED, MAX_BATCH = 4, 4, 4
+MAX_ONGOING, MAX_QUEUED, MAX_SEQUENCES = 4, 4, 4
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +53,6 @@ def served_model_dir(trained_checkpoints: Dict[int, str], tmp_path_factory: pyte
     from framework.export import export_checkpoint
 
     return Path(export_checkpoint(trained_checkpoints[3], str(tmp_path_factory.mktemp("export") / "tiny-zero3")))
-
-
-@pytest.fixture(scope="module")
-def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The benchmark's random-weight folder, small: its tokenizer has no chat template (the fallback layout)."""
-    from framework.serve.bench import RandomModelConfig, random_model_folder
-
-    tiny = RandomModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, context=256)
-    return random_model_folder(tmp_path_factory.mktemp("random_model"), tiny)
 
 
 def _free_port() -> int:
@@ -83,14 +81,22 @@ def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = config_from_args({
         "model_path": str(best), "host": "127.0.0.1", "port": _free_port(),
         "api_key_env": KEY_ENV, "app_name": "test-serve", "min_replicas": 1, "max_replicas": 1,
-        "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED, "max_batch_size": MAX_BATCH,
-        "batch_wait_timeout_s": 0.05, "default_max_tokens": 16,
+        "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED, "max_sequences": MAX_SEQUENCES,
+        "default_max_tokens": 16, "max_request_bytes": MAX_REQUEST_BYTES, "metrics_interval_s": 0.5,
     })
     url = deploy(cfg)
     yield url
     serve.shutdown()
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def no_eos(served_model_dir: Path) -> Dict[str, float]:
+    """A logit_bias that keeps the model from ending early, so that a request decodes all of its max_tokens."""
+    from transformers import AutoTokenizer
+
+    return {str(AutoTokenizer.from_pretrained(served_model_dir).eos_token_id): -100}
 
 
 def _post(url: str, path: str, body: Any = None, key: str | None = API_KEY, raw: bytes | None = None) -> requests.Response:
@@ -228,17 +234,13 @@ def test_stop_string_cuts_the_text_before_it(server: str) -> None:
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_concurrent_requests_share_batches_and_match_sequential(server: str) -> None:
+def test_concurrent_requests_match_the_same_requests_sent_one_by_one(server: str) -> None:
     prompts = ["import re", "def main():", "x = 1", "for i in range(3):"]
     body = lambda p: {"model": MODEL_NAME, "prompt": p, "max_tokens": 16, "temperature": 0}  # noqa: E731
     alone = [_post(server, "/v1/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
-    before = requests.get(server + "/health", timeout=10).json()
     results = asyncio.run(_concurrently(server, "/v1/completions", [body(p) for p in prompts]))
-    after = requests.get(server + "/health", timeout=10).json()
     assert [status for status, _ in results] == [200] * len(prompts)
-    assert [r["choices"][0]["text"] for _, r in results] == alone  # left padding changes nothing
-    batches, sequences = after["batches"] - before["batches"], after["sequences"] - before["sequences"]
-    assert sequences == len(prompts) and batches < len(prompts)  # decoded together, not one by one
+    assert [r["choices"][0]["text"] for _, r in results] == alone  # sharing the decode changes nothing
 
 
 def test_usage_counts_each_prompt_once_whatever_n(server: str, served_model_dir: Path) -> None:
@@ -254,13 +256,13 @@ def test_usage_counts_each_prompt_once_whatever_n(server: str, served_model_dir:
     assert two_prompts["prompt_tokens"] == tokens + _tokens(served_model_dir, "x = 1")
 
 
-def test_extreme_sampling_values_are_served_or_refused_and_spare_their_batch(server: str) -> None:
+def test_extreme_sampling_values_are_served_or_refused_and_spare_their_neighbours(server: str) -> None:
     body = lambda **kw: {"model": MODEL_NAME, "prompt": "import os", "max_tokens": 8, **kw}  # noqa: E731
     greedy = _post(server, "/v1/completions", body(temperature=0)).json()["choices"][0]["text"]
     # Past OpenAI's int64 seed: refused, not a sampler crash.
     refused = _post(server, "/v1/completions", body(temperature=1.0, seed=2**64))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "seed", refused.text
-    # Four at once (what the queue limits hold), so that they share a batch.
+    # Four at once (what the queue limits hold), so that they decode together.
     results = asyncio.run(_concurrently(server, "/v1/completions", [
         body(temperature=0),  # an ordinary request beside the others
         body(temperature=1e-300),  # logits divided by this overflow: decoded greedily instead
@@ -273,32 +275,125 @@ def test_extreme_sampling_values_are_served_or_refused_and_spare_their_batch(ser
     assert len(results[2][1]["choices"]) == 2
 
 
+# ---------------------------------------------------------------------------------------------
+# logprobs, echo, the sampling fields, lm-evaluation-harness
+
+def _log_softmax(folder: Path, ids: List[int]):  # noqa: ANN202 - a [len(ids), vocab] tensor
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_completion_logprobs_and_echo_equal_transformers_log_softmax(server: str, served_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served_model_dir)
+    client = _client(server)
+    prompt = "def wrap(text, width):"
+    ids = tokenizer(prompt)["input_ids"]
+    scored = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    [choice] = scored.choices
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    expected = _log_softmax(served_model_dir, ids)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert logprobs.token_logprobs[i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
+        top = dict(logprobs.top_logprobs[i])
+        best = int(expected[i - 1].argmax())
+        assert top[tokenizer.decode([best])] == pytest.approx(float(expected[i - 1, best]), abs=1e-4)
+
+    generated = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = generated.choices[0].logprobs
+    assert len(lp.tokens) == generated.usage.completion_tokens
+    continuation = tokenizer(prompt + generated.choices[0].text)["input_ids"]
+    expected = _log_softmax(served_model_dir, continuation)
+    first = float(expected[len(ids) - 1].max())  # greedy: the first token is the most likely one
+    assert lp.token_logprobs[0] == pytest.approx(first, abs=1e-4)
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(first, abs=1e-4)
+
+
+def test_chat_logprobs_carry_top_logprobs(server: str) -> None:
+    chat = _client(server).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for token in content:
+        assert len(token.top_logprobs) == 3
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-6)  # greedy
+        assert token.bytes == list(token.token.encode("utf-8"))
+
+
+def test_logit_bias_and_penalties_change_the_greedy_text(server: str, served_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served_model_dir)
+    body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": 6, "temperature": 0}
+    plain = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    forced_id = tokenizer(" return", add_special_tokens=False)["input_ids"][0]
+    forced = _post(server, "/v1/completions", {**body, "logit_bias": {str(forced_id): 100}}).json()
+    assert forced["choices"][0]["text"] == tokenizer.decode([forced_id] * 6)
+    penalised = _post(server, "/v1/completions", {**body, "max_tokens": 16, "frequency_penalty": 2.0}).json()
+    unpenalised = _post(server, "/v1/completions", {**body, "max_tokens": 16}).json()
+    assert penalised["choices"][0]["text"] != unpenalised["choices"][0]["text"], plain
+
+
+LM_EVAL_TASKS = ROOT / "tests" / "data" / "lm_eval"
+
+
+def test_lm_evaluation_harness_scores_the_served_model(server: str, served_model_dir: Path, tmp_path: Path) -> None:
+    """`lm_eval --model local-completions`: a loglikelihood task (echo + logprobs) and a generate_until task."""
+    model_args = ",".join([
+        f"model={MODEL_NAME}", f"base_url={server}/v1/completions", "tokenizer_backend=huggingface",
+        f"tokenizer={served_model_dir}", "num_concurrent=2", "max_retries=1", f"max_length={CONTEXT}",
+    ])
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
+         "--tasks", "serve_snippets_choice,serve_snippets_generate", "--include_path", str(LM_EVAL_TASKS),
+         "--output_path", str(tmp_path / "results")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results_file] = (tmp_path / "results").rglob("results_*.json")
+    scores = json.loads(results_file.read_text())["results"]
+    assert 0.0 <= scores["serve_snippets_choice"]["acc,none"] <= 1.0
+    assert 0.0 <= scores["serve_snippets_generate"]["exact_match,none"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys, probes, health
+
+def test_the_key_from_the_environment_is_stripped(server: str) -> None:
+    assert os.environ[KEY_ENV].endswith("\n")  # as a Secret made from a file gives it
+    assert requests.get(server + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).status_code == 200
+
+
 def test_only_the_health_route_is_open_without_the_key(server: str) -> None:
-    from framework.serve.app import route_path
+    from framework.serve.ingress import route_path
 
     assert requests.get(server + "/health", timeout=10).status_code == 200
     for path in ("/v1/models/health", "/v1/health", "/health/x"):
         response = requests.get(server + path, timeout=10)
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", path
-    # Under a route prefix the application sees it in root_path, and path keeps it (ASGI).
+    # Under a route prefix a replica sees it in root_path, and path keeps it (ASGI); the proxy sees the path alone.
     assert route_path({"path": "/llm/health", "root_path": "/llm"}) == "/health"
     assert route_path({"path": "/llm/v1/models/health", "root_path": "/llm"}) == "/v1/models/health"
+    assert route_path({"path": "/llm/health"}, "/llm") == "/health"
+    assert route_path({"path": "/llmx/health"}, "/llm") == "/llmx/health"
 
 
-def test_health_check_runs_the_model_and_fails_when_it_gives_nan(server: str, served_model_dir: Path) -> None:
-    import torch
+def test_health_check_runs_the_model_on_the_live_replica(server: str) -> None:
     from ray import serve
-
-    from framework.serve.engine import load_engine
 
     # What Serve calls every few seconds, called the same way on the live replica.
     assert serve.get_app_handle("test-serve").check_health.remote().result(timeout_s=60) is None
-    engine = load_engine(served_model_dir, device="cpu")
-    engine.check()
-    with torch.no_grad():
-        next(engine.model.parameters()).fill_(float("nan"))  # weights (or a device) gone bad
-    with pytest.raises(RuntimeError, match="non-finite logits"):
-        engine.check()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +418,16 @@ BAD_REQUESTS = [
     ("prompt longer than context", "/v1/completions", {"model": MODEL_NAME, "prompt": LONG_PROMPT}, API_KEY, 400, "prompt", "context_length_exceeded"),
     ("max_tokens beyond context", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": CONTEXT}, API_KEY, 400, "max_tokens", "context_length_exceeded"),
     ("token id outside vocabulary", "/v1/completions", {"model": MODEL_NAME, "prompt": [5, 10**6]}, API_KEY, 400, "prompt", None),
-    ("more sequences than a batch", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "n": MAX_BATCH + 1}, API_KEY, 400, "n", None),
+    ("more sequences than run at once", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "n": MAX_SEQUENCES + 1}, API_KEY, 400, "n", None),
     ("empty stop string", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "stop": [""]}, API_KEY, 400, "stop", None),
+    ("unsupported field", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, API_KEY, 400, "tools", "unsupported_parameter"),
+    ("unsupported completion field", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "suffix": "b"}, API_KEY, 400, "suffix", "unsupported_parameter"),
+    ("logprobs past 5", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "logprobs": 6}, API_KEY, 400, "logprobs", None),
+    ("max_tokens 0 without echo", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": 0}, API_KEY, 400, "max_tokens", None),
+    ("echo with stream", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "echo": True, "stream": True}, API_KEY, 400, "echo", None),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, API_KEY, 400, "top_logprobs", None),
+    ("logit_bias on no token", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "logit_bias": {"x": 1}}, API_KEY, 400, "logit_bias", None),
+    ("penalty out of range", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "presence_penalty": 3}, API_KEY, 400, "presence_penalty", None),
     ("no api key", "/v1/completions", {"model": MODEL_NAME, "prompt": "a"}, None, 401, None, "invalid_api_key"),
     ("wrong api key", "/v1/models", None, "sk-wrong", 401, None, "invalid_api_key"),
     ("unknown route", "/v1/embeddings", {"model": MODEL_NAME, "input": "a"}, API_KEY, 404, None, "not_found"),
@@ -354,32 +457,140 @@ def test_replica_keeps_serving_after_bad_input(server: str) -> None:
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_burst_past_queue_limit_is_rejected_fast_and_server_recovers(server: str) -> None:
+def _stream_lines(url: str, body: Dict[str, Any], first_line: threading.Event, lines: List[str]) -> None:
+    with requests.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                       stream=True, timeout=120) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if line:
+                lines.append(line)
+                first_line.set()
+
+
+def test_a_huge_body_is_refused_413_while_streams_go_on(server: str) -> None:
+    """A 50 MB prompt is refused by its size before anyone reads or tokenises it; a running stream is untouched."""
+    started, lines = threading.Event(), []
+    body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": 64, "temperature": 0, "stream": True}
+    stream = threading.Thread(target=_stream_lines, args=(server, body, started, lines))
+    stream.start()
+    assert started.wait(60)
+    huge = json.dumps({"model": MODEL_NAME, "prompt": "x" * 50_000_000}).encode()
+    refused = _post(server, "/v1/completions", raw=huge)
+    stream.join(120)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+    # Under the body limit but over what the context holds, counted in characters: refused before tokenising.
+    chars = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "x" * (MAX_REQUEST_BYTES // 2)})
+    assert chars.status_code == 400 and "characters" in chars.json()["error"]["message"]
+
+
+def test_burst_past_queue_limit_is_rejected_at_once_and_server_recovers(server: str, no_eos: Dict[str, float]) -> None:
     burst = 32  # far more than MAX_ONGOING + MAX_QUEUED
 
-    async def fire() -> List[Tuple[int, float]]:
+    async def fire() -> List[Tuple[int, int]]:
         import aiohttp
 
-        body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": 48, "temperature": 0}
+        finished: List[int] = []
+        body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": 48, "temperature": 0, "logit_bias": no_eos}
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
-            async def one() -> Tuple[int, float]:
-                start = time.perf_counter()
+            async def one(i: int) -> Tuple[int, int]:
                 async with session.post(server + "/v1/completions", json=body) as r:
                     await r.read()
-                    return r.status, time.perf_counter() - start
+                    finished.append(i)
+                    return r.status, i
 
-            return await asyncio.gather(*(one() for _ in range(burst)))
+            statuses = await asyncio.gather(*(one(i) for i in range(burst)))
+        order = {i: k for k, i in enumerate(finished)}
+        return [(status, order[i]) for status, i in statuses]
 
     results = asyncio.run(fire())
-    served = [t for status, t in results if status == 200]
-    rejected = [t for status, t in results if status in (429, 503)]
+    served = [k for status, k in results if status == 200]
+    rejected = [k for status, k in results if status in (429, 503)]
     assert len(served) + len(rejected) == burst, results
     assert len(served) >= 1 and len(rejected) >= burst - (MAX_ONGOING + MAX_QUEUED) * 2
-    # Refused at once, not after waiting for work: faster than any request that was decoded.
-    assert statistics.median(rejected) < min(served) and max(rejected) < max(served), results
+    # Refused at once, not after waiting for work: every refusal came back before the first decoded request did.
+    assert max(rejected) < min(served), results
     assert requests.get(server + "/health", timeout=10).status_code == 200
     ok = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_client_that_disconnects_stops_costing(server: str, no_eos: Dict[str, float]) -> None:
+    body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": CONTEXT // 2, "temperature": 0,
+            "stream": True, "logit_bias": no_eos}  # no early end: it would decode all of max_tokens
+    before = requests.get(server + "/health", timeout=10).json()
+    with requests.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                       stream=True, timeout=60) as response:
+        next(response.iter_lines())  # the first event: decoding has started
+    health = before
+    for _ in range(200):  # the replica sees the disconnect and the engine frees the sequence's blocks
+        health = requests.get(server + "/health", timeout=10).json()
+        if health["running"] == health["waiting"] == health["kv_blocks_used"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["running"] == health["waiting"] == health["kv_blocks_used"] == 0, health
+    assert health["steps"] - before["steps"] < CONTEXT // 4  # it stopped long before its max_tokens
+
+
+def _scrape() -> Dict[str, float]:
+    """Ray's Prometheus endpoint on this node: every ray_llm_* and ray_serve_* sample summed over its labels
+    but `reason`, by name (and name{reason=...})."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    [node] = [n for n in ray.nodes() if n["Alive"]]
+    text = requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+    totals: Dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(("ray_llm_", "ray_serve_")):
+                names = [sample.name] + ([f"{sample.name}{{reason={sample.labels['reason']}}}"]
+                                         if "reason" in sample.labels else [])
+                for name in names:
+                    totals[name] = totals.get(name, 0.0) + sample.value
+    return totals
+
+
+def _scrape_until(check) -> Dict[str, float]:  # noqa: ANN001 - Ray exports application metrics every few seconds
+    for _ in range(60):
+        metrics = _scrape()
+        if check(metrics):
+            return metrics
+        time.sleep(1)
+    return metrics
+
+
+def test_serving_metrics_reach_the_prometheus_endpoint(server: str, no_eos: Dict[str, float]) -> None:
+    body = {"model": MODEL_NAME, "prompt": "import os", "max_tokens": 8, "temperature": 0, "logit_bias": no_eos}
+    assert _post(server, "/v1/completions", body).status_code == 200
+    before = _scrape_until(lambda m: m.get("ray_llm_generated_tokens_total", 0) > 0)
+    for _ in range(3):
+        assert _post(server, "/v1/completions", body).status_code == 200
+    assert _post(server, "/v1/completions", {**body, "temperature": "hot"}).status_code == 400
+    tokens = "ray_llm_generated_tokens_total"
+    after = _scrape_until(lambda m: m.get(tokens, 0) >= before[tokens] + 24
+                          and m.get("ray_llm_refused_requests_total{reason=invalid_value}", 0) >= 1)
+    assert after[tokens] - before[tokens] >= 24
+    assert after["ray_llm_prompt_tokens_total"] > before["ray_llm_prompt_tokens_total"]
+    for histogram in ("time_to_first_token_seconds", "request_latency_seconds"):
+        assert after[f"ray_llm_{histogram}_count"] >= before[f"ray_llm_{histogram}_count"] + 3
+    assert after["ray_llm_inter_token_latency_seconds_count"] > before["ray_llm_inter_token_latency_seconds_count"]
+    assert after["ray_llm_refused_requests_total{reason=invalid_value}"] >= 1
+    for gauge in ("running_sequences", "waiting_sequences", "kv_cache_blocks_used"):
+        assert f"ray_llm_{gauge}" in after, sorted(after)
+    assert after["ray_llm_kv_cache_blocks"] > 0
+
+
+def test_requests_without_the_key_are_refused_at_the_proxy_before_a_queue_place(server: str) -> None:
+    """Counted on both sides: the proxy refuses them, and no replica ever sees one (none is routed to it)."""
+    proxy, replica = "ray_llm_ingress_refused_requests_total", "ray_llm_refused_requests_total{reason=invalid_api_key}"
+    before = _scrape()
+    for _ in range(20):
+        response = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": 2}, key=None)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    after = _scrape_until(lambda m: m.get(proxy, 0) >= before.get(proxy, 0) + 20)
+    assert after.get(proxy, 0) - before.get(proxy, 0) >= 20
+    # Every request without the key in this module met the proxy first: the replica's count stays at none.
+    assert after.get(replica, 0) == 0 and "ray_llm_refused_requests_total" in after
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,9 +611,8 @@ def test_missing_model_folder_fails_in_one_line_before_serve(tmp_path: Path) -> 
 
 
 def test_corrupt_model_folder_fails_with_the_file_named(served_model_dir: Path, tmp_path: Path) -> None:
-    from framework.config import ConfigError
+    from framework.config import ConfigError, compose
     from framework.serve.config import check_serve_config
-    from framework.config import compose
 
     broken = tmp_path / "broken"
     shutil.copytree(served_model_dir, broken)
@@ -422,106 +632,10 @@ def test_corrupt_model_folder_fails_with_the_file_named(served_model_dir: Path, 
     assert "best.json" in result.stderr and '"path"' in result.stderr
 
 
-def test_client_that_disconnects_stops_costing(server: str) -> None:
-    body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": 200, "temperature": 0, "stream": True}
-    start = time.perf_counter()
-    whole = _post(server, "/v1/completions", {**body, "stream": False})
-    full_decode = time.perf_counter() - start
-    assert whole.json()["usage"]["completion_tokens"] > 100, "needs a long decode to measure against"
-
-    with requests.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                       stream=True, timeout=60) as response:
-        next(response.iter_lines())  # the first event: decoding has started
-    start = time.perf_counter()
-    short = _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": 2})
-    assert short.status_code == 200
-    # The abandoned stream's rows left the batch, so the next batch did not wait for 200 tokens.
-    assert time.perf_counter() - start < full_decode / 2
-
-
-STRICT_TEMPLATE = (
-    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def test_chat_uses_the_tokenizer_template_or_the_documented_fallback(served_model_dir: Path, random_model_dir: Path) -> None:
-    from framework.serve.engine import FALLBACK_STOPS, load_engine
-
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    engine = load_engine(served_model_dir, device="cpu")  # the trained tokenizer carries ChatML
-    ids, stops, stop_ids = engine.chat_prompt(messages)
-    tokenizer = engine.tokenizer
-    assert tokenizer.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert stops == () and stop_ids == (tokenizer.convert_tokens_to_ids("<|im_end|>"),)  # the turn ends there
-
-    engine = load_engine(random_model_dir, device="cpu")  # the benchmark's random folder has no template
-    ids, stops, stop_ids = engine.chat_prompt(messages)
-    assert engine.tokenizer.decode(ids) == "system: Be brief.\nuser: hi\nassistant:"
-    assert stops == FALLBACK_STOPS and stop_ids == ()
-
-
-def test_batched_greedy_decoding_equals_transformers_generate_row_by_row(random_model_dir: Path) -> None:
-    """Left-padded prompts of different lengths decoded in one batch give, row for row, what `generate`
-    gives for each prompt alone. Random weights make every continuation different (the 20-step trained
-    model answers most prompts alike), so a row mixed up with another, or a position off by one, shows."""
-    from framework.serve.engine import Job, Row, SamplingParams, load_engine
-
-    prompts = ["import os", "def parse(text, *, strict=True):", "x = [i * i for i in range(10)]", "class A:"]
-    engine = load_engine(random_model_dir, device="cpu")
-    jobs = [Job([Row(engine.encode(p), SamplingParams(max_tokens=12, temperature=0))]) for p in prompts]
-    batch, texts = engine.start(jobs), [""] * len(jobs)
-    while not batch.done:
-        for j, out in enumerate(batch.step()):
-            if out is not StopIteration:
-                texts[j] += "".join(d.text for d in out)
-    assert texts == [_reference(random_model_dir, p, 12) for p in prompts]
-    assert len(set(texts)) == len(texts), texts
-
-
-def test_chat_the_template_refuses_is_a_400_on_messages(served_model_dir: Path) -> None:
-    from framework.serve import protocol
-    from framework.serve.api import APIError, ChatCompletionRequest
-    from framework.serve.engine import load_engine
-
-    engine = load_engine(served_model_dir, device="cpu")
-    engine.tokenizer.chat_template = STRICT_TEMPLATE
-    alternating = ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
-    assert protocol.chat_job(alternating, engine, 16, MAX_BATCH).prompt_tokens > 0
-    twice = ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
-    with pytest.raises(APIError) as refused:
-        protocol.chat_job(twice, engine, 16, MAX_BATCH)
-    assert (refused.value.status, refused.value.param) == (400, "messages")
-    assert "roles must alternate" in refused.value.message
-
-
-def test_a_row_that_cannot_be_sampled_ends_only_its_request(served_model_dir: Path) -> None:
-    from framework.serve.engine import Job, JobFailed, Row, SamplingParams, load_engine
-
-    engine = load_engine(served_model_dir, device="cpu")
-    prompt = engine.encode("import os")
-
-    def decode(jobs: List[Job]) -> Tuple[List[str], List[Any]]:
-        """Every job's text and its failure (None if it had none), one batch run to the end."""
-        batch = engine.start(jobs)
-        texts, failures = [""] * len(jobs), [None] * len(jobs)
-        while not batch.done:
-            for j, out in enumerate(batch.step()):
-                if isinstance(out, JobFailed):
-                    failures[j] = out.error
-                elif out is not StopIteration:
-                    texts[j] += "".join(d.text for d in out)
-        return texts, failures
-
-    greedy = lambda: Row(prompt, SamplingParams(max_tokens=8, temperature=0))  # noqa: E731
-    (alone,), _ = decode([Job([greedy()])])
-    # A seed past what torch's generator takes (the schema refuses it; the engine must survive it anyway).
-    bad = Row(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=2**64))
-    texts, failures = decode([Job([greedy(), bad]), Job([greedy()])])
-    assert isinstance(failures[0], ValueError) and texts[0] == ""
-    assert failures[1] is None and texts[1] == alone
+def test_a_kv_cache_too_small_for_the_context_fails_in_one_line(served_model_dir: Path) -> None:
+    result = _launch(f"serve.model_path={served_model_dir}", "serve.kv_cache_blocks=2")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("ConfigError: serve.kv_cache_blocks=2:") and str(CONTEXT) in result.stderr
 
 
 def test_deployment_takes_resources_autoscaling_and_limits_from_config(served_model_dir: Path) -> None:

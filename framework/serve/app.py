@@ -1,11 +1,14 @@
-"""The Ray Serve application: an OpenAI-compatible FastAPI ingress over the batched engine, autoscaled.
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress over the continuous-batching engine,
+autoscaled, with its serving metrics.
 
-Every replica loads the model once and decodes the requests it holds together: `@serve.batch`
-gathers them (up to `serve.max_batch_size` rows, waiting at most `serve.batch_wait_timeout_s`) and its
-async generator yields one token per row per step, which the routes turn into JSON or server-sent
-events. Back-pressure is Serve's own: a replica takes `max_ongoing_requests`, callers queue
-`max_queued_requests` more, and beyond that the proxy answers `backpressure_status` at once. Serve
-calls `check_health` every few seconds, and replaces a replica whose model no longer runs.
+Every replica loads the model once; its engine decodes every request the replica holds in one running
+batch that requests join at the next step and leave when done (framework/serve/engine.py). The
+routes prepare requests (tokenising, templates) off the event loop, after a size check that needs no
+tokeniser, and turn the engine's deltas into JSON or server-sent events. Back-pressure is Serve's
+own: a replica takes `max_ongoing_requests`, callers queue `max_queued_requests` more, and beyond that
+the proxy answers `backpressure_status` at once. The API key and the body-size limit are checked at
+the proxy, before a request takes a queue place, and again here (framework/serve/ingress.py). Serve
+calls `check_health` every few seconds and replaces a replica whose model no longer runs.
 
 Entry points: `run(cfg)` (launch/serve.py), and `build_app(args)` for `serve run` / a KubeRay
 RayService `import_path: framework.serve.app:build_app`.
@@ -15,9 +18,10 @@ RayService `import_path: framework.serve.app:build_app`.
 # FastAPI must see the request models as classes, not strings, to read the JSON body into them.
 import asyncio
 import dataclasses
+import logging
 import os
-import secrets
-from typing import Any, AsyncGenerator, AsyncIterator, Dict, List
+import time
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,8 +31,12 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from framework.config import ConfigError
-from framework.serve import protocol
-from framework.serve.api import (
+from framework.serve import routes
+from framework.serve.config import ServeConfig, check_model, compose_serve_config, to_serve_config, validate_serve
+from framework.serve.engine import Delta, GenerationFailed
+from framework.serve.folder import default_model_id
+from framework.serve.ingress import HEALTH_ROUTE, IngressChecks, IngressPolicy, ingress_environment, read_api_key
+from framework.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,18 +46,37 @@ from framework.serve.api import (
     now,
     validation_error,
 )
-from framework.serve.config import ServeConfig, to_serve_config, validate_serve
-from framework.serve.engine import Delta, Job, JobFailed, StepOutput
-from framework.serve.folder import check_model_folder, default_model_id, resolve_model_path
+
+logger = logging.getLogger(__name__)
 
 api = FastAPI(title="framework: OpenAI-compatible LLM server")
-# Set by the replica at start-up; the middleware below compares every /v1 request with it.
-api.state.api_key = None
-# The one route open without the key (for load balancers' and Kubernetes' probes).
-HEALTH_ROUTE = "/health"
+
+
+class ReplicaState:
+    """What this process's replica has set up, for the middleware and error handlers of the app it serves.
+
+    `@serve.ingress` serves a pickled copy of `api`, so state set on `api` after import never reaches
+    it; module-level functions and classes are pickled by reference, so they find this one by import."""
+
+    policy: Optional[IngressPolicy] = None  # none yet: the middleware lets requests through
+    metrics: Any = None  # framework.serve.metrics.ServingMetrics once the replica has made them
+
+
+def _policy() -> Optional[IngressPolicy]:
+    return ReplicaState.policy
+
+
+def _refused(reason: str) -> None:
+    """Count a refused request in the replica's metrics."""
+    if ReplicaState.metrics is not None:
+        ReplicaState.metrics.refusal(reason)
+
+
+api.add_middleware(IngressChecks, policy=_policy, refused=_refused)
 
 
 def _error(exc: APIError) -> JSONResponse:
+    _refused(exc.code or exc.type)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -71,86 +98,63 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    return _error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-
-
-def route_path(scope: Dict[str, Any]) -> str:
-    """The request's path below the application's route prefix (ASGI keeps the prefix, root_path, in path)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
-
-
-@api.middleware("http")
-async def _require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
-    """401 for any route but /health when a key is configured and the request lacks it (Bearer, as OpenAI)."""
-    key = request.app.state.api_key
-    if key and route_path(request.scope) != HEALTH_ROUTE:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
-            return _error(APIError(401, "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'.",
-                                   code="invalid_api_key"))
-    return await call_next(request)
-
-
-def _rows(jobs: List[Job]) -> int:
-    # A batch is measured in sequences decoded, not requests: one request may carry several prompts × n.
-    return sum(len(job.rows) for job in jobs)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    rid = new_id("req")
+    logger.error("request %s (%s) failed", rid, request.url.path, exc_info=exc)
+    return _error(routes.internal_error(rid))
 
 
 @serve.deployment(name="LLMServer")
 @serve.ingress(api)
 class LLMServer:
-    """One replica: the model on its device, the OpenAI routes, and the batch that decodes their requests."""
+    """One replica: the model and its engine, the OpenAI routes, and the replica's serving metrics."""
 
     def __init__(self, serve_cfg: Dict[str, Any]) -> None:
         import torch
 
-        from framework.serve.engine import load_engine
+        from framework.serve.engine import Batching, load_engine
+        from framework.serve.metrics import ServingMetrics
 
         cfg = to_serve_config(serve_cfg)
+        key = None
         if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env, "")
-            if not key:
-                raise ConfigError(f"serve.api_key_env={cfg.api_key_env}: the variable is not set on this replica's node")
-            api.state.api_key = key
+            key = read_api_key(cfg.api_key_env)
+            if key is None:
+                raise ConfigError(f"serve.api_key_env={cfg.api_key_env}: the variable is not set (or blank) on this "
+                                  f"replica's node")
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        folder = resolve_model_path(cfg.model_path)
-        self.engine = load_engine(folder, cfg.dtype, "cuda" if cfg.num_gpus > 0 else "cpu")
+        self.metrics = ReplicaState.metrics = ServingMetrics()
+        ReplicaState.policy = IngressPolicy(cfg.api_key_env, key, cfg.route_prefix, cfg.max_request_bytes)
+        batching = Batching(cfg.max_sequences, cfg.max_batch_tokens, cfg.kv_cache_blocks, cfg.kv_block_size)
+        self.engine = load_engine(check_model(cfg), batching, cfg.dtype, "cuda" if cfg.num_gpus > 0 else "cpu")
         self.model_id = cfg.model_name or default_model_id(cfg.model_path)
         self.created = now()
         self.cfg = cfg
-        # Batches decoded and sequences in them since start-up: /health shows them (is batching happening?).
-        self.batches = self.sequences = 0
-        self._generate.set_max_batch_size(cfg.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._gauges: Optional[asyncio.Task] = None
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_rows)
-    async def _generate(self, jobs: List[Job]) -> AsyncGenerator[StepOutput, None]:
-        batch = self.engine.start(jobs)
-        self.batches, self.sequences = self.batches + 1, self.sequences + _rows(jobs)
-        while not batch.done:
-            # The forward pass runs off the event loop so that the replica keeps accepting requests.
-            yield await asyncio.to_thread(batch.step)
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica; the decode loop's thread is stopped with it.
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
 
-    async def _deltas(self, job: Job) -> AsyncIterator[List[Delta]]:
-        """This job's deltas, step by step; leaving early (a client gone) drops its rows from the batch."""
-        try:
-            async for step in self._generate(job):
-                if isinstance(step, JobFailed):  # only this request ends; the rest of its batch goes on
-                    raise APIError(500, f"generation failed for this request ({type(step.error).__name__}: "
-                                        f"{step.error})", type="server_error")
-                yield step
-        finally:
-            job.cancelled = True
+    async def _publish_gauges(self) -> None:
+        while True:
+            self.metrics.engine(self.engine.stats())
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+
+    def _start_gauges(self) -> None:
+        # Started from the replica's event loop (a route or a health check), which __init__ may not run on.
+        if self._gauges is None:
+            self._gauges = asyncio.get_running_loop().create_task(self._publish_gauges())
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising marks the replica unhealthy and Serve replaces it.
 
-        A one-token forward pass (off the event loop, beside any batch being decoded) shows that the
-        device and the weights still give finite logits, which a live actor alone does not.
+        The decode loop must be alive, and a one-token forward pass (off the event loop, between two decode
+        steps) must give finite logits: the device and the weights still work, which a live actor alone does not show.
         """
+        self._start_gauges()
         await asyncio.to_thread(self.engine.check)
 
     def _check_model(self, model: str) -> None:
@@ -158,9 +162,26 @@ class LLMServer:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_id}'.",
                            param="model", code="model_not_found")
 
+    async def _deltas(self, request: routes.GenerationRequest, arrived: float, rid: str) -> AsyncIterator[List[Delta]]:
+        """The request's deltas, timed for the metrics; leaving early (a client gone) cancels its sequences."""
+        try:
+            async for step in self.metrics.timed(self.engine.generate(request.sequences), arrived):
+                yield step
+        except GenerationFailed as exc:
+            raise routes.generation_failed(exc, rid) from None
+
+    async def _accept(self, body: Any, prepare: Any) -> routes.GenerationRequest:
+        """Check the model and the size, then prepare the request in a worker thread (tokenising blocks)."""
+        self._start_gauges()
+        self._check_model(body.model)
+        routes.check_prompt_size(body, self.engine)
+        request = await asyncio.to_thread(prepare, body, self.engine, self.cfg.default_max_tokens, self.cfg.max_sequences)
+        self.metrics.prompt_tokens.inc(request.prompt_tokens)
+        return request
+
     @api.get(HEALTH_ROUTE)
     async def health(self) -> Dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, "batches": self.batches, "sequences": self.sequences}
+        return {"status": "ok", "model": self.model_id, **dataclasses.asdict(self.engine.stats())}
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
@@ -173,30 +194,33 @@ class LLMServer:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):  # noqa: ANN201 - JSON or a stream of events
-        self._check_model(body.model)
-        prepared = protocol.completion_job(body, self.engine, self.cfg.default_max_tokens, self.cfg.max_batch_size)
+        arrived = time.perf_counter()
+        request = await self._accept(body, routes.completion_request)
         rid, created = new_id("cmpl"), now()
-        deltas = self._deltas(prepared.job)
+        deltas = self._deltas(request, arrived, rid)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = protocol.completion_events(deltas, rid, created, self.model_id, prepared.prompt_tokens, include_usage)
+            events = routes.completion_events(deltas, rid, created, self.model_id, request, self.engine, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        done = await protocol.collect(deltas, len(prepared.job.rows))
-        return protocol.completion_response(rid, created, self.model_id, done, prepared.prompt_tokens)
+        scored = []
+        if request.prompt_logprobs is not None:
+            scored = [await asyncio.to_thread(self.engine.prompt_logprobs, ids, request.prompt_logprobs)
+                      for ids in request.prompts]
+        done = await routes.collect(deltas, len(request.sequences))
+        return routes.completion_response(rid, created, self.model_id, request, done, self.engine, scored)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):  # noqa: ANN201
-        self._check_model(body.model)
-        prepared = protocol.chat_job(body, self.engine, self.cfg.default_max_tokens, self.cfg.max_batch_size)
+        arrived = time.perf_counter()
+        request = await self._accept(body, routes.chat_request)
         rid, created = new_id("chatcmpl"), now()
-        deltas = self._deltas(prepared.job)
-        rows = len(prepared.job.rows)
+        deltas = self._deltas(request, arrived, rid)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = protocol.chat_events(deltas, rid, created, self.model_id, rows, prepared.prompt_tokens, include_usage)
+            events = routes.chat_events(deltas, rid, created, self.model_id, request, self.engine, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        done = await protocol.collect(deltas, rows)
-        return protocol.chat_response(rid, created, self.model_id, done, prepared.prompt_tokens)
+        done = await routes.collect(deltas, len(request.sequences))
+        return routes.chat_response(rid, created, self.model_id, request, done, self.engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,28 +248,9 @@ def build(cfg: ServeConfig) -> serve.Application:
 
 
 def config_from_args(args: Dict[str, Any]) -> ServeConfig:
-    """A checked ServeConfig from Serve's builder args: `preset` (a conf/serve/ name, default "default")
-    plus any serve.* keys, e.g. {"preset": "gpu", "model_path": "/models/best.json"}."""
-    from hydra import compose as compose_in_app
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from framework.config import one_line, compose
-
-    args = dict(args)
-    overrides = [f"serve={args.pop('preset', 'default')}"]
-    try:
-        # Inside a running Hydra app (launch/bench.py) Hydra is initialised already and composes from conf/.
-        if GlobalHydra.instance().is_initialized():
-            preset = compose_in_app(config_name="serve", overrides=overrides)
-        else:
-            preset = compose(overrides, "serve")
-        # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
-        cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
-    except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
-        raise ConfigError(one_line(exc)) from None
-    validate_serve(cfg)
-    check_model_folder(resolve_model_path(cfg.model_path))
+    """A checked ServeConfig from Serve's builder args (see `compose_serve_config`), its model folder checked too."""
+    cfg = compose_serve_config(args)
+    check_model(cfg)
     return cfg
 
 
@@ -263,9 +268,13 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
 
 
 def run(cfg: DictConfig) -> None:
-    """launch/serve.py: connect to Ray, deploy, and serve until interrupted."""
+    """launch/serve.py: connect to Ray, deploy, and serve until interrupted.
+
+    A local cluster started here inherits this process's environment, so its proxies apply the
+    ingress checks (framework/serve/ingress.py); a cluster started elsewhere needs them in its nodes' environment."""
     from framework.cluster import connect
 
     serve_cfg = validate_serve(to_serve_config(cfg))
+    os.environ.update(ingress_environment(serve_cfg.api_key_env, serve_cfg.route_prefix, serve_cfg.max_request_bytes))
     connect(serve_cfg.ray_address)
     deploy(serve_cfg, blocking=True)

@@ -1,15 +1,16 @@
-"""Serving benchmark: the Serve application under concurrent load against plain `transformers` generate,
-the same greedy requests sent one at a time, in one run: `python launch/bench.py bench=serve`.
+"""Serving benchmark: the Serve application under load against plain `transformers` generate, in one run:
+`python launch/bench.py bench=serve`.
 
-Both sides decode the same prompts greedily to the same max_tokens on the same model with the same
-torch threads, so they produce the same tokens; the figures are output tokens per second over the
-whole run and per-request latency (p50/p99, from sending a request to its last token).
+Three figures, every request greedy so that both sides produce the same tokens:
+(i) head of line: a short request's latency while `long_requests` long ones are decoding, ÷ its latency alone;
+(ii) output tokens/s with `clients` concurrent clients (each sends its next request when the last one
+ends), ÷ the same requests sent one at a time to `generate`;
+(iii) time to first token, p50/p99, under that load.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import math
 import socket
@@ -20,41 +21,58 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from framework.config import ConfigError, absolute, typed
 
 
 @dataclass
 class RandomModelConfig:
-    """A small random Llama (and a BPE trained on stdlib sources), for when no trained export is at hand."""
+    """A random-weight Llama and a byte-level BPE trained on stdlib sources, for when no export is at hand."""
 
-    vocab_size: int = 4096
-    hidden_size: int = 384
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 6
-    context: int = 512
-    seed: int = 0
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    tie_word_embeddings: bool = MISSING
+    context: int = MISSING
+    # Megabytes of stdlib source the BPE is trained on (enough text to reach vocab_size merges).
+    corpus_mb: float = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class HeadOfLineConfig:
+    long_requests: int = MISSING
+    long_tokens: int = MISSING
+    short_tokens: int = MISSING
+
+
+@dataclass
+class LoadConfig:
+    clients: int = MISSING
+    requests: int = MISSING
+    max_tokens: int = MISSING
 
 
 @dataclass
 class ServeBenchConfig:
-    name: str = "serve"
+    name: str = MISSING
     # An exported Hugging Face folder or best.json; null builds `random_model` into `model_dir`.
-    model_path: Optional[str] = None
-    model_dir: str = "outputs/bench/serve-model"
+    model_path: Optional[str] = MISSING
+    model_dir: str = MISSING
     random_model: RandomModelConfig = field(default_factory=RandomModelConfig)
-    requests: int = 32
-    concurrency: int = 32  # requests in flight at once against the server
-    max_tokens: int = 64
+    head_of_line: HeadOfLineConfig = field(default_factory=HeadOfLineConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
     # Torch threads for both sides (the replica and the plain-transformers baseline).
-    torch_threads: int = 1
+    torch_threads: int = MISSING
     # CPUs of the local Ray cluster the benchmark starts.
-    num_cpus: int = 2
+    num_cpus: int = MISSING
     # serve.* keys over conf/serve/default.yaml for the application under test.
     serve: Dict[str, Any] = field(default_factory=dict)
-    output: str = "outputs/bench/serve.json"
+    output: str = MISSING
 
 
 def to_bench_config(cfg: DictConfig) -> ServeBenchConfig:
@@ -63,16 +81,21 @@ def to_bench_config(cfg: DictConfig) -> ServeBenchConfig:
 
 def check(cfg: DictConfig) -> None:
     """Checks for launch/bench.py before any work: types, counts, and the serve.* overrides' keys."""
-    from framework.serve.config import to_serve_config, validate_serve
+    from framework.serve.app import compose_serve_config
 
     bench = to_bench_config(cfg)
-    for key in ("requests", "concurrency", "max_tokens", "torch_threads", "num_cpus"):
-        if getattr(bench, key) < 1:
-            raise ConfigError(f"bench.{key}={getattr(bench, key)}: expected at least 1")
-    if bench.random_model.context <= bench.max_tokens + 32:
-        raise ConfigError(f"bench.max_tokens={bench.max_tokens}: leaves no room for prompts in context {bench.random_model.context}")
+    counts = {"torch_threads": bench.torch_threads, "num_cpus": bench.num_cpus,
+              **{f"head_of_line.{k}": v for k, v in asdict(bench.head_of_line).items()},
+              **{f"load.{k}": v for k, v in asdict(bench.load).items()}}
+    for key, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"bench.{key}={value}: expected at least 1")
+    longest = max(bench.head_of_line.long_tokens, bench.load.max_tokens)
+    if bench.model_path is None and bench.random_model.context <= longest + 64:
+        raise ConfigError(f"bench.random_model.context={bench.random_model.context}: leaves no room for prompts "
+                          f"beside {longest} generated tokens")
     try:
-        validate_serve(to_serve_config({**bench.serve, "model_path": bench.model_path or "unused"}))
+        compose_serve_config({**bench.serve, "model_path": bench.model_path or "unused"})
     except ConfigError as exc:
         raise ConfigError(f"bench.{exc}") from None
 
@@ -80,19 +103,34 @@ def check(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 # The model and the requests
 
+def _stdlib_sources(megabytes: float) -> List[str]:
+    """Stdlib .py files (top level, then one level down) up to `megabytes`, skipping any that are not UTF-8."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py")) + sorted(p for p in stdlib.glob("*/*.py") if "site-packages" not in p.parts)
+    chosen, size = [], 0
+    for path in files:
+        try:
+            path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        chosen.append(str(path))
+        size += path.stat().st_size
+        if size >= megabytes * 1e6:
+            break
+    return chosen
+
+
 def random_model_folder(out: Path, model: RandomModelConfig) -> Path:
     """Write a Hugging Face folder (safetensors, tokenizer, generation config) holding a random Llama."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = [str(stdlib / name) for name in ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "argparse.py")]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    bpe.train(sources, trainers.BpeTrainer(
+    bpe.train(_stdlib_sources(model.corpus_mb), trainers.BpeTrainer(
         vocab_size=model.vocab_size, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     ))
@@ -102,8 +140,8 @@ def random_model_folder(out: Path, model: RandomModelConfig) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
         num_hidden_layers=model.num_hidden_layers, num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_attention_heads, max_position_embeddings=model.context,
-        bos_token_id=eos, eos_token_id=eos,
+        num_key_value_heads=model.num_key_value_heads, tie_word_embeddings=model.tie_word_embeddings,
+        max_position_embeddings=model.context, bos_token_id=eos, eos_token_id=eos,
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -112,40 +150,27 @@ def random_model_folder(out: Path, model: RandomModelConfig) -> Path:
 
 
 def bench_prompts(count: int) -> List[str]:
-    """`count` prompts of varied length: consecutive stdlib source lines (so left padding is exercised)."""
+    """`count` prompts of varied length: consecutive stdlib source lines."""
     lines = [line for line in (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text().splitlines()
              if line.strip()]
-    return ["\n".join(lines[i * 3 : i * 3 + 1 + i % 4]) for i in range(count)]
+    return ["\n".join(lines[i * 3 % len(lines) : i * 3 % len(lines) + 1 + i % 4]) for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------
-# The two sides
+# Plain transformers, one request at a time
 
 @dataclass
-class Side:
+class Timed:
+    """One request as a client saw it: tokens received, time to the first and to the last one, the text."""
+
     tokens: int
-    seconds: float
-    latencies: List[float]
-    texts: List[str]
-    batches: Optional[int] = None  # Serve side: batches the replica decoded
-
-    def summary(self) -> Dict[str, float]:
-        return {
-            "output_tokens": self.tokens,
-            "seconds": round(self.seconds, 3),
-            "tokens_per_s": round(self.tokens / self.seconds, 1),
-            "p50_latency_s": _percentile(self.latencies, 0.50),
-            "p99_latency_s": _percentile(self.latencies, 0.99),
-        }
+    first_s: float
+    last_s: float
+    text: str
 
 
-def _percentile(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
-
-
-def run_transformers(folder: Path, prompts: List[str], max_tokens: int, threads: int) -> Side:
-    """Plain `transformers`: each request alone through greedy `generate`, one after another."""
+def run_transformers(folder: Path, prompts: List[str], max_tokens: int, threads: int) -> Tuple[List[Timed], float]:
+    """Plain `transformers`: each request alone through greedy `generate`, one after another; and the wall time."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,7 +178,7 @@ def run_transformers(folder: Path, prompts: List[str], max_tokens: int, threads:
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     model.generate(**tokenizer("warm up", return_tensors="pt"), do_sample=False, max_new_tokens=4)
-    tokens, latencies, texts = 0, [], []
+    timed = []
     start = time.perf_counter()
     for prompt in prompts:
         t0 = time.perf_counter()
@@ -161,56 +186,118 @@ def run_transformers(folder: Path, prompts: List[str], max_tokens: int, threads:
         with torch.inference_mode():
             out = model.generate(**ids, do_sample=False, max_new_tokens=max_tokens)
         new = out[0, ids["input_ids"].shape[1]:]
-        latencies.append(time.perf_counter() - t0)
-        tokens += int(new.shape[0])
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
-    return Side(tokens, time.perf_counter() - start, latencies, texts)
+        elapsed = time.perf_counter() - t0
+        timed.append(Timed(int(new.shape[0]), math.nan, elapsed, tokenizer.decode(new, skip_special_tokens=True)))
+    return timed, time.perf_counter() - start
 
 
-async def _load(url: str, model: str, prompts: List[str], max_tokens: int, concurrency: int) -> Side:
+# ---------------------------------------------------------------------------------------------
+# The Serve application over HTTP
+
+class Client:
+    """Streams greedy completions from the server and times them."""
+
+    def __init__(self, session: Any, url: str, model: str) -> None:
+        self.session, self.url, self.model = session, url, model
+
+    async def steps(self) -> int:
+        """Forward passes the replica's engine has run (its /health counter)."""
+        async with self.session.get(f"{self.url}/health") as response:
+            return (await response.json())["steps"]
+
+    async def complete(self, prompt: str, max_tokens: int, started: Optional[asyncio.Event] = None) -> Timed:
+        """One streamed request; `started` is set when its first token arrives."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        first, text, tokens = math.nan, "", 0
+        async with self.session.post(f"{self.url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"server answered {response.status}: {await response.text()}")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if math.isnan(first):
+                        first = time.perf_counter() - t0
+                        if started is not None:
+                            started.set()
+                    text += choice["text"]
+        return Timed(tokens, first, time.perf_counter() - t0, text)
+
+
+async def _head_of_line(client: Client, bench: ServeBenchConfig, prompts: List[str]) -> Dict[str, Any]:
+    """The short request alone (median of 3), then behind `long_requests` requests that are decoding."""
+    hol = bench.head_of_line
+    short_prompt = prompts[0]
+    before = await client.steps()
+    alone = [await client.complete(short_prompt, hol.short_tokens) for _ in range(3)]
+    steps_alone = (await client.steps() - before) / len(alone)
+    started = [asyncio.Event() for _ in range(hol.long_requests)]
+    longs = [asyncio.create_task(client.complete(prompts[1 + i], hol.long_tokens, started[i]))
+             for i in range(hol.long_requests)]
+    await asyncio.gather(*(event.wait() for event in started))  # every long request is decoding
+    before = await client.steps()
+    behind = await client.complete(short_prompt, hol.short_tokens)
+    steps_behind = await client.steps() - before
+    still_decoding = sum(not task.done() for task in longs)
+    long_done = await asyncio.gather(*longs)
+    alone_s = statistics.median(t.last_s for t in alone)
+    return {
+        "short_alone_s": round(alone_s, 3),
+        "short_behind_long_s": round(behind.last_s, 3),
+        "ratio": round(behind.last_s / alone_s, 2),
+        # Forward passes while the short request ran: the same few either way when it joins the running decode.
+        "engine_steps_alone": steps_alone,
+        "engine_steps_behind": steps_behind,
+        "long_requests_still_decoding_when_short_ended": still_decoding,
+        "long_requests_s": round(max(t.last_s for t in long_done), 3),
+    }
+
+
+async def _load(client: Client, prompts: List[str], bench: ServeBenchConfig) -> Tuple[List[Timed], float]:
+    """`clients` closed-loop clients over `prompts`: each sends its next request when the last one ends."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, prompt in enumerate(prompts):
+        queue.put_nowait((i, prompt))
+    results: List[Optional[Timed]] = [None] * len(prompts)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i, prompt = queue.get_nowait()
+            results[i] = await client.complete(prompt, bench.load.max_tokens)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(bench.load.clients)))
+    return results, time.perf_counter() - start  # type: ignore[return-value]
+
+
+async def _serve_side(url: str, bench: ServeBenchConfig, prompts: List[str]) -> Dict[str, Any]:
     import aiohttp
 
-    gate = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-
-        async def one(prompt: str) -> Tuple[int, float, str]:
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-            async with gate:
-                t0 = time.perf_counter()
-                async with session.post(f"{url}/v1/completions", json=body) as response:
-                    reply = await response.json()
-                    if response.status != 200:
-                        raise RuntimeError(f"server answered {response.status}: {reply}")
-                return reply["usage"]["completion_tokens"], time.perf_counter() - t0, reply["choices"][0]["text"]
-
-        async def health() -> Dict[str, Any]:
-            async with session.get(f"{url}/health") as response:
-                return await response.json()
-
-        # Warm-up, so that the first batch does not pay for lazy initialisation.
-        await one(prompts[0])
-        before = await health()
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        seconds = time.perf_counter() - start
-        batches = (await health())["batches"] - before["batches"]
-    side = Side(sum(r[0] for r in results), seconds, [r[1] for r in results], [r[2] for r in results])
-    side.batches = batches
-    return side
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        client = Client(session, url, "bench")
+        await client.complete(prompts[0], 4)  # warm-up: the first request pays for lazy initialisation
+        head_of_line = await _head_of_line(client, bench, prompts)
+        load, seconds = await _load(client, prompts, bench)
+    return {"head_of_line": head_of_line, "load": load, "load_seconds": seconds}
 
 
-def run_served(folder: Path, bench: ServeBenchConfig, prompts: List[str]) -> Tuple[Side, Dict[str, Any]]:
-    """The Serve application on a local cluster, all requests sent with `concurrency` in flight."""
+def run_served(folder: Path, bench: ServeBenchConfig, prompts: List[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The Serve application on a local cluster; both scenarios over HTTP; and the serve config it ran with."""
     import ray
     from ray import serve
 
-    from framework.serve.app import config_from_args, deploy
+    from framework.serve.app import compose_serve_config, deploy
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    serve_cfg = config_from_args({
+    serve_cfg = compose_serve_config({
         **bench.serve, "model_path": str(folder), "model_name": "bench", "host": "127.0.0.1", "port": port,
         "torch_threads": bench.torch_threads, "app_name": "bench-serve", "api_key_env": None,
     })
@@ -218,11 +305,19 @@ def run_served(folder: Path, bench: ServeBenchConfig, prompts: List[str]) -> Tup
              log_to_driver=False)
     try:
         url = deploy(serve_cfg)
-        side = asyncio.run(_load(url, "bench", prompts, bench.max_tokens, bench.concurrency))
+        served = asyncio.run(_serve_side(url, bench, prompts))
     finally:
         serve.shutdown()
         ray.shutdown()
-    return side, asdict(serve_cfg)
+    return served, asdict(serve_cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run and its report
+
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
@@ -237,33 +332,38 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         if not (folder / "config.json").is_file():
             random_model_folder(folder, bench.random_model)
     check_model_folder(folder)
-    prompts = bench_prompts(bench.requests)
+    prompts = bench_prompts(max(bench.load.requests, bench.head_of_line.long_requests + 1))
+    load_prompts = prompts[: bench.load.requests]
 
-    baseline = run_transformers(folder, prompts, bench.max_tokens, bench.torch_threads)
+    baseline, baseline_s = run_transformers(folder, load_prompts, bench.load.max_tokens, bench.torch_threads)
     served, serve_cfg = run_served(folder, bench, prompts)
-
-    params = _count_params(folder)
-    queued = list(itertools.accumulate(baseline.latencies))
+    load = served["load"]
+    base_tps = sum(t.tokens for t in baseline) / baseline_s
+    served_tps = sum(t.tokens for t in load) / served["load_seconds"]
     result = {
-        "model": {"path": str(folder), "parameters": params},
-        "requests": bench.requests, "concurrency": bench.concurrency, "max_tokens": bench.max_tokens,
+        "model": {"path": str(folder), "parameters": _count_params(folder)},
         "torch_threads": bench.torch_threads, "cluster_cpus": bench.num_cpus,
-        "transformers_one_at_a_time": baseline.summary(),
-        # The same burst arriving at once at a one-at-a-time server: request i also waits for the i before it.
-        "transformers_burst_queued": {
-            "p50_latency_s": _percentile(queued, 0.50), "p99_latency_s": _percentile(queued, 0.99),
+        "head_of_line": {**asdict(bench.head_of_line), **served["head_of_line"]},
+        "load": {
+            **asdict(bench.load),
+            "transformers_one_at_a_time": {"tokens_per_s": round(base_tps, 1),
+                                           "p50_latency_s": _percentile([t.last_s for t in baseline], 0.5)},
+            "serve": {
+                "tokens_per_s": round(served_tps, 1),
+                "ttft_p50_s": _percentile([t.first_s for t in load], 0.5),
+                "ttft_p99_s": _percentile([t.first_s for t in load], 0.99),
+                "p50_latency_s": _percentile([t.last_s for t in load], 0.5),
+                "p99_latency_s": _percentile([t.last_s for t in load], 0.99),
+            },
+            "throughput_ratio": round(served_tps / base_tps, 2),
+            "identical_texts": sum(a.text == b.text for a, b in zip(load, baseline)),
         },
-        "serve_concurrent": {**served.summary(), "batches": served.batches},
-        "throughput_ratio": round((served.tokens / served.seconds) / (baseline.tokens / baseline.seconds), 2),
-        "p50_latency_ratio": round(statistics.median(served.latencies) / statistics.median(baseline.latencies), 2),
-        "identical_texts": sum(a == b for a, b in zip(served.texts, baseline.texts)),
-        "serve": {k: serve_cfg[k] for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
-                                             "max_queued_requests", "num_cpus", "min_replicas", "max_replicas")},
+        "serve": {k: v for k, v in serve_cfg.items() if k not in ("model_path", "host", "port", "api_key_env")},
     }
     out = Path(absolute(bench.output))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(_table(result))
+    print(_report(result))
     print(f"written to {out}")
     return result
 
@@ -278,17 +378,15 @@ def _count_params(folder: Path) -> int:
     return total
 
 
-def _table(r: Dict[str, Any]) -> str:
-    base, queued, srv = r["transformers_one_at_a_time"], r["transformers_burst_queued"], r["serve_concurrent"]
-    rows = [
-        ("", "tokens/s", "p50 latency s", "p99 latency s", "output tokens", "wall s"),
-        ("transformers, one at a time", base["tokens_per_s"], base["p50_latency_s"], base["p99_latency_s"],
-         base["output_tokens"], base["seconds"]),
-        ("  the burst queued for it", "", queued["p50_latency_s"], queued["p99_latency_s"], "", ""),
-        (f"Serve, {r['concurrency']} concurrent", srv["tokens_per_s"], srv["p50_latency_s"], srv["p99_latency_s"],
-         srv["output_tokens"], srv["seconds"]),
-    ]
-    lines = ["  ".join(f"{str(c):>16}" if i else f"{str(c):<28}" for i, c in enumerate(row)) for row in rows]
-    lines.append(f"throughput ratio (Serve / transformers): {r['throughput_ratio']}x; "
-                 f"identical texts: {r['identical_texts']}/{r['requests']}; Serve batches: {srv['batches']}")
-    return "\n".join(lines)
+def _report(r: Dict[str, Any]) -> str:
+    hol, load = r["head_of_line"], r["load"]
+    srv, base = load["serve"], load["transformers_one_at_a_time"]
+    return "\n".join([
+        f"model: {r['model']['parameters'] / 1e6:.1f}M parameters, {r['torch_threads']} torch thread(s)",
+        f"(i)   {hol['short_tokens']}-token request: {hol['short_alone_s']} s alone, {hol['short_behind_long_s']} s "
+        f"behind {hol['long_requests']} decoding {hol['long_tokens']}-token requests: {hol['ratio']}x",
+        f"(ii)  {load['clients']} clients, {load['requests']} requests of {load['max_tokens']} tokens: "
+        f"{srv['tokens_per_s']} tokens/s against {base['tokens_per_s']} one at a time through generate: "
+        f"{load['throughput_ratio']}x (identical texts {load['identical_texts']}/{load['requests']})",
+        f"(iii) time to first token under that load: p50 {srv['ttft_p50_s']} s, p99 {srv['ttft_p99_s']} s",
+    ])

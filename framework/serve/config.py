@@ -9,50 +9,61 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig
 
-from framework.config import ConfigError, register, require, typed
+from framework.config import ConfigError, compose, one_line, register, require, typed
+from framework.serve.ingress import read_api_key
 
 
 @dataclass
 class ServeConfig:
-    name: str = "default"
+    """The `serve.*` keys: types here, values in conf/serve/default.yaml (and the presets over it)."""
+
+    name: str = MISSING
     # A Hugging Face model folder, or a sweep's best.json whose `path` names one.
     model_path: str = MISSING
     # The id clients put in `model` and /v1/models lists; null uses the folder's name, or for a
     # best.json the name of the folder holding it (the sweep's name).
-    model_name: Optional[str] = None
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    model_name: Optional[str] = MISSING
+    dtype: str = MISSING  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     # Ray resources per replica; num_gpus > 0 puts the model on the replica's GPU.
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_cpus: float = MISSING
+    num_gpus: float = MISSING
     # Torch intra-op threads per replica; null keeps what Ray gives the actor (its num_cpus).
-    torch_threads: Optional[int] = None
+    torch_threads: Optional[int] = MISSING
     # Autoscaling (Serve's autoscaling_config): replicas follow ongoing requests per replica.
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 8.0
-    # Back-pressure: requests a replica takes at once (batched or waiting for the next batch), and
-    # requests a caller may queue for the deployment beyond that before it answers `backpressure_status`.
-    max_ongoing_requests: int = 16
-    max_queued_requests: int = 32
-    backpressure_status: int = 503  # 503 | 429
-    # Serve's @serve.batch: rows (prompts × n) decoded together, and how long to wait to fill a batch.
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
+    min_replicas: int = MISSING
+    max_replicas: int = MISSING
+    target_ongoing_requests: float = MISSING
+    # Back-pressure: requests a replica takes at once, and requests a caller may queue for the
+    # deployment beyond that before the proxy answers `backpressure_status`.
+    max_ongoing_requests: int = MISSING
+    max_queued_requests: int = MISSING
+    backpressure_status: int = MISSING  # 503 | 429
+    # Continuous batching (framework/serve/engine.py): sequences and tokens in one forward pass, and the
+    # paged KV cache, in blocks of kv_block_size tokens.
+    max_sequences: int = MISSING
+    max_batch_tokens: int = MISSING
+    kv_cache_blocks: int = MISSING
+    kv_block_size: int = MISSING
     # max_tokens when a request leaves it out (clipped to what the context has left).
-    default_max_tokens: int = 64
+    default_max_tokens: int = MISSING
+    # Largest request body, checked at the proxy and the replica before it is read (413 past it).
+    max_request_bytes: int = MISSING
+    # How often a replica publishes its engine gauges (running and waiting sequences, KV blocks).
+    metrics_interval_s: float = MISSING
     # Name of an environment variable holding the API key (a Kubernetes Secret, say); null: no key.
-    api_key_env: Optional[str] = None
+    api_key_env: Optional[str] = MISSING
     # HTTP proxy and application.
-    host: str = "0.0.0.0"
-    port: int = 8000
-    route_prefix: str = "/"
-    app_name: str = "llm"
+    host: str = MISSING
+    port: int = MISSING
+    route_prefix: str = MISSING
+    app_name: str = MISSING
     # Ray cluster address; null uses RAY_ADDRESS or starts a local cluster.
-    ray_address: Optional[str] = None
+    ray_address: Optional[str] = MISSING
 
 
 @dataclass
@@ -93,13 +104,12 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
         serve.target_ongoing_requests > 0,
         "serve.target_ongoing_requests", serve.target_ongoing_requests, "expected a positive number",
     )
-    require(serve.max_batch_size >= 1, "serve.max_batch_size", serve.max_batch_size, "expected at least 1")
-    # Fewer ongoing requests than batch rows would leave batches that can never fill.
-    require(
-        serve.max_ongoing_requests >= serve.max_batch_size,
-        "serve.max_ongoing_requests", serve.max_ongoing_requests,
-        f"expected at least serve.max_batch_size={serve.max_batch_size}",
-    )
+    require(serve.max_ongoing_requests >= 1, "serve.max_ongoing_requests", serve.max_ongoing_requests, "expected at least 1")
+    for key in ("max_sequences", "max_batch_tokens", "kv_cache_blocks", "max_request_bytes"):
+        require(getattr(serve, key) >= 1, f"serve.{key}", getattr(serve, key), "expected at least 1")
+    # transformers' paged cache takes pages of at least 4 tokens.
+    require(serve.kv_block_size >= 4, "serve.kv_block_size", serve.kv_block_size, "expected at least 4 tokens")
+    require(serve.metrics_interval_s > 0, "serve.metrics_interval_s", serve.metrics_interval_s, "expected a positive number of seconds")
     require(
         serve.max_queued_requests == -1 or serve.max_queued_requests >= 0,
         "serve.max_queued_requests", serve.max_queued_requests, "expected 0 or more, or -1 (unbounded)",
@@ -107,10 +117,6 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
     require(
         serve.backpressure_status in (503, 429),
         "serve.backpressure_status", serve.backpressure_status, "expected 503 or 429",
-    )
-    require(
-        serve.batch_wait_timeout_s >= 0,
-        "serve.batch_wait_timeout_s", serve.batch_wait_timeout_s, "expected 0 or more seconds",
     )
     require(serve.default_max_tokens >= 1, "serve.default_max_tokens", serve.default_max_tokens, "expected at least 1")
     require(1 <= serve.port <= 65535, "serve.port", serve.port, "expected a TCP port")
@@ -122,16 +128,52 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
     return serve
 
 
+def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
+    """A checked ServeConfig from a preset and serve.* keys, as Serve's builder args give them: `preset` (a
+    conf/serve/ name, default "default") plus any keys, e.g. {"preset": "gpu", "model_path": "/models/best.json"}."""
+    from hydra import compose as compose_in_app
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    args = dict(args)
+    overrides = [f"serve={args.pop('preset', 'default')}"]
+    try:
+        # Inside a running Hydra app (launch/bench.py) Hydra is initialised already and composes from conf/.
+        if GlobalHydra.instance().is_initialized():
+            preset = compose_in_app(config_name="serve", overrides=overrides)
+        else:
+            preset = compose(overrides, "serve")
+        # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
+        cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
+        raise ConfigError(one_line(exc)) from None
+    return validate_serve(cfg)
+
+
+def check_model(serve: ServeConfig) -> Path:
+    """The model folder, checked whole, and checked to fit the KV cache: one sequence of its full context."""
+    from framework.serve.folder import check_model_folder, model_context, resolve_model_path
+
+    folder = resolve_model_path(serve.model_path)
+    check_model_folder(folder)
+    context, capacity = model_context(folder), serve.kv_cache_blocks * serve.kv_block_size
+    require(capacity >= context, "serve.kv_cache_blocks", serve.kv_cache_blocks,
+            f"× serve.kv_block_size={serve.kv_block_size} = {capacity} tokens of KV cache: expected at least the "
+            f"model's context of {context} tokens (one sequence of full length)")
+    return folder
+
+
 def check_serve_config(cfg: DictConfig) -> None:
     """The check for `launch/serve.py`: schema, ranges, then the model folder itself (before Serve starts)."""
-    from framework.serve.folder import check_model_folder, resolve_model_path
-
     serve = validate_serve(to_serve_config(cfg))
-    check_model_folder(resolve_model_path(serve.model_path))
+    check_model(serve)
     # On the local cluster the replicas inherit this process's environment, so a missing key shows now.
     local = serve.ray_address is None and not os.environ.get("RAY_ADDRESS")
-    if serve.api_key_env and local and not os.environ.get(serve.api_key_env):
-        raise ConfigError(f"serve.api_key_env={serve.api_key_env}: environment variable {serve.api_key_env} is not set")
+    if serve.api_key_env and local and read_api_key(serve.api_key_env) is None:
+        raise ConfigError(f"serve.api_key_env={serve.api_key_env}: environment variable {serve.api_key_env} is not set "
+                          f"(or blank)")
 
 
-__all__ = ["ConfigError", "ServeConfig", "check_serve_config", "to_serve_config", "validate_serve"]
+__all__ = ["ConfigError", "ServeConfig", "check_model", "check_serve_config", "compose_serve_config", "to_serve_config", "validate_serve"]

@@ -44,6 +44,18 @@ def default_model_id(model_path: str) -> str:
     return path.parent.name if path.suffix == ".json" else path.name
 
 
+def model_context(folder: Path) -> int:
+    """The model's context length in tokens (its position embeddings), from the folder's config.json."""
+    from transformers import AutoConfig
+
+    return context_length(AutoConfig.from_pretrained(folder, local_files_only=True))
+
+
+def context_length(config: object) -> int:
+    """A transformers config's context length: max_position_embeddings, n_positions (GPT-2), else 2048."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / WEIGHTS_INDEX
     if index.is_file():

@@ -1,225 +1,252 @@
-"""Between OpenAI requests and the engine: requests become Jobs (checked against the model), deltas
-become responses or server-sent events.
+"""OpenAI request and response shapes (completions, chat, models, logprobs) and OpenAI-style error bodies.
 
-Row order in a Job is prompt-major (prompt 0's n choices, then prompt 1's, ...), which is also the
-`index` a completion choice carries. With a `seed`, choice i samples with (seed + i) mod 2**64 (the
-range torch's generators take), so the n choices differ from each other but the whole response is
-reproducible. A chat the tokenizer's template refuses (roles that must alternate, say) is a 400 on
-`messages`.
+Requests are validated strictly: a string where a number belongs is a 400, not coerced, and a field
+this server does not implement (`tools`, `suffix`, `best_of`, ...) is a 400 naming it, never accepted
+and ignored; such a field sent as null is no option and passes. Every error a client can cause leaves
+as `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import AsyncIterator, List, Optional, Sequence
+import time
+import uuid
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
 
-from jinja2 import TemplateError, TemplateSyntaxError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
 
-from framework.serve.api import (
-    APIError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    Completion,
-    CompletionChoice,
-    CompletionRequest,
-    Usage,
-    SamplingFields,
-)
-from framework.serve.engine import Delta, Engine, Job, Row, SamplingParams
+StrictFloat = Annotated[float, Strict()]  # ints are accepted for floats (JSON has one number type); strings are not
 
-MAX_STOPS = 4  # as OpenAI
-SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64); reducing keeps seed + i inside it
+# OpenAI's seed is a signed 64-bit integer; anything wider is a 400 rather than a sampler crash.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-@dataclass
-class Prepared:
-    """A checked request: the Job to decode and what the response needs to know about it."""
+class APIError(Exception):
+    """An error a client caused (or overload); the app turns it into an OpenAI-style JSON body."""
 
-    job: Job
-    prompt_tokens: int
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
-
-def completion_job(req: CompletionRequest, engine: Engine, default_max_tokens: int, max_rows: int) -> Prepared:
-    prompts = _completion_prompts(req.prompt, engine)
-    return _prepare(req, prompts, "prompt", req.max_tokens, (), engine, default_max_tokens, max_rows, ())
-
-
-def chat_job(req: ChatCompletionRequest, engine: Engine, default_max_tokens: int, max_rows: int) -> Prepared:
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    if not any(m["content"].strip() for m in messages):
-        raise APIError(400, "messages must contain some text; every message content is empty", param="messages")
-    try:
-        ids, implied_stops, stop_token_ids = engine.chat_prompt(messages)
-    except TemplateSyntaxError:
-        raise  # the template itself is broken: the server's fault, not these messages'
-    except TemplateError as exc:  # the template's raise_exception(): these messages are not a chat it accepts
-        raise APIError(400, f"messages do not fit this model's chat template: {exc}", param="messages") from None
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return _prepare(req, [ids], "messages", max_tokens, implied_stops, engine, default_max_tokens, max_rows,
-                    stop_token_ids)
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _completion_prompts(prompt: object, engine: Engine) -> List[List[int]]:
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-    prompts = []
-    for item in prompt:
-        if isinstance(item, str):
-            if not item:
-                raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-            ids = engine.encode(item)
+def validation_error(errors: Sequence[Dict[str, Any]]) -> APIError:
+    """A 400 for FastAPI's RequestValidationError (malformed JSON, missing or wrong-typed fields)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", first.get("msg"))
+        return APIError(400, f"Malformed JSON body: {detail}", code="invalid_json")
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    if not loc:
+        return APIError(400, f"Request body must be a JSON object sent as Content-Type: application/json "
+                             f"({first.get('msg')})", code="invalid_body")
+    param = _param_path(loc)
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"'{param}' is not supported by this server", param=param, code="unsupported_parameter")
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg')}", param=param, code="invalid_value")
+
+
+def _param_path(loc: Sequence[Any]) -> str:
+    """messages.0.content → messages[0].content; union branch tags (`str`, `list[int]`) are dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in str(part) or str(part) in ("str", "int", "float", "bool") or "-" in str(part):
+            break
         else:
-            ids = list(item)
-            bad = [t for t in ids if not 0 <= t < engine.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", param="prompt")
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-        prompts.append(ids)
-    return prompts
+            path += f".{part}" if path else str(part)
+    return path
 
 
-def _prepare(
-    req: SamplingFields,
-    prompts: List[List[int]],
-    prompt_param: str,
-    max_tokens: Optional[int],
-    implied_stops: Sequence[str],
-    engine: Engine,
-    default_max_tokens: int,
-    max_rows: int,
-    stop_token_ids: Sequence[int],
-) -> Prepared:
-    context = engine.context_length
-    longest = max(len(p) for p in prompts)
-    if longest >= context:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context} tokens; the prompt has {longest} tokens, "
-            f"which leaves no room for a completion.",
-            param=prompt_param, code="context_length_exceeded",
-        )
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, context - longest)
-    elif longest + max_tokens > context:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context} tokens; you asked for {longest + max_tokens} "
-            f"({longest} in the prompt, {max_tokens} for the completion). Reduce max_tokens or the prompt.",
-            param="max_tokens", code="context_length_exceeded",
-        )
-    stops = req.stop_list()
-    if len(stops) > MAX_STOPS or any(not s for s in stops):
-        raise APIError(400, f"stop takes at most {MAX_STOPS} non-empty strings", param="stop")
-    rows_wanted = len(prompts) * req.n
-    if rows_wanted > max_rows:
-        raise APIError(
-            400, f"{len(prompts)} prompt(s) × n={req.n} is {rows_wanted} sequences; this server decodes at most {max_rows} per request",
-            param="n",
-        )
-    rows = []
-    for ids in prompts:
-        for choice in range(req.n):
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                stop=tuple(stops) + tuple(implied_stops),
-                seed=None if req.seed is None else (req.seed + choice) % SEED_MODULUS,
-                stop_token_ids=tuple(stop_token_ids),
-            )
-            rows.append(Row(ids, params))
-    # As OpenAI: each prompt counts once, however many choices (n) are sampled from it.
-    return Prepared(Job(rows), sum(len(p) for p in prompts))
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_extras(cls, data: Any) -> Any:
+        """An unknown field sent as null asks for nothing; any other value is refused by name (extra="forbid")."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Request):
+    model: StrictStr
+    temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
+    top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=128)
+    stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: Optional[StrictFloat] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[StrictFloat] = Field(None, ge=-2, le=2)
+    # Token id (as a string, JSON keys being strings) → a bias added to its logit, -100 to 100.
+    logit_bias: Optional[Dict[StrictStr, Annotated[StrictFloat, Field(ge=-100, le=100)]]] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[StrictStr] = None
+
+    def stop_list(self) -> List[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    # A string, a list of strings, token ids, or a list of token id lists (one choice set per prompt).
+    prompt: Union[StrictStr, List[StrictStr], List[StrictInt], List[List[StrictInt]]]
+    # 0 only with echo: score the prompt, generate nothing.
+    max_tokens: Optional[StrictInt] = Field(None, ge=0)
+    # The chosen token's logprob and this many of the most likely ones, per token (OpenAI allows up to 5).
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    echo: StrictBool = False
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[StrictStr, List[TextPart]]] = None
+    name: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    # The newer name OpenAI gives max_tokens on chat; either is accepted.
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
 
 
 # ---------------------------------------------------------------------------------------------
 # Responses
 
-@dataclass
-class Collected:
-    texts: List[str]
-    finish_reasons: List[Optional[str]]
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
     completion_tokens: int
+    total_tokens: int
 
 
-async def collect(deltas: AsyncIterator[List[Delta]], rows: int) -> Collected:
-    """Gather a job's streamed deltas into whole texts."""
-    texts, reasons, tokens = [""] * rows, [None] * rows, 0
-    async for step in deltas:
-        for d in step:
-            texts[d.index] += d.text
-            tokens += d.tokens
-            if d.finish_reason:
-                reasons[d.index] = d.finish_reason
-    return Collected(texts, reasons, tokens)
+class CompletionLogprobs(BaseModel):
+    """Per token of the choice's text (the prompt's first, with echo): its text, logprob, top tokens, offset."""
+
+    tokens: List[str]
+    token_logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: List[int]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+FinishReason = Optional[Literal["stop", "length"]]
 
 
-def completion_response(rid: str, created: int, model: str, done: Collected, prompt_tokens: int) -> Completion:
-    choices = [
-        CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(done.texts, done.finish_reasons))
-    ]
-    return Completion(id=rid, created=created, model=model, choices=choices, usage=usage(prompt_tokens, done.completion_tokens))
+class _Response(BaseModel):
+    """What every completion response and chunk starts with."""
+
+    id: str
+    created: int
+    model: str
 
 
-def chat_response(rid: str, created: int, model: str, done: Collected, prompt_tokens: int) -> ChatCompletion:
-    choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r)
-        for i, (t, r) in enumerate(zip(done.texts, done.finish_reasons))
-    ]
-    return ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=usage(prompt_tokens, done.completion_tokens))
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: FinishReason = None
 
 
-def sse(payload: object) -> str:
-    """One server-sent event; `payload` is a pydantic model or the literal "[DONE]"."""
-    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
-    return f"data: {data}\n\n"
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: List[CompletionChoice]
+    usage: Optional[Usage] = None
 
 
-async def completion_events(
-    deltas: AsyncIterator[List[Delta]], rid: str, created: int, model: str, prompt_tokens: int, include_usage: bool
-) -> AsyncIterator[str]:
-    """Server-sent events of a streamed completion: one chunk per piece of text, then [DONE]."""
-    tokens = 0
-    async for step in deltas:
-        for d in step:
-            tokens += d.tokens
-            if d.text or d.finish_reason:
-                choice = CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
-                yield sse(Completion(id=rid, created=created, model=model, choices=[choice]))
-    if include_usage:
-        yield sse(Completion(id=rid, created=created, model=model, choices=[], usage=usage(prompt_tokens, tokens)))
-    yield sse("[DONE]")
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
 
-async def chat_events(
-    deltas: AsyncIterator[List[Delta]], rid: str, created: int, model: str, rows: int, prompt_tokens: int, include_usage: bool
-) -> AsyncIterator[str]:
-    """Server-sent events of a streamed chat completion: the role first, then content, then [DONE]."""
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: List[int]
 
-    def chunk(choices: List[ChatChunkChoice], usage_: Optional[Usage] = None) -> str:
-        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage_))
 
-    for i in range(rows):
-        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-    tokens = 0
-    async for step in deltas:
-        for d in step:
-            tokens += d.tokens
-            if d.text or d.finish_reason:
-                delta = ChatDelta(content=d.text) if d.text else ChatDelta()
-                yield chunk([ChatChunkChoice(index=d.index, delta=delta, finish_reason=d.finish_reason)])
-    if include_usage:
-        yield chunk([], usage(prompt_tokens, tokens))
-    yield sse("[DONE]")
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: List[ChatTokenLogprob]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: List[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: List[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "framework"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
