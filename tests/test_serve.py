@@ -47,12 +47,10 @@ MAX_ONGOING, MAX_QUEUED, MAX_SEQUENCES = 4, 4, 4
 
 
 @pytest.fixture(scope="module")
-def served_model_dir(trained_checkpoints: Dict[int, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Hugging Face folder served: the ZeRO-3 tiny run's final checkpoint, exported and verified
-    (safetensors, the run's BPE with its ChatML template, generation config)."""
-    from framework.export import export_checkpoint
-
-    return Path(export_checkpoint(trained_checkpoints[3], str(tmp_path_factory.mktemp("export") / "tiny-zero3")))
+def served_model_dir(exports: Dict[int, str]) -> Path:
+    """The Hugging Face folder served: the ZeRO-3 tiny run's final checkpoint, exported once for the session and
+    verified (safetensors, the run's BPE with its ChatML template, generation config)."""
+    return Path(exports[3])
 
 
 def _free_port() -> int:
