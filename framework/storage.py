@@ -28,6 +28,17 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
     return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file's content."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     fs.delete_dir(path)

@@ -135,6 +135,18 @@ def exports(trained_checkpoints, tmp_path_factory) -> Dict[int, str]:
     return {stage: export_checkpoint(path, str(root / f"tiny-zero{stage}")) for stage, path in trained_checkpoints.items()}
 
 
+def copy_run_until(run_dir: str, step: int, target: str) -> None:
+    """A run directory as a run stopped after its checkpoint at `step` left it: that checkpoint, and the metrics up to it."""
+    import json
+    import shutil
+
+    os.makedirs(os.path.join(target, "logs"))
+    name = f"checkpoint_{step:08d}"
+    shutil.copytree(os.path.join(run_dir, name), os.path.join(target, name))
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f, open(os.path.join(target, "logs", "metrics.jsonl"), "w") as out:
+        out.writelines(line for line in f if json.loads(line)["step"] <= step)
+
+
 def as_zero0(checkpoint: str, target) -> "Path":
     """A ZeRO-0 checkpoint made from a ZeRO-1 one: rank 0's model states alone (the whole model), as one worker wrote it."""
     import json

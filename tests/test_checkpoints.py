@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_CORPUS, VAL_FRACTION, launch, run_overrides, train_bare
+from conftest import ROOT, SMALL_CORPUS, VAL_FRACTION, copy_run_until, launch, run_overrides, train_bare
 from framework.config import ConfigError
 from framework.schema import load_config
 
@@ -144,21 +144,13 @@ def test_a_sweep_on_object_storage_publishes_its_results_there(s3, s3_data, tmp_
         assert _bucket(s3).get_file_info(f"{BUCKET}/sweeps/s3-sweep/published/{name}").size > 0, name
 
 
-def _copy_run_until(run_dir: str, step: int, target: str) -> None:
-    os.makedirs(os.path.join(target, "logs"))
-    name = f"checkpoint_{step:08d}"
-    shutil.copytree(os.path.join(run_dir, name), os.path.join(target, name))
-    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f, open(os.path.join(target, "logs", "metrics.jsonl"), "w") as out:
-        out.writelines(line for line in f if json.loads(line)["step"] <= step)
-
-
 def test_changed_optimizer_settings_take_effect_on_resume(prepared_data, run_storage, trained_runs, ray_session):
     """The run resumes zero1's step-10 checkpoint with another peak LR and weight decay: its schedule follows the new
     peak from the first step (the checkpoint's own LR would otherwise win), and the same settings from scratch agree."""
     from framework.train.optim import scheduled_lr
 
     name = "new-lr"
-    _copy_run_until(trained_runs[1], 10, os.path.join(run_storage, name))
+    copy_run_until(trained_runs[1], 10, os.path.join(run_storage, name))
     cfg = load_config(run_overrides(prepared_data, run_storage, name, deepspeed="zero1",
                                     **{"run.num_workers": 1, "optim.lr": 1e-3, "optim.weight_decay": 0.0, "run.log_interval": 1}))
     train_bare(ray_session, cfg)
@@ -180,7 +172,7 @@ def test_a_checkpoint_cut_short_is_ignored_and_removed(prepared_data, run_storag
     from framework.train.plan import make_plan
 
     run_dir = tmp_path / "cut"
-    _copy_run_until(trained_runs[3], 10, str(run_dir))
+    copy_run_until(trained_runs[3], 10, str(run_dir))
     shutil.copytree(os.path.join(trained_runs[3], "checkpoint_00000020"), run_dir / "checkpoint_00000020",
                     ignore=shutil.ignore_patterns("COMPLETE", "zero_pp_rank_1_*", "rank-1.json"))
     plan = make_plan(load_config(run_overrides(prepared_data, str(tmp_path), "cut", deepspeed="zero3")))

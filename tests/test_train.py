@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, launch, run_overrides, train_bare
+from conftest import ROOT, copy_run_until, launch, run_overrides, train_bare
 from framework.config import ConfigError
 from framework.schema import load_config
 
@@ -118,15 +118,6 @@ def test_one_and_two_workers_train_on_the_same_rows_to_the_same_losses(trained_r
     np.testing.assert_allclose(three_one, three_two, rtol=WORKER_COUNT_RTOL)
 
 
-def _copy_until(run_dir: str, step: int, target: str) -> None:
-    """A run directory as a run killed after its checkpoint at `step` left it (nothing of later steps)."""
-    os.makedirs(os.path.join(target, "logs"))
-    name = f"checkpoint_{step:08d}"
-    shutil.copytree(os.path.join(run_dir, name), os.path.join(target, name))
-    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f, open(os.path.join(target, "logs", "metrics.jsonl"), "w") as out:
-        out.writelines(line for line in f if json.loads(line)["step"] <= step)
-
-
 @pytest.mark.parametrize("stage, direction", [(1, "2→1"), (3, "2→1"), (1, "1→2"), (3, "1→2")])
 def test_a_run_killed_after_its_first_checkpoint_resumes_on_another_worker_count(
     prepared_data, run_storage, trained_runs, bare_runs, ray_session, stage, direction
@@ -138,7 +129,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_on_another_worker_count
 
     name = f"elastic-zero{stage}-{'to1' if direction == '2→1' else 'to2'}"
     source, workers = (trained_runs[stage], 1) if direction == "2→1" else (bare_runs[stage], 2)
-    _copy_until(source, 10, os.path.join(run_storage, name))
+    copy_run_until(source, 10, os.path.join(run_storage, name))
     cfg = load_config(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}", **{"run.num_workers": workers}))
     if workers == 1:
         train_bare(ray_session, cfg)

@@ -24,7 +24,7 @@ from framework.data.shards import (
     COLUMN, MANIFEST, MANIFEST_FORMAT, ROW_GROUP_ROWS, SPLITS, TOKENIZER_DIR, directory_sha256, fingerprint, pack_sequences,
     rows_to_table, write_shard,
 )
-from framework.data.sources import SourceFile, SourcePart, document_key, file_sha256, list_source_files, read_documents, split_source
+from framework.data.sources import SourceFile, SourcePart, document_key, list_source_files, read_documents, split_source
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from framework.schema import Config
 
@@ -103,7 +103,7 @@ def run(cfg: Config) -> Dict[str, Any]:
     output_dir = absolute(data.output_dir)
     started = time.time()
     files = list_source_files(data.sources)
-    shas = [file_sha256(f.path) for f in files]
+    shas = [storage.file_sha256(f.path) for f in files]
     print(f"prep: {len(files)} source files → {output_dir}")
     clear_previous(output_dir)
 

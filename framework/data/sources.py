@@ -198,12 +198,3 @@ def normalise(text: str) -> str:
 def document_key(text: str) -> bytes:
     """A document's identity: the sha256 of its normalised content (duplicates share it, and so their split)."""
     return hashlib.sha256(normalise(text).encode()).digest()
-
-
-def file_sha256(path: str) -> str:
-    """Content hash of a source file, recorded in the manifest."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

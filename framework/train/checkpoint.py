@@ -96,20 +96,10 @@ def write_file_hashes(directory: str, rank: int) -> None:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, directory)
             if not relative.startswith(FILES_DIR + os.sep):
-                hashes[relative] = file_sha256(path)
+                hashes[relative] = storage.file_sha256(path)
     os.makedirs(os.path.join(directory, FILES_DIR), exist_ok=True)
     with open(os.path.join(directory, FILES_DIR, f"rank-{rank}.json"), "w") as f:
         json.dump(hashes, f, indent=1, sort_keys=True)
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_files(directory: str) -> None:
@@ -125,7 +115,7 @@ def verify_files(directory: str) -> None:
                 path = os.path.join(directory, relative)
                 if not os.path.isfile(path):
                     raise ValueError(f"{path}: missing (written by {name[:-5]})")
-                if file_sha256(path) != sha:
+                if storage.file_sha256(path) != sha:
                     raise ValueError(f"{path}: its content is not what {name[:-5]} wrote (sha256 differs: corrupted, replaced or swapped)")
 
 
