@@ -67,12 +67,14 @@ class ExportConfig:
 
 
 @dataclass
-class ExportJobConfig:
+class ExportRoot:
+    """The root of conf/export.yaml."""
+
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # Registered on import (`conf/export.yaml` names it) so that `compose(..., "export")` finds it from any entry point.
-register("export_schema", ExportJobConfig)
+register("export_schema", ExportRoot)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 from omegaconf import MISSING, DictConfig
 
 from framework.config import ConfigError, compose, one_line, register, require, typed
+from framework.model import DTYPES
 from framework.serve.ingress import read_api_key
 
 
@@ -67,14 +68,16 @@ class ServeConfig:
 
 
 @dataclass
-class ServeJobConfig:
+class ServeRoot:
+    """The root of conf/serve.yaml."""
+
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # Registered on import (`conf/serve.yaml` names it) so that `compose(..., "serve")` finds it from any entry point.
-register("serve_schema", ServeJobConfig)
+register("serve_schema", ServeRoot)
 
-_DTYPES = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = ("auto", *DTYPES)
 
 
 def to_serve_config(cfg: DictConfig | Dict[str, Any]) -> ServeConfig:

@@ -32,12 +32,12 @@ from transformers import (
 )
 from transformers.generation.continuous_batching import RequestStatus
 
+from framework.model import pad_token_id
+from framework.model import torch_dtype as model_dtype
 from framework.serve.folder import context_length
 from framework.serve.prompts import PromptEncoder
 from framework.serve.sampling import SLOT, SamplerList, SamplingParams, SequenceSampler, SequenceState, TokenLogprob, top_logprobs
 from framework.serve.text import TextTracker
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids: FrozenSet[int] = frozenset(eos)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-        self.pad_id = int(pad)
+        pad = pad_token_id(tokenizer)  # the tokenizer's pad, else its eos
+        self.pad_id = int(pad if pad is not None else (eos[0] if eos else 0))
         self.context_length = context_length(model.config)
         self.vocab_size = int(model.config.vocab_size)
         self.prompts = PromptEncoder(tokenizer, self.context_length)
@@ -253,7 +253,7 @@ def _put(queue: asyncio.Queue, index: int, output: object) -> None:
 def load_engine(folder: Path, batching: Batching, dtype: str = "auto", device: Optional[str] = None) -> Engine:
     """Load a Hugging Face model folder onto `device` (default: cuda when there is one) in `dtype`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = model_dtype(dtype, device.startswith("cuda"))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True).to(device).eval()
     try:

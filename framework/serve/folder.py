@@ -52,8 +52,10 @@ def model_context(folder: Path) -> int:
 
 
 def context_length(config: object) -> int:
-    """A transformers config's context length: max_position_embeddings, n_positions (GPT-2), else 2048."""
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+    """A transformers config's context length (framework/model.py: max_positions), else 2048."""
+    from framework.model import max_positions
+
+    return int(max_positions(config) or 2048)
 
 
 def _weight_files(folder: Path) -> list[Path]:
