@@ -15,7 +15,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Iterator, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 
@@ -30,6 +30,8 @@ class SourceFile:
     field: str
     split_on: str = "file"
     split_regex: Optional[str] = None
+    prompt: str = "prompt"
+    completion: str = "completion"
 
 
 def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
@@ -44,7 +46,9 @@ def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
             raise ConfigError(f"data.sources.{i}.path={source.path}: no files match")
         for path in matches:
             path = os.path.abspath(path)
-            files.setdefault(path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex))
+            files.setdefault(
+                path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex, source.prompt, source.completion)
+            )
     return [files[p] for p in sorted(files)]
 
 
@@ -94,6 +98,8 @@ def read_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
             yield from _text_documents(part)
     elif source.format == "jsonl":
         yield from _jsonl_documents(part)
+    elif source.format in ("chat", "prompt_completion"):
+        raise ValueError(f"{source.path}: {source.format} records are conversations: read them with read_conversations")
     elif source.format == "parquet":
         parquet = pq.ParquetFile(source.path)
         if source.field not in parquet.schema_arrow.names:
@@ -187,6 +193,29 @@ def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
             if not isinstance(record, dict) or source.field not in record:
                 raise ConfigError(f"data.sources.field={source.field}: missing in {source.path} at byte {offset}")
             yield offset, str(record[source.field])
+
+
+def read_conversations(part: SourcePart) -> Iterator[Tuple[int, Any]]:
+    """Yield (byte offset, messages) for each record of a chat or prompt_completion slice; a record that is not a
+    conversation yields a `chat.BadRecord` naming its reason instead (prep counts them; none is skipped silently)."""
+    from framework.data.chat import BadRecord, conversation
+
+    source = part.file
+    with open(source.path, "rb") as f:
+        for offset, line in _lines(f, part.start):
+            if offset >= part.stop:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                yield offset, BadRecord("malformed", f"not a JSON line ({source.path} at byte {offset})")
+                continue
+            try:
+                yield offset, conversation(record, source)
+            except BadRecord as bad:
+                yield offset, BadRecord(bad.reason, f"{bad.detail} ({source.path} at byte {offset})")
 
 
 def normalise(text: str) -> str:
