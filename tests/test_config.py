@@ -13,7 +13,7 @@ from framework.schema import Config, load_config
 
 # The values a user must give: the presets leave them `???` on purpose.
 MANDATORY = {"model.pretrained_path", "data.sources[0].path", "data.tokenizer.path"}
-GROUPS = ("model", "data", "deepspeed", "optim", "run", "tune", "experiment")
+GROUPS = ("model", "model/lora", "data", "deepspeed", "optim", "run", "tune", "experiment")
 
 
 def _options(group):
