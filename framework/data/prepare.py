@@ -1,5 +1,8 @@
 """Data preparation: source files → tokenizer → packed Parquet token shards + manifest, in Ray tasks.
 
+Text is tokenised and stream-packed; chat and prompt_completion sources are rendered into ids and loss
+masks (framework/data/chat.py), packed whole, and their bad records counted per reason in the manifest.
+
 Determinism: a document's split and its place in its shard come from the hash of its normalised
 content (`sources.document_key`), never from timing, paths or slicing, so duplicates land in one split
 and the same input always gives byte-identical shards. The tokenizer is trained on the train split only.
@@ -28,8 +31,8 @@ from framework.data.shards import (
 from framework.data.sources import (
     SourceFile, SourcePart, document_key, file_sha256, list_source_files, read_conversations, read_documents, split_source,
 )
-from framework.model import pad_token_id
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from framework.model import pad_token_id
 from framework.schema import Config
 
 

@@ -1,7 +1,8 @@
 """Input documents: which files a source names, how a file is cut into slices for prep tasks, and the documents in a slice.
 
 A text source is cut into documents by `split_on`: the whole file, blank lines, one per line, or
-before every line that `split_regex` matches (WikiText's ` = Title = ` headings). Every large file —
+before every line that `split_regex` matches (WikiText's ` = Title = ` headings). A chat or
+prompt_completion source is JSONL whose records are conversations (`read_conversations`). Every large file —
 text, JSONL or Parquet — is cut into slices of about `data.mb_per_task` MB so that many tasks read it,
 and every document belongs to exactly one slice: the one its first byte (or row) falls in.
 """
@@ -177,22 +178,30 @@ def _text_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
             yield doc_start, "".join(doc)
 
 
-def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
-    """The records of the lines that start inside [start, stop): each line belongs to exactly one slice."""
-    source = part.file
-    with open(source.path, "rb") as f:
+def _jsonl_records(part: SourcePart) -> Iterator[Tuple[int, Any]]:
+    """(offset, parsed record, or the ValueError of a line that is not JSON) of the non-blank lines that start
+    inside [start, stop): each line belongs to exactly one slice."""
+    with open(part.file.path, "rb") as f:
         for offset, line in _lines(f, part.start):
             if offset >= part.stop:
                 break
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield offset, json.loads(line)
             except ValueError as exc:
-                raise ConfigError(f"data.sources.format=jsonl: {source.path} at byte {offset}: not a JSON line ({exc})") from None
-            if not isinstance(record, dict) or source.field not in record:
-                raise ConfigError(f"data.sources.field={source.field}: missing in {source.path} at byte {offset}")
-            yield offset, str(record[source.field])
+                yield offset, exc
+
+
+def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
+    """The text of each record of a slice (`field`); a line that is not JSON, or lacks the field, fails prep."""
+    source = part.file
+    for offset, record in _jsonl_records(part):
+        if isinstance(record, ValueError):
+            raise ConfigError(f"data.sources.format=jsonl: {source.path} at byte {offset}: not a JSON line ({record})")
+        if not isinstance(record, dict) or source.field not in record:
+            raise ConfigError(f"data.sources.field={source.field}: missing in {source.path} at byte {offset}")
+        yield offset, str(record[source.field])
 
 
 def read_conversations(part: SourcePart) -> Iterator[Tuple[int, Any]]:
@@ -201,21 +210,15 @@ def read_conversations(part: SourcePart) -> Iterator[Tuple[int, Any]]:
     from framework.data.chat import BadRecord, conversation
 
     source = part.file
-    with open(source.path, "rb") as f:
-        for offset, line in _lines(f, part.start):
-            if offset >= part.stop:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                yield offset, BadRecord("malformed", f"not a JSON line ({source.path} at byte {offset})")
-                continue
-            try:
-                yield offset, conversation(record, source)
-            except BadRecord as bad:
-                yield offset, BadRecord(bad.reason, f"{bad.detail} ({source.path} at byte {offset})")
+    for offset, record in _jsonl_records(part):
+        where = f"{source.path} at byte {offset}"
+        if isinstance(record, ValueError):
+            yield offset, BadRecord("malformed", f"not a JSON line ({where})")
+            continue
+        try:
+            yield offset, conversation(record, source)
+        except BadRecord as bad:
+            yield offset, BadRecord(bad.reason, f"{bad.detail} ({where})")
 
 
 def normalise(text: str) -> str:
