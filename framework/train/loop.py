@@ -68,6 +68,10 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, load_universal
     }
 
 
+# Attention implementations that build block-diagonal masks from restarting position ids (transformers' masking_utils).
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
 def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: bool = False) -> tuple:
     """The model (LoRA-wrapped when model.lora is set), its optimizer over the weights that train and the LR
     schedule, inside a DeepSpeed engine; gives (engine, DeepSpeed config)."""
@@ -76,18 +80,14 @@ def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: boo
     if SEGMENTS_COLUMN in plan.manifest["columns"] and model.config._attn_implementation not in MASKED_ATTENTION:
         # Flash attention's varlen path reads packed rows only from a batch of one; others would attend across documents.
         raise RunError(
-            f"model.pretrained_path={cfg.model.pretrained_path}: attention {model.config._attn_implementation!r} cannot keep the "
-            f"documents of packed rows apart (data.packing=documents); use {' or '.join(MASKED_ATTENTION)}"
+            f"data.packing=documents: the model's attention {model.config._attn_implementation!r} cannot keep the documents of "
+            f"packed rows apart; use a model with {' or '.join(MASKED_ATTENTION)} attention, or shards packed with data.packing=plain"
         )
     ds_config = deepspeed_config(cfg, world, use_gpu, load_universal=load_universal)
     optimizer = build_optimizer(model, cfg.optim, fused=use_gpu and not cfg.deepspeed.offload_optimizer)
     scheduler = build_lr_schedule(optimizer, cfg.optim, cfg.run.max_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, ds_config
-
-
-# Attention implementations that build block-diagonal masks from restarting position ids (transformers' masking_utils).
-MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def universal_dir(plan: TrainPlan, name: str) -> str:
