@@ -261,7 +261,7 @@ def test_fine_tuning_settings_that_cannot_work_fail_in_one_line(overrides, key):
 
 def test_the_recipes_compose_for_a_local_model_folder(base):
     for recipe, lora in (("sft-full", False), ("sft-lora", True)):
-        cfg = load_config([f"experiment={recipe}", f"model.pretrained_path={base}", f"data.sources.0.path='{CHAT}'", "data.seq_len=1024"])
+        cfg = load_config([f"experiment={recipe}", f"model.pretrained_path={base}", f"data.sources.0.path='{CHAT}'"])
         assert (cfg.model.lora is not None, cfg.data.tokenizer.path, cfg.data.packing, cfg.deepspeed.stage) == (lora, base, "documents", 3)
 
 
@@ -483,7 +483,7 @@ def test_the_frozen_base_is_bit_identical_after_lora_steps_under_zero3(base, cha
 @pytest.mark.slow
 def test_lora_export_merges_into_a_folder_with_the_engines_logits_and_writes_an_adapter_peft_loads(lora_run, base, chat_data, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from framework.evaluate import evaluate_folder
     from framework.export import export_checkpoint
@@ -495,6 +495,7 @@ def test_lora_export_merges_into_a_folder_with_the_engines_logits_and_writes_an_
     # The merged folder is a plain model (what serve and from_pretrained load): no adapter modules, no peft.
     merged = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert AutoTokenizer.from_pretrained(folder).chat_template == AutoTokenizer.from_pretrained(base).chat_template  # for serving
     # Its validation loss over the packed chat rows is the one the 2-worker ZeRO-3 engine logged at that step.
     logged = [r["val/loss"] for r in _records(lora_run) if r["step"] == 20 and "val/loss" in r][-1]
     assert evaluate_folder(folder, chat_data, None, micro_batch=4)["val/loss"] == pytest.approx(logged, rel=1e-5)
@@ -528,3 +529,33 @@ def test_a_lora_run_resumes_on_another_worker_count_to_the_same_losses_and_adapt
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_export_refuses_an_adapter_of_a_full_run_and_a_lora_checkpoint_whose_base_is_gone(sft_run, lora_run, base, tmp_path):
+    from framework.export import export_checkpoint
+    from framework.train.checkpoint import latest_checkpoint
+
+    with pytest.raises(ConfigError, match=r"^export\.adapter=True: checkpoint .* trained every weight \(model\.lora=null\)"):
+        export_checkpoint(sft_run, str(tmp_path / "full"), adapter=True)
+    moved = tmp_path / "run" / "checkpoint_00000020"
+    shutil.copytree(latest_checkpoint(lora_run), moved)
+    config = moved / "config.yaml"
+    config.write_text(config.read_text().replace(base, str(tmp_path / "gone")))
+    with pytest.raises(ConfigError, match=r"^export\.checkpoint=.*: a LoRA checkpoint holds its adapters alone, and its base model\.pretrained_path=.*/gone"):
+        export_checkpoint(str(moved), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_written_before_these_settings_existed_still_reads_as_no_lora_plain_packing(tmp_path):
+    from omegaconf import OmegaConf
+
+    from framework.train.checkpoint import ADDED_KEYS, CONFIG, read_config
+
+    saved = OmegaConf.structured(load_config([]))
+    for key in ADDED_KEYS:
+        group, name = key.split(".")
+        del saved[group][name]
+    OmegaConf.save(saved, tmp_path / CONFIG)
+    cfg = read_config(str(tmp_path))
+    assert (cfg.model.lora, cfg.data.packing, cfg.data.train_on_prompt) == (None, "plain", None)

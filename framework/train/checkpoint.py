@@ -202,9 +202,20 @@ def read_state(directory: str) -> TrainState:
     return TrainState(**json.loads(storage.read_text(storage.join(directory, TRAIN_STATE))))
 
 
+# Keys the config gained after checkpoints were first written, with what they mean for a checkpoint that
+# predates them: no LoRA, text packed plain, no chat settings.
+ADDED_KEYS = {
+    "model.lora": None, "data.packing": "plain", "data.chat_template": None, "data.train_on_prompt": None,
+    "data.assistant_turns": None, "data.overlong": None,
+}
+
+
 def read_config(directory: str) -> Config:
     """The config a checkpoint (a local directory or a URI) was trained with, typed."""
     saved = OmegaConf.create(storage.read_text(storage.join(directory, CONFIG)))
+    for key, value in ADDED_KEYS.items():
+        if OmegaConf.select(saved, key, default="absent") == "absent":
+            OmegaConf.update(saved, key, value, force_add=True)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
 
 
