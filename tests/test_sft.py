@@ -552,7 +552,7 @@ def test_a_checkpoint_written_before_these_settings_existed_still_reads_as_no_lo
 
     from framework.train.checkpoint import ADDED_KEYS, CONFIG, read_config
 
-    saved = OmegaConf.structured(load_config([]))
+    saved = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(load_config([]))))
     for key in ADDED_KEYS:
         group, name = key.split(".")
         del saved[group][name]
