@@ -25,7 +25,9 @@ def loss_sums(forward: Callable[..., Any], reader: ShardReader, rows: np.ndarray
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     for batch, real in eval_batches(reader, rows, rank, world, micro_batch):
         inputs: Batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        summed = forward(**inputs, num_items_in_batch=1).loss  # reduction "sum" over the batch's target tokens
+        # Reduction "sum" over the batch's target tokens. No KV cache: with one, transformers would not read packed
+        # rows' restarting position ids as document boundaries (masking_utils._preprocess_mask_arguments).
+        summed = forward(**inputs, use_cache=False, num_items_in_batch=1).loss
         if real:
             totals += torch.stack([summed.double(), torch.tensor(float(target_tokens(inputs)), device=device, dtype=torch.float64)])
     return totals

@@ -15,6 +15,13 @@ gathered inside DeepSpeed: a merge that joins the shards wrongly cannot match th
 written beside `output_dir`, loaded back with `AutoModelForCausalLM.from_pretrained`, and moved into
 place only when it matches. An existing `output_dir` is replaced only when it holds an earlier export
 (its `export.json`): any other folder is refused, so nothing of the user's is ever deleted.
+
+A LoRA checkpoint (model.lora in its config.yaml) holds the adapters alone: the base is loaded again from
+the `model.pretrained_path` its config.yaml records (or, for a model built from config, rebuilt from its
+seed), the adapters are put on it with peft and merged into its weights, and the merged folder is verified
+like any other. With `export.adapter=true` the PEFT adapter folder is written too, as `adapter/` inside the
+export (`PeftModel.from_pretrained(base, "<output_dir>/adapter")`), and verified the same way: loaded onto
+the base with peft, its logits must be the training engine's.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ ZERO_SHARDS = "*_optim_states.pt"
 # What an export writes into its folder beside the weights: where it came from. An output_dir holding it
 # may be replaced by a new export; one without it is not ours to delete.
 EXPORT_MARKER = "export.json"
+# The PEFT adapter folder inside an export of a LoRA checkpoint (export.adapter=true).
+ADAPTER_DIR = "adapter"
 # Training engine and exported model run the same arithmetic on the same weights: a difference past
 # the rounding of the coarser of the two dtypes is a bug.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -64,6 +73,8 @@ class ExportConfig:
     dtype: str = MISSING  # fp32 | bf16 | fp16: the weights' dtype in the folder
     # Largest safetensors file; bigger models are split into shards with an index.
     max_shard_size: str = MISSING
+    # LoRA checkpoints: also write the PEFT adapter folder (`adapter/` in the export) beside the merged model.
+    adapter: bool = MISSING
 
 
 @dataclass
@@ -139,7 +150,23 @@ def validate_export(export: ExportConfig) -> Tuple[str, str]:
     checkpoint = resolve_checkpoint(export.checkpoint, export.runs_dir)
     output_dir = export.output_dir or default_output_dir(checkpoint)
     check_output_dir(output_dir, checkpoint)
+    check_base(checkpoint, export.adapter)
     return checkpoint, output_dir
+
+
+def check_base(checkpoint: str, adapter: bool) -> None:
+    """A LoRA checkpoint needs its base folder here; export.adapter=true needs a LoRA checkpoint."""
+    model = ckpt.read_config(checkpoint).model
+    require(
+        not adapter or model.lora is not None, "export.adapter", adapter,
+        f"checkpoint {checkpoint} trained every weight (model.lora=null): it has no adapter to write",
+    )
+    if model.lora is not None and model.pretrained_path is not None:
+        require(
+            os.path.isfile(os.path.join(model.pretrained_path, "config.json")), "export.checkpoint", checkpoint,
+            f"a LoRA checkpoint holds its adapters alone, and its base model.pretrained_path={model.pretrained_path} (its "
+            f"config.yaml) is not a model folder here: make the base available at that path",
+        )
 
 
 def _shard_size_ok(size: str) -> bool:
@@ -183,9 +210,14 @@ def consolidated_weights(checkpoint_dir: str) -> Mapping[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=ckpt.DEEPSPEED_TAG, lazy_mode=True)
 
 
-def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], dtype: torch.dtype) -> None:
-    """Fill `model` with `weights` one tensor at a time, cast to `dtype`; every parameter must be there, none extra."""
+def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], dtype: torch.dtype, trainable_only: bool = False) -> None:
+    """Fill `model` with `weights` one tensor at a time, cast to `dtype`; every parameter must be there, none extra.
+
+    `trainable_only` (LoRA): the weights are those of the parameters that train; the frozen ones keep their values.
+    """
     expected = model.state_dict(keep_vars=True)
+    if trainable_only:
+        expected = {name: p for name, p in expected.items() if isinstance(p, torch.nn.Parameter) and p.requires_grad}
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise ExportError(f"checkpoint weights the model does not have: {', '.join(unexpected[:5])}")
@@ -206,19 +238,44 @@ def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], dtype: torc
         raise ExportError(f"the checkpoint has no weights for: {', '.join(missing[:5])}")
 
 
-def merged_model(checkpoint_dir: str, dtype: torch.dtype) -> Any:
-    """The checkpoint's model (from its `hf_config/`) holding the checkpoint's consolidated weights in `dtype`."""
+def merged_model(checkpoint_dir: str, dtype: torch.dtype, adapter_dir: Optional[str] = None) -> Any:
+    """The checkpoint's model (from its `hf_config/`) holding the checkpoint's consolidated weights in `dtype`.
+
+    A LoRA checkpoint's adapters are put on its base (`lora_base`) and merged into it; with `adapter_dir` the
+    PEFT adapter folder is saved there first.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(os.path.join(checkpoint_dir, ckpt.HF_CONFIG_DIR), local_files_only=True)
-    # No random init: every weight is overwritten, and untouched empty tensors cost no memory.
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    load_weights(model, consolidated_weights(checkpoint_dir), dtype)
+    cfg = ckpt.read_config(checkpoint_dir)
+    if cfg.model.lora is not None:
+        from framework.model import with_lora
+
+        model = with_lora(lora_base(cfg, config), cfg.model.lora)
+        load_weights(model, consolidated_weights(checkpoint_dir), torch.float32, trainable_only=True)
+        if adapter_dir is not None:
+            model.save_pretrained(adapter_dir)
+        model = model.merge_and_unload().to(dtype)
+    else:
+        # No random init: every weight is overwritten, and untouched empty tensors cost no memory.
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        load_weights(model, consolidated_weights(checkpoint_dir), dtype)
     model.tie_weights()
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     return model.eval()
+
+
+def lora_base(cfg: Any, config: Any) -> Any:
+    """The frozen base a LoRA run trained on, as training built it: model.pretrained_path's weights, or the run's seed's."""
+    from dataclasses import replace
+
+    from framework.model import build_model
+
+    base = build_model(replace(cfg.model, lora=None, activation_checkpointing=False), config, cfg.run.seed)
+    base.config.use_cache = True
+    return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +316,8 @@ def generation_config(tokenizer: Any) -> Any:
     return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer))
 
 
-def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: float, dtype: torch.dtype, tokenizer: Any) -> float:
+def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: float, dtype: torch.dtype, tokenizer: Any,
+           lora: bool = False) -> float:
     """Load `folder` as a user would and check its logits against the training engine's, its dtype and tokenizer; gives the largest logit difference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -272,9 +330,10 @@ def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: fl
         raise ExportError(f"{folder}: logits of shape {tuple(got.shape)}, the training engine's are {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
     if not diff <= tolerance:  # also catches NaN
+        why = ("the adapters on this base are not the model that trained (has the base at model.pretrained_path changed "
+               "since?)" if lora else "the checkpoint's shards do not join into the model that trained")
         raise ExportError(
-            f"{folder}: logits differ from the training engine's by up to {diff:.3g} (tolerance {tolerance:.3g}) on the fixed "
-            f"input: the checkpoint's shards do not join into the model that trained"
+            f"{folder}: logits differ from the training engine's by up to {diff:.3g} (tolerance {tolerance:.3g}) on the fixed input: {why}"
         )
     reloaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if reloaded(PROBE_TEXT, add_special_tokens=False)["input_ids"] != tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
@@ -286,12 +345,31 @@ def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: fl
 
 
 def _share_permissions(folder: str) -> None:
-    """Ordinary permissions (as the umask allows) for the folder and its files: mkdtemp and safetensors make them private."""
+    """Ordinary permissions (as the umask allows) for the folder, its subfolders and files: mkdtemp and safetensors make them private."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def verify_adapter(adapter_dir: str, checkpoint_dir: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: float) -> float:
+    """Load the adapter folder onto its base with peft as a user would; its logits must be the training engine's."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    cfg = ckpt.read_config(checkpoint_dir)
+    config = AutoConfig.from_pretrained(os.path.join(checkpoint_dir, ckpt.HF_CONFIG_DIR), local_files_only=True)
+    model = PeftModel.from_pretrained(lora_base(cfg, config), adapter_dir).eval()
+    got = logits(model, ids)
+    del model
+    diff = (got - expected).abs().max().item()
+    if not diff <= tolerance:
+        raise ExportError(f"{adapter_dir}: the adapter on its base gives logits up to {diff:.3g} from the training engine's (tolerance {tolerance:.3g})")
+    return diff
 
 
 @contextlib.contextmanager
@@ -319,56 +397,68 @@ def _replace_dir(staged: str, output_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(checkpoint: str, output_dir: Optional[str], *, dtype: Optional[str] = None, max_shard_size: Optional[str] = None) -> str:
+def export_checkpoint(
+    checkpoint: str, output_dir: Optional[str], *, dtype: Optional[str] = None, max_shard_size: Optional[str] = None,
+    adapter: Optional[bool] = None,
+) -> str:
     """Write a complete checkpoint (or a run's latest) as a verified Hugging Face folder; gives the folder.
 
-    `dtype` and `max_shard_size` left out take conf/export.yaml's values (what launch/export.py uses). Raises ConfigError (one line naming the key) for a path that is not a complete checkpoint or an
+    `dtype`, `max_shard_size` and `adapter` left out take conf/export.yaml's values (what launch/export.py uses). Raises ConfigError (one line naming the key) for a path that is not a complete checkpoint or an
     output_dir that is not ours to replace, and ExportError when a file or the written folder is not
     what training saved; `output_dir` is then left untouched.
     """
-    if dtype is None or max_shard_size is None:
+    if dtype is None or max_shard_size is None or adapter is None:
         from framework.config import compose
 
         configured = to_export_config(compose(["export.checkpoint=unused"], "export"))
         dtype, max_shard_size = dtype or configured.dtype, max_shard_size or configured.max_shard_size
+        adapter = configured.adapter if adapter is None else adapter
     checkpoint, output_dir = validate_export(
-        ExportConfig(checkpoint=checkpoint, output_dir=output_dir, runs_dir=None, dtype=dtype, max_shard_size=max_shard_size)
+        ExportConfig(checkpoint=checkpoint, output_dir=output_dir, runs_dir=None, dtype=dtype, max_shard_size=max_shard_size, adapter=adapter)
     )
     target_dtype = DTYPES[dtype]
-    with local_checkpoint(checkpoint) as checkpoint_dir:
-        try:
-            ckpt.verify_files(checkpoint_dir)
-        except ValueError as exc:
-            raise ExportError(str(exc)) from None
-        ids, expected, trained_dtype = training_probe(checkpoint_dir)
-        model = merged_model(checkpoint_dir, target_dtype)
-        tokenizer = prepare_tokenizer(checkpoint_dir, model.config)
-        state = ckpt.read_state(checkpoint_dir)
-    model.generation_config = generation_config(tokenizer)
-    coarser = max(TOLERANCE[target_dtype], TOLERANCE[trained_dtype])
-    tolerance = coarser * max(1.0, expected.abs().max().item())
-
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     # Written beside the target (same filesystem, so the final move is a rename) and moved only once verified.
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    adapter_dir = os.path.join(staged, ADAPTER_DIR) if adapter else None
     try:
-        with _quiet_progress_bars():
-            model.save_pretrained(staged, max_shard_size=max_shard_size)
-            tokenizer.save_pretrained(staged)
-            params = sum(p.numel() for p in model.parameters())
-            del model  # one model in memory at a time: the exported one is loaded next
-            diff = verify(staged, ids, expected, tolerance, target_dtype, tokenizer)
+        with local_checkpoint(checkpoint) as checkpoint_dir:
+            try:
+                ckpt.verify_files(checkpoint_dir)
+            except ValueError as exc:
+                raise ExportError(str(exc)) from None
+            ids, expected, trained_dtype = training_probe(checkpoint_dir)
+            with _quiet_progress_bars():
+                model = merged_model(checkpoint_dir, target_dtype, adapter_dir)
+            tokenizer = prepare_tokenizer(checkpoint_dir, model.config)
+            state = ckpt.read_state(checkpoint_dir)
+            lora = ckpt.read_config(checkpoint_dir).model.lora is not None
+            model.generation_config = generation_config(tokenizer)
+            coarser = max(TOLERANCE[target_dtype], TOLERANCE[trained_dtype])
+            tolerance = coarser * max(1.0, expected.abs().max().item())
+            with _quiet_progress_bars():
+                model.save_pretrained(staged, max_shard_size=max_shard_size)
+                tokenizer.save_pretrained(staged)
+                params = sum(p.numel() for p in model.parameters())
+                del model  # one model in memory at a time: the exported one is loaded next
+                diff = verify(staged, ids, expected, tolerance, target_dtype, tokenizer, lora)
+                if adapter_dir is not None:
+                    # The adapter is fp32 on an fp32 base, whatever export.dtype: the training dtype's rounding alone.
+                    verify_adapter(adapter_dir, checkpoint_dir, ids, expected, TOLERANCE[trained_dtype] * max(1.0, expected.abs().max().item()))
         with open(os.path.join(staged, EXPORT_MARKER), "w") as f:
-            json.dump({"checkpoint": checkpoint, "step": state.step, "dtype": dtype, "max_logit_difference": diff}, f, indent=2)
+            json.dump({"checkpoint": checkpoint, "step": state.step, "dtype": dtype, "max_logit_difference": diff,
+                       "adapter": ADAPTER_DIR if adapter else None}, f, indent=2)
         _share_permissions(staged)
         _replace_dir(staged, output_dir)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    merged = "LoRA adapters merged, " if lora else ""
+    with_adapter = f"; PEFT adapter folder in {os.path.join(output_dir, ADAPTER_DIR)}" if adapter else ""
     print(
-        f"export: {checkpoint} (step {state.step}) → {output_dir}: {params / 1e6:.2f}M parameters, {dtype}, "
-        f"logits match the training engine's (max |Δ| = {diff:.2g})",
+        f"export: {checkpoint} (step {state.step}) → {output_dir}: {merged}{params / 1e6:.2f}M parameters, {dtype}, "
+        f"logits match the training engine's (max |Δ| = {diff:.2g}){with_adapter}",
         flush=True,
     )
     return output_dir
@@ -378,7 +468,7 @@ def run(cfg: DictConfig) -> str:
     """Export the checkpoint `export.checkpoint` names to `export.output_dir`; gives the folder."""
     export = to_export_config(cfg)
     checkpoint, output_dir = validate_export(export)
-    return export_checkpoint(checkpoint, output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size)
+    return export_checkpoint(checkpoint, output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size, adapter=export.adapter)
 
 
 __all__ = ["ExportConfig", "ExportError", "check_export", "export_checkpoint", "resolve_checkpoint", "run"]

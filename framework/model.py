@@ -1,17 +1,29 @@
-"""The causal LM (`conf/model/*`): built from config with `transformers` or loaded from a local folder;
-its dtype, special tokens, context length, and FLOPs per token for MFU."""
+"""The causal LM (`conf/model/*`): built from config with `transformers` or loaded from a local folder,
+optionally wrapped with LoRA adapters (peft); its dtype, special tokens, context length, and FLOPs per
+token for MFU."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import MISSING
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from framework.config import ConfigError, last_line, require
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft's LoraConfig): rank, scale alpha / r, dropout on the adapters' input, the modules adapted."""
+
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    # Names (or name suffixes) of the linear layers to adapt: q_proj, v_proj, ... for Llama-style models.
+    target_modules: List[str] = MISSING
 
 
 @dataclass
@@ -25,6 +37,8 @@ class ModelConfig:
     # A local Hugging Face model folder to fine-tune instead of building from `hf_config`.
     pretrained_path: Optional[str] = MISSING
     activation_checkpointing: bool = MISSING
+    # LoRA adapters: only they train (the base is frozen, and checkpoints leave it out); null: every weight trains.
+    lora: Optional[LoraConfig] = MISSING
 
 # Dense bf16 peak TFLOP/s per GPU, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -47,7 +61,30 @@ def build_model(model: ModelConfig, config: PretrainedConfig, seed: int) -> PreT
     if model.activation_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.config.use_cache = False  # no KV cache while training
+    if model.lora is not None:
+        net = with_lora(net, model.lora)
     return net
+
+
+def with_lora(net: PreTrainedModel, lora: LoraConfig) -> Any:
+    """`net` wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes what `net` does); only they train."""
+    from peft import get_peft_model
+
+    return get_peft_model(net, peft_config(lora))
+
+
+def peft_config(lora: LoraConfig) -> Any:
+    """peft's LoraConfig for `model.lora`."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+    )
+
+
+def trainable_params(net: torch.nn.Module) -> Tuple[int, int]:
+    """(parameters that train, all parameters), full sizes under ZeRO-3 too."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters() if p.requires_grad), count_params(net)
 
 
 def max_positions(config: PretrainedConfig) -> Optional[int]:
@@ -79,19 +116,21 @@ def flops_per_token(net: PreTrainedModel, seq_len: int) -> float:
     """Training FLOPs per token, 6·N + 12·L·d·T (PaLM appendix B; nanoGPT's estimate_mfu).
 
     N counts the parameters that take part in matrix multiplies: the input embedding is a lookup,
-    so it is left out unless it is tied to the output projection, which is a real matmul.
+    so it is left out unless it is tied to the output projection, which is a real matmul. A frozen
+    parameter (LoRA's base) costs 4 FLOPs per token, not 6: forward and the input gradient, no weight gradient.
     """
     config = net.config
-    n = count_params(net)
+    n, trainable = count_params(net), trainable_params(net)[0]
     embeddings = net.get_input_embeddings()
     if not getattr(config, "tie_word_embeddings", False):
         n -= getattr(embeddings.weight, "ds_numel", embeddings.weight.numel())
     wpe = getattr(getattr(net, "transformer", None), "wpe", None)  # GPT-2 learned positions: a lookup too
     if wpe is not None:
         n -= getattr(wpe.weight, "ds_numel", wpe.weight.numel())
+    frozen = max(0, n - trainable)
     layers = config.num_hidden_layers
     hidden = config.hidden_size
-    return 6.0 * n + 12.0 * layers * hidden * seq_len
+    return 6.0 * (n - frozen) + 4.0 * frozen + 12.0 * layers * hidden * seq_len
 
 
 def peak_tflops(override: Optional[float]) -> Optional[float]:
@@ -134,7 +173,26 @@ def check_model(model: ModelConfig, seq_len: int) -> PretrainedConfig:
             raise ConfigError(f"model.hf_config: {last_line(exc)} (model={model.name})") from None
     positions = max_positions(config)
     require(positions is None or positions >= seq_len, "data.seq_len", seq_len, f"longer than the model's {positions} positions (model={model.name})")
+    if model.lora is not None:
+        check_lora(model.lora, config, model.name)
     return config
+
+
+def check_lora(lora: LoraConfig, config: PretrainedConfig, name: str) -> None:
+    """`model.lora` values, and target modules that name linear layers of the model (found on a weightless copy)."""
+    require(lora.r >= 1, "model.lora.r", lora.r, "expected a rank of at least 1")
+    require(lora.alpha > 0, "model.lora.alpha", lora.alpha, "expected a positive scale")
+    require(0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "expected a probability in [0, 1)")
+    targets = list(lora.target_modules)
+    require(bool(targets), "model.lora.target_modules", targets, "expected at least one module name (q_proj, v_proj, ...)")
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n})
+    for target in targets:
+        require(
+            target in linear, "model.lora.target_modules", targets,
+            f"{target} is not a linear layer of the {config.model_type} model (model={name}; its linear layers: {', '.join(linear)})",
+        )
 
 
 # A fixed input whose logits fingerprint a model: a line of code (the tokenizer at work) and seeded random ids.

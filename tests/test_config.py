@@ -12,8 +12,8 @@ from framework.schema import Config, load_config
 
 
 # The values a user must give: the presets leave them `???` on purpose.
-MANDATORY = {"model.pretrained_path", "data.sources[0].path"}
-GROUPS = ("model", "data", "deepspeed", "optim", "run", "tune", "experiment")
+MANDATORY = {"model.pretrained_path", "data.sources[0].path", "data.tokenizer.path"}
+GROUPS = ("model", "model/lora", "data", "deepspeed", "optim", "run", "tune", "experiment")
 
 
 def _options(group):
@@ -28,20 +28,41 @@ def test_schemas_hold_types_not_values():
     """
     from framework.data.config import SourceConfig
     from framework.export import ExportConfig
+    from framework.model import LoraConfig
 
     assert list(schema_defaults(Config)) == []
     assert list(schema_defaults(ExportConfig)) == []
+    assert list(schema_defaults(LoraConfig)) == []  # model.lora: an Optional node, not walked from Config
     assert {f.name for f in dataclasses.fields(SourceConfig) if f.default is not dataclasses.MISSING and f.name != "path"} == {
-        "format", "field", "split_on", "split_regex"
+        "format", "field", "split_on", "split_regex", "prompt", "completion"
     }
+
+
+def _unset(cfg, node=None, path=""):
+    """The keys left `???`, and those that interpolate one (experiment=sft-*: data.tokenizer.path: ${model.pretrained_path})."""
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    node = cfg if node is None else node
+    unset = set()
+    items = node.items_ex(resolve=False) if OmegaConf.is_dict(node) else enumerate(node._iter_ex(resolve=False))
+    for key, value in items:
+        key_path = f"{path}[{key}]" if OmegaConf.is_list(node) else f"{path}.{key}" if path else str(key)
+        if OmegaConf.is_config(value) and not value._is_none() and not value._is_missing():
+            unset |= _unset(cfg, value, key_path)
+            continue
+        try:
+            OmegaConf.select(cfg, key_path, throw_on_missing=True)
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            unset.add(key_path)
+    return unset
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_preset_sets_every_value(group, option):
     """Each option of each group composes over the defaults with no value left unset but the mandatory ones."""
     cfg = compose([f"{group}={option}"])
-    assert set(OmegaConf.missing_keys(cfg)) <= MANDATORY, OmegaConf.missing_keys(cfg)
-    if not OmegaConf.missing_keys(cfg):
+    assert _unset(cfg) <= MANDATORY, _unset(cfg)
+    if not _unset(cfg):
         from framework.schema import to_config
 
         to_config(cfg)

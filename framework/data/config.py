@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -10,7 +11,16 @@ from omegaconf import MISSING
 
 from framework.config import require
 
-FORMATS = ("text", "jsonl", "parquet")
+FORMATS = ("text", "jsonl", "parquet", "chat", "prompt_completion")
+# Formats whose records are conversations, rendered with a chat template, with targets on the assistant's tokens.
+CHAT_FORMATS = ("chat", "prompt_completion")
+# How rows are packed: `plain` rows carry no document boundaries (documents attend to each other, positions run
+# on); `documents` rows store where each document starts: positions restart there and attention stays inside it.
+PACKING = ("plain", "documents")
+# Which assistant turns of a conversation are targets (with data.train_on_prompt=false).
+ASSISTANT_TURNS = ("all", "last")
+# A conversation longer than data.seq_len: dropped, or cut after its last whole assistant turn that fits.
+OVERLONG = ("drop", "truncate")
 # How a text file is cut into documents: whole, at blank lines, one per line, or before every line a regex matches.
 SPLIT_ON = ("file", "blank_lines", "lines", "regex")
 
@@ -22,8 +32,12 @@ class SourceConfig:
     # command line (`+data.sources.1={path: ...}`) has no YAML to take its other keys from, so
     # these item defaults are the schema's (tests/test_config.py names this exception).
     path: str = MISSING
-    format: str = "text"  # text | jsonl | parquet
-    field: str = "text"  # JSONL key or Parquet column holding the document text
+    format: str = "text"  # text | jsonl | parquet | chat | prompt_completion
+    # JSONL key or Parquet column holding the document text; chat: the JSONL key holding the messages.
+    field: str = "text"
+    # prompt_completion only: the JSONL keys of the prompt (a user turn) and the completion (the assistant's answer).
+    prompt: str = "prompt"
+    completion: str = "completion"
     # Text files only: where one document ends and the next begins (SPLIT_ON).
     split_on: str = "file"
     # With split_on=regex: a line matching it starts a new document (WikiText: '^ = [^=].* = $').
@@ -52,6 +66,18 @@ class DataConfig:
     # a larger text, JSONL or Parquet file is cut (at document starts, lines, row groups) across tasks.
     files_per_task: int = MISSING
     mb_per_task: float = MISSING
+    # PACKING: plain (today's pretraining rows) or documents (positions and attention restart at each document).
+    packing: str = MISSING
+    # A Jinja chat template written into the shards' tokenizer (and so into checkpoints and exports) and used to
+    # render chat sources; null: the tokenizer's own.
+    chat_template: Optional[str] = MISSING
+    # Chat and prompt_completion sources only (null for text data): every non-padding token a target (true),
+    # or only the assistant's turns and the end-of-turn token after each (false) ...
+    train_on_prompt: Optional[bool] = MISSING
+    # ... all of them, or the last one alone (ASSISTANT_TURNS) ...
+    assistant_turns: Optional[str] = MISSING
+    # ... and what happens to a conversation longer than seq_len (OVERLONG); both are counted in the manifest.
+    overlong: Optional[str] = MISSING
 
 
 def check_data(data: DataConfig) -> None:
@@ -64,9 +90,22 @@ def check_data(data: DataConfig) -> None:
         data.tokenizer.path is not None or data.tokenizer.vocab_size >= 256 + 1,
         "data.tokenizer.vocab_size", data.tokenizer.vocab_size, "expected more than 256 (the byte alphabet)",
     )
+    require(data.packing in PACKING, "data.packing", data.packing, f"expected one of {PACKING}")
+    chat = is_chat(data)
     for i, source in enumerate(data.sources):
         key = f"data.sources.{i}"
         require(source.format in FORMATS, f"{key}.format", source.format, f"expected one of {FORMATS}")
+        require(
+            (source.format in CHAT_FORMATS) == chat, f"{key}.format", source.format,
+            f"a data set is either text or chat: data.sources.0.format={data.sources[0].format} "
+            f"(chat formats: {', '.join(CHAT_FORMATS)}); prepare the two kinds under separate data.name",
+        )
+        for name in ("prompt", "completion"):
+            value = getattr(source, name)
+            require(
+                source.format == "prompt_completion" or value == SOURCE_DEFAULTS[name], f"{key}.{name}", value,
+                "names a field of prompt_completion sources only (data.sources.N.format=prompt_completion)",
+            )
         require(source.split_on in SPLIT_ON, f"{key}.split_on", source.split_on, f"expected one of {SPLIT_ON}")
         require(
             source.format == "text" or source.split_on == "file", f"{key}.split_on", source.split_on,
@@ -81,3 +120,27 @@ def check_data(data: DataConfig) -> None:
                 re.compile(source.split_regex)
             except re.error as exc:
                 require(False, f"{key}.split_regex", source.split_regex, f"not a valid regex ({exc})")
+    if chat:
+        require(data.train_on_prompt is not None, "data.train_on_prompt", None, "expected true or false for chat sources (data=chat sets it)")
+        require(data.assistant_turns in ASSISTANT_TURNS, "data.assistant_turns", data.assistant_turns, f"expected one of {ASSISTANT_TURNS} for chat sources")
+        require(data.overlong in OVERLONG, "data.overlong", data.overlong, f"expected one of {OVERLONG} for chat sources")
+        require(
+            not (data.train_on_prompt and data.assistant_turns == "last"), "data.assistant_turns", data.assistant_turns,
+            "data.train_on_prompt=true makes every token a target; choose the last assistant turn with train_on_prompt=false",
+        )
+    else:
+        for name in ("train_on_prompt", "assistant_turns", "overlong"):
+            value = getattr(data, name)
+            require(
+                value is None, f"data.{name}", value,
+                f"applies to chat sources only (data.sources.0.format={data.sources[0].format if data.sources else None}): "
+                "expected null, or data=chat",
+            )
+
+
+SOURCE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SourceConfig)}
+
+
+def is_chat(data: DataConfig) -> bool:
+    """Whether the data set is conversations (chat, prompt_completion sources) rather than text."""
+    return bool(data.sources) and data.sources[0].format in CHAT_FORMATS

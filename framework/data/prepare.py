@@ -1,5 +1,8 @@
 """Data preparation: source files → tokenizer → packed Parquet token shards + manifest, in Ray tasks.
 
+Text is tokenised and stream-packed; chat and prompt_completion sources are rendered into ids and loss
+masks (framework/data/chat.py), packed whole, and their bad records counted per reason in the manifest.
+
 Determinism: a document's split and its place in its shard come from the hash of its normalised
 content (`sources.document_key`), never from timing, paths or slicing, so duplicates land in one split
 and the same input always gives byte-identical shards. The tokenizer is trained on the train split only.
@@ -19,13 +22,17 @@ from tqdm import tqdm
 from framework import storage
 from framework.cluster import connect
 from framework.config import ConfigError, absolute
-from framework.data.config import DataConfig
+from framework.data.chat import BAD_REASONS, BadRecord, ChatRenderer, bad_summary, chat_template, conversation_contents, conversation_text
+from framework.data.config import DataConfig, is_chat
 from framework.data.shards import (
-    COLUMN, MANIFEST, MANIFEST_FORMAT, ROW_GROUP_ROWS, SPLITS, TOKENIZER_DIR, directory_sha256, fingerprint, pack_sequences,
-    rows_to_table, write_shard,
+    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS, TOKENIZER_DIR, directory_sha256,
+    fingerprint, pack_conversations, pack_sequences, rows_to_table, stream_segment_starts, write_shard,
 )
-from framework.data.sources import SourceFile, SourcePart, document_key, list_source_files, read_documents, split_source
+from framework.data.sources import (
+    SourceFile, SourcePart, document_key, list_source_files, read_conversations, read_documents, split_source,
+)
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from framework.model import pad_token_id
 from framework.schema import Config
 
 
@@ -35,8 +42,10 @@ def split_of(key: bytes, val_fraction: float) -> str:
 
 
 @ray.remote
-def tokenize_and_pack(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Dict[str, Any]]:
+def tokenize_and_pack(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
     """Tokenise one group of source slices and write one shard per split; returns the counts per split."""
+    if is_chat(data):
+        return _pack_chat(task_index, parts, tokenizer, data, output_dir)
     documents: Dict[str, List[tuple[bytes, str]]] = {split: [] for split in SPLITS}
     empty = 0
     for part in parts:
@@ -46,17 +55,61 @@ def tokenize_and_pack(task_index: int, parts: List[SourcePart], tokenizer: Any, 
                 continue
             key = document_key(text)
             documents[split_of(key, data.val_fraction)].append((key, text))
-    counts: Dict[str, Dict[str, Any]] = {}
+    counts: Dict[str, Any] = {}
     for split, docs in documents.items():
         docs.sort(key=lambda d: d[0])  # a content-keyed shuffle of documents
         ids = tokenizer([text for _, text in docs], add_special_tokens=False)["input_ids"] if docs else []
         rows, dropped = pack_sequences(ids, data.seq_len, tokenizer.eos_token_id)
-        # Neighbouring rows of a row group come from different documents.
-        rows = rows[np.random.default_rng([data.seed, task_index]).permutation(len(rows))]
-        file = f"{split}/part-{task_index:05d}.parquet"
-        sha = write_shard(rows_to_table(rows), storage.join(output_dir, file)) if len(rows) else None
-        counts[split] = {"file": file, "rows": len(rows), "documents": len(docs), "dropped_tokens": dropped, "sha256": sha}
+        starts = stream_segment_starts(ids, len(rows), data.seq_len) if data.packing == "documents" else None
+        counts[split] = _write(task_index, split, rows, None, starts, data, output_dir)
+        counts[split].update(documents=len(docs), dropped_tokens=dropped)
     counts["empty_documents"] = empty
+    return counts
+
+
+def _write(task_index: int, split: str, rows: np.ndarray, mask: Any, starts: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
+    """Write one split's rows (shuffled: neighbouring rows of a row group come from different documents) as one shard."""
+    order = np.random.default_rng([data.seed, task_index]).permutation(len(rows))
+    rows = rows[order]
+    mask = mask[order] if mask is not None else None
+    starts = [starts[i] for i in order] if starts is not None else None
+    file = f"{split}/part-{task_index:05d}.parquet"
+    sha = write_shard(rows_to_table(rows, mask, starts), storage.join(output_dir, file)) if len(rows) else None
+    return {"file": file, "rows": len(rows), "sha256": sha}
+
+
+def _pack_chat(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
+    """The chat counterpart of tokenize_and_pack: conversations rendered with their loss masks, packed whole."""
+    documents: Dict[str, List[tuple]] = {split: [] for split in SPLITS}
+    bad: Dict[str, Dict[str, Any]] = {}
+
+    def count(record: BadRecord) -> None:
+        entry = bad.setdefault(record.reason, {"count": 0, "example": record.detail})
+        entry["count"] += 1
+
+    for part in parts:
+        for offset, item in read_conversations(part):
+            if isinstance(item, BadRecord):
+                count(item)
+                continue
+            key = document_key(conversation_text(item))
+            documents[split_of(key, data.val_fraction)].append((key, item, f"{part.file.path} at byte {offset}"))
+    renderer = ChatRenderer(tokenizer, data)
+    counts: Dict[str, Any] = {}
+    truncated = 0
+    for split, docs in documents.items():
+        docs.sort(key=lambda d: d[0])
+        kept = []
+        for rendered, (_, _, where) in zip(renderer.render([messages for _, messages, _ in docs]), docs):
+            if isinstance(rendered, BadRecord):
+                count(BadRecord(rendered.reason, f"{rendered.detail} ({where})"))
+            else:
+                kept.append((rendered.ids, rendered.mask))
+                truncated += rendered.truncated
+        rows, mask, starts, padding = pack_conversations(kept, data.seq_len, pad_token_id(tokenizer))
+        counts[split] = _write(task_index, split, rows, mask, starts if data.packing == "documents" else None, data, output_dir)
+        counts[split].update(documents=len(kept), dropped_tokens=0, target_tokens=int(mask.sum()), padding_tokens=padding)
+    counts.update(empty_documents=0, bad_records=bad, truncated_records=truncated)
     return counts
 
 
@@ -81,6 +134,11 @@ def train_texts(files: List[SourceFile], data: DataConfig):  # noqa: ANN201 - a 
     """The train split's documents, for training the tokenizer (validation text must not shape it)."""
     for source in files:
         for part in split_source(source, 2**62):
+            if is_chat(data):
+                for _, messages in read_conversations(part):
+                    if not isinstance(messages, BadRecord) and split_of(document_key(conversation_text(messages)), data.val_fraction) == "train":
+                        yield conversation_contents(messages)
+                continue
             for _, text in read_documents(part):
                 if text.strip() and split_of(document_key(text), data.val_fraction) == "train":
                     yield text
@@ -108,6 +166,10 @@ def run(cfg: Config) -> Dict[str, Any]:
     clear_previous(output_dir)
 
     tokenizer = load_tokenizer(data.tokenizer.path) if data.tokenizer.path else train_bpe_tokenizer(train_texts(files, data), data.tokenizer)
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template  # saved with the shards' tokenizer: checkpoints, exports and serving use it
+    if is_chat(data):
+        chat_template(tokenizer, data)  # a tokenizer without a template fails here, in one line, before any task
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         tokenizer_sha = directory_sha256(tmp)
@@ -122,13 +184,20 @@ def run(cfg: Config) -> Dict[str, Any]:
             done, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(done[0])] = ray.get(done[0])
             bar.update(1)
+            if is_chat(data):
+                bar.set_postfix_str(bad_summary(merge_bad([r["bad_records"] for r in results.values()])), refresh=True)
 
     manifest = build_manifest(data, tokenizer, tokenizer_sha, files, shas, [results[t] for t in sorted(results)])
     for split in SPLITS:
         s = manifest["splits"][split]
-        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens from {s['documents']} documents")
+        targets = f", {s['target_tokens']:,} of them targets" if "target_tokens" in s else ""
+        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} documents")
     if manifest["empty_documents"]:
         print(f"prep: {manifest['empty_documents']} empty documents skipped")
+    if "bad_records" in manifest:
+        print(f"prep: {bad_summary(manifest['bad_records'])} (left out; counted in the manifest's bad_records, first of each there)")
+        if manifest["truncated_records"]:
+            print(f"prep: {manifest['truncated_records']} conversations cut after their last assistant turn that fits (data.overlong=truncate)")
     check_splits(manifest, data)
     storage.write_json(storage.join(output_dir, MANIFEST), manifest)
     print(f"prep: done in {time.time() - started:.1f}s")
@@ -141,8 +210,10 @@ def check_splits(manifest: Dict[str, Any], data: DataConfig) -> None:
     for split in SPLITS:
         if splits[split]["rows"] == 0:
             counts = ", ".join(f"{s}: {splits[s]['documents']} documents, {splits[s]['rows']} rows" for s in SPLITS)
+            bad = manifest.get("bad_records")
+            why = f"; {bad_summary(bad)}, e.g. {next(iter(bad.values()))['example']}" if bad else ""
             raise ConfigError(
-                f"data.val_fraction={data.val_fraction}: the {split} split is empty ({counts} of {data.seq_len} tokens); "
+                f"data.val_fraction={data.val_fraction}: the {split} split is empty ({counts} of {data.seq_len} tokens{why}); "
                 f"prepare more text, split it into more documents (data.sources.N.split_on) or change data.val_fraction"
             )
 
@@ -150,6 +221,7 @@ def check_splits(manifest: Dict[str, Any], data: DataConfig) -> None:
 def build_manifest(
     data: DataConfig, tokenizer: Any, tokenizer_sha: str, files: List[SourceFile], shas: List[str], counts: List[Dict[str, Any]]
 ) -> Dict[str, Any]:
+    chat = is_chat(data)
     splits = {}
     for split in SPLITS:
         shards = [{"file": c[split]["file"], "rows": c[split]["rows"], "sha256": c[split]["sha256"]} for c in counts if c[split]["rows"]]
@@ -161,6 +233,9 @@ def build_manifest(
             "dropped_tokens": sum(c[split]["dropped_tokens"] for c in counts),
             "shards": shards,
         }
+        if chat:
+            for key in ("target_tokens", "padding_tokens"):
+                splits[split][key] = sum(c[split][key] for c in counts)
     manifest = {
         "format": MANIFEST_FORMAT,
         "tokenizer": TOKENIZER_DIR,
@@ -168,16 +243,30 @@ def build_manifest(
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "seq_len": data.seq_len,
-        "columns": [COLUMN],
+        "columns": [COLUMN] + ([MASK_COLUMN] if chat else []) + ([SEGMENTS_COLUMN] if data.packing == "documents" else []),
+        "packing": data.packing,
         "row_group_rows": ROW_GROUP_ROWS,
         "val_fraction": data.val_fraction,
         "seed": data.seed,
         "empty_documents": sum(c["empty_documents"] for c in counts),
         "splits": splits,
         "sources": [
-            {"path": f.path, "sha256": sha, "format": f.format, "field": f.field, "split_on": f.split_on, "bytes": os.path.getsize(f.path)}
+            {"path": f.path, "sha256": sha, "format": f.format, "field": f.field, "split_on": f.split_on, "bytes": os.path.getsize(f.path),
+             **({"prompt": f.prompt, "completion": f.completion} if f.format == "prompt_completion" else {})}
             for f, sha in zip(files, shas)
         ],
     }
+    if chat:
+        manifest["bad_records"] = merge_bad([c["bad_records"] for c in counts])
+        manifest["truncated_records"] = sum(c["truncated_records"] for c in counts)
     manifest["fingerprint"] = fingerprint(manifest)
     return manifest
+
+
+def merge_bad(per_task: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Bad-record counts summed over tasks (in task order: the example of each reason is the first task's)."""
+    merged: Dict[str, Dict[str, Any]] = {}
+    for bad in per_task:
+        for reason, entry in bad.items():
+            merged.setdefault(reason, {"count": 0, "example": entry["example"]})["count"] += entry["count"]
+    return {r: merged[r] for r in BAD_REASONS if r in merged}

@@ -1,10 +1,17 @@
 """Packed token shards: fixed-length sequences in Parquet, and the manifest that describes them.
 
 A shard holds `input_ids` (seq_len tokens per row) and, for data with targets (chat), `loss_mask`
-(1 where a token is a target). Rows are written in row groups of ROW_GROUP_ROWS, the unit the sample
-order shuffles and workers read (framework/data/sampler.py, stream.py). The manifest lists every shard
-with its row count and sha256, and a fingerprint of the whole data set (tokenizer and shards, no paths)
-that a resumed run must match.
+(1 where a token is a target); with `data.packing=documents`, `segment_starts`: where each segment of
+the row starts (0 first). A segment is a document (a conversation), the part of a document a row holds,
+or the row's padding; the model's positions restart at every segment start and attention stays inside
+each segment (framework/data/stream.py turns the starts into position ids). Rows are written in row
+groups of ROW_GROUP_ROWS, the unit the sample order shuffles and workers read (framework/data/sampler.py,
+stream.py). The manifest lists every shard with its row count and sha256, and a fingerprint of the whole
+data set (tokenizer and shards, no paths) that a resumed run must match.
+
+Text is packed as a stream (`pack_sequences`: documents joined by EOS and cut into rows, so a long
+document continues in the next row); conversations are packed whole (`pack_conversations`: best-fit
+decreasing, each row filled up with padding that is not a target).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "validation")
 COLUMN = "input_ids"
 MASK_COLUMN = "loss_mask"
+SEGMENTS_COLUMN = "segment_starts"
 ROW_GROUP_ROWS = 1024
 
 
@@ -47,16 +55,83 @@ def pack_sequences(documents: List[List[int]], seq_len: int, eos_id: int) -> tup
     return stream[: rows * seq_len].reshape(rows, seq_len), len(stream) - rows * seq_len
 
 
+def stream_segment_starts(documents: List[List[int]], rows: int, seq_len: int) -> List[np.ndarray]:
+    """Where each of `rows` stream-packed rows (pack_sequences) starts a segment: 0, and every document start inside it."""
+    starts = np.cumsum([0] + [len(doc) + 1 for doc in documents])[:-1]
+    # The document starts strictly inside row r lie in starts[first[r]:first[r + 1]] (starts ascend).
+    first = np.searchsorted(starts, np.arange(rows + 1) * seq_len, side="right")
+    return [np.concatenate([[0], starts[first[r] : first[r + 1]] - r * seq_len]).astype(np.int32) for r in range(rows)]
+
+
+def pack_conversations(
+    documents: List[tuple], seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, List[np.ndarray], int]:
+    """Pack whole (ids, loss mask) documents of at most `seq_len` tokens into rows, best-fit decreasing.
+
+    Each document goes into the fullest row it fits (a new row when none has room), longest first, ties in
+    the given order; the rest of a row is padding (`pad_id`, not a target, a segment of its own). Gives
+    (ids [rows, seq_len], loss mask, each row's segment starts, padding tokens).
+    """
+    order = sorted(range(len(documents)), key=lambda i: -len(documents[i][0]))
+    # Rows by free space: free[n] holds the rows with exactly n tokens of room left.
+    free: List[List[int]] = [[] for _ in range(seq_len + 1)]
+    has_room = np.zeros(seq_len + 1, dtype=bool)
+    members: List[List[int]] = []
+    for i in order:
+        length = len(documents[i][0])
+        roomy = np.flatnonzero(has_room[length:])
+        if len(roomy):
+            room = length + int(roomy[0])
+            row = free[room].pop()
+            has_room[room] = bool(free[room])
+        else:
+            room, row = seq_len, len(members)
+            members.append([])
+        members[row].append(i)
+        if room > length:
+            free[room - length].append(row)
+            has_room[room - length] = True
+    ids = np.full((len(members), seq_len), pad_id, dtype=np.int32)
+    mask = np.zeros((len(members), seq_len), dtype=np.uint8)
+    starts: List[np.ndarray] = []
+    for r, row in enumerate(members):
+        at, row_starts = 0, []
+        for i in row:
+            doc_ids, doc_mask = documents[i]
+            ids[r, at : at + len(doc_ids)], mask[r, at : at + len(doc_ids)] = doc_ids, doc_mask
+            row_starts.append(at)
+            at += len(doc_ids)
+        if at < seq_len:
+            row_starts.append(at)  # the padding
+        starts.append(np.asarray(row_starts, dtype=np.int32))
+    padding = len(members) * seq_len - sum(len(d[0]) for d in documents)
+    return ids, mask, starts, padding
+
+
 def _fixed_lists(rows: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=type_), rows.shape[1])
 
 
-def rows_to_table(rows: np.ndarray, loss_mask: np.ndarray | None = None) -> pa.Table:
-    """A table of fixed-size lists (int32 ids, uint8 mask), which pyarrow reads back without copying."""
+def rows_to_table(rows: np.ndarray, loss_mask: np.ndarray | None = None, segment_starts: List[np.ndarray] | None = None) -> pa.Table:
+    """A table of fixed-size lists (int32 ids, uint8 mask), which pyarrow reads back without copying, and
+    each row's segment starts as a list of int32."""
     columns = {COLUMN: _fixed_lists(rows, pa.int32())}
     if loss_mask is not None:
         columns[MASK_COLUMN] = _fixed_lists(loss_mask, pa.uint8())
+    if segment_starts is not None:
+        offsets = np.concatenate([[0], np.cumsum([len(s) for s in segment_starts])]).astype(np.int32)
+        values = np.concatenate(segment_starts).astype(np.int32) if segment_starts else np.zeros(0, dtype=np.int32)
+        columns[SEGMENTS_COLUMN] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
     return pa.table(columns)
+
+
+def position_ids(starts: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
+    """Position ids [rows, seq_len] that restart at each row's segment starts (`starts[offsets[r]:offsets[r+1]]`)."""
+    rows = len(offsets) - 1
+    marks = np.zeros((rows, seq_len), dtype=np.int32)
+    marks[np.repeat(np.arange(rows), np.diff(offsets)), starts] = starts
+    # Starts ascend within a row, so the running maximum is the start of the segment each token is in.
+    return (np.arange(seq_len, dtype=np.int32) - np.maximum.accumulate(marks, axis=1)).astype(np.int32)
 
 
 def table_to_rows(table: pa.Table) -> np.ndarray:

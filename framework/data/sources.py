@@ -1,7 +1,8 @@
 """Input documents: which files a source names, how a file is cut into slices for prep tasks, and the documents in a slice.
 
 A text source is cut into documents by `split_on`: the whole file, blank lines, one per line, or
-before every line that `split_regex` matches (WikiText's ` = Title = ` headings). Every large file —
+before every line that `split_regex` matches (WikiText's ` = Title = ` headings). A chat or
+prompt_completion source is JSONL whose records are conversations (`read_conversations`). Every large file —
 text, JSONL or Parquet — is cut into slices of about `data.mb_per_task` MB so that many tasks read it,
 and every document belongs to exactly one slice: the one its first byte (or row) falls in.
 """
@@ -15,7 +16,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Iterator, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 
@@ -30,6 +31,8 @@ class SourceFile:
     field: str
     split_on: str = "file"
     split_regex: Optional[str] = None
+    prompt: str = "prompt"
+    completion: str = "completion"
 
 
 def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
@@ -44,7 +47,9 @@ def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
             raise ConfigError(f"data.sources.{i}.path={source.path}: no files match")
         for path in matches:
             path = os.path.abspath(path)
-            files.setdefault(path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex))
+            files.setdefault(
+                path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex, source.prompt, source.completion)
+            )
     return [files[p] for p in sorted(files)]
 
 
@@ -94,6 +99,8 @@ def read_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
             yield from _text_documents(part)
     elif source.format == "jsonl":
         yield from _jsonl_documents(part)
+    elif source.format in ("chat", "prompt_completion"):
+        raise ValueError(f"{source.path}: {source.format} records are conversations: read them with read_conversations")
     elif source.format == "parquet":
         parquet = pq.ParquetFile(source.path)
         if source.field not in parquet.schema_arrow.names:
@@ -171,22 +178,47 @@ def _text_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
             yield doc_start, "".join(doc)
 
 
-def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
-    """The records of the lines that start inside [start, stop): each line belongs to exactly one slice."""
-    source = part.file
-    with open(source.path, "rb") as f:
+def _jsonl_records(part: SourcePart) -> Iterator[Tuple[int, Any]]:
+    """(offset, parsed record, or the ValueError of a line that is not JSON) of the non-blank lines that start
+    inside [start, stop): each line belongs to exactly one slice."""
+    with open(part.file.path, "rb") as f:
         for offset, line in _lines(f, part.start):
             if offset >= part.stop:
                 break
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield offset, json.loads(line)
             except ValueError as exc:
-                raise ConfigError(f"data.sources.format=jsonl: {source.path} at byte {offset}: not a JSON line ({exc})") from None
-            if not isinstance(record, dict) or source.field not in record:
-                raise ConfigError(f"data.sources.field={source.field}: missing in {source.path} at byte {offset}")
-            yield offset, str(record[source.field])
+                yield offset, exc
+
+
+def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
+    """The text of each record of a slice (`field`); a line that is not JSON, or lacks the field, fails prep."""
+    source = part.file
+    for offset, record in _jsonl_records(part):
+        if isinstance(record, ValueError):
+            raise ConfigError(f"data.sources.format=jsonl: {source.path} at byte {offset}: not a JSON line ({record})")
+        if not isinstance(record, dict) or source.field not in record:
+            raise ConfigError(f"data.sources.field={source.field}: missing in {source.path} at byte {offset}")
+        yield offset, str(record[source.field])
+
+
+def read_conversations(part: SourcePart) -> Iterator[Tuple[int, Any]]:
+    """Yield (byte offset, messages) for each record of a chat or prompt_completion slice; a record that is not a
+    conversation yields a `chat.BadRecord` naming its reason instead (prep counts them; none is skipped silently)."""
+    from framework.data.chat import BadRecord, conversation
+
+    source = part.file
+    for offset, record in _jsonl_records(part):
+        where = f"{source.path} at byte {offset}"
+        if isinstance(record, ValueError):
+            yield offset, BadRecord("malformed", f"not a JSON line ({where})")
+            continue
+        try:
+            yield offset, conversation(record, source)
+        except BadRecord as bad:
+            yield offset, BadRecord(bad.reason, f"{bad.detail} ({where})")
 
 
 def normalise(text: str) -> str:

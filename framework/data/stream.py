@@ -23,10 +23,12 @@ import torch
 
 from framework import storage
 from framework.data.sampler import Blocks, SampleOrder, worker_slice
-from framework.data.shards import COLUMN, MASK_COLUMN, shard_uris
+from framework.data.shards import COLUMN, MASK_COLUMN, SEGMENTS_COLUMN, position_ids, shard_uris
 
 # Labels the loss ignores (transformers' convention): tokens that are not targets.
 IGNORE_INDEX = -100
+# What a reader hands out for rows with segment starts (shards.SEGMENTS_COLUMN): a position id per token.
+POSITIONS = "position_ids"
 Batch = Dict[str, torch.Tensor]
 
 
@@ -56,7 +58,8 @@ class ShardReader:
     def __init__(self, data_dir: str, manifest: Dict[str, Any], split: str, cache_groups: int) -> None:
         self.blocks = split_blocks(manifest, split)
         self.uris = shard_uris(data_dir, manifest, split)
-        self.columns = [c for c in (COLUMN, MASK_COLUMN) if c in manifest.get("columns", [COLUMN])]
+        self.columns = [c for c in (COLUMN, MASK_COLUMN, SEGMENTS_COLUMN) if c in manifest.get("columns", [COLUMN])]
+        self.seq_len = manifest["seq_len"]
         per_group = manifest["row_group_rows"]
         # Block b → (shard, row group in the shard).
         self.where: List[Tuple[int, int]] = []
@@ -85,7 +88,11 @@ class ShardReader:
         arrays = {}
         for name in self.columns:
             column = table.column(name).combine_chunks()
-            arrays[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+            if name == SEGMENTS_COLUMN:  # a list per row: decoded once per row group into position ids
+                offsets = column.offsets.to_numpy()
+                arrays[POSITIONS] = position_ids(column.flatten().to_numpy(), offsets - offsets[0], self.seq_len)
+            else:
+                arrays[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
         self.counts.groups += 1
         self.counts.rows_decoded += len(table)
         self.counts.group_ids.append(block)
@@ -111,12 +118,23 @@ class ShardReader:
 
 
 def to_batch(columns: Dict[str, np.ndarray]) -> Batch:
-    """Model inputs of a set of rows: token ids, and labels that are the ids where a token is a target (-100 elsewhere)."""
+    """Model inputs of a set of rows: token ids, and labels that are the ids where a token is a target (-100 elsewhere).
+
+    Rows with segments also get position ids that restart at every segment; with them (and no attention
+    mask) transformers builds a block-diagonal causal mask, so no token attends across a segment boundary
+    (`masking_utils.find_packed_sequence_indices`). A segment's first token is no target: the only context
+    to predict it from would be the segment before, which it cannot see.
+    """
     ids = torch.from_numpy(columns[COLUMN].astype(np.int64))
     labels = ids.clone()
     if MASK_COLUMN in columns:
         labels[torch.from_numpy(columns[MASK_COLUMN] == 0)] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels}
+    batch = {"input_ids": ids, "labels": labels}
+    if POSITIONS in columns:
+        positions = torch.from_numpy(columns[POSITIONS].astype(np.int64))
+        labels[positions == 0] = IGNORE_INDEX
+        batch[POSITIONS] = positions
+    return batch
 
 
 def target_tokens(batch: Batch) -> int:

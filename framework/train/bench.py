@@ -12,6 +12,13 @@ timers). `ratio` = Ray Train run tokens/s per worker ÷ bare loop tokens/s: what
 MFU is 6·N + 12·L·d·T FLOPs per token against the GPU's peak (`framework/model.py`). `perf/data_wait`
 is the share of step time a worker waited for its next batch. If the shards the job names are
 missing, they are prepared first (`framework/data/prepare.py`).
+
+`bench.comparisons` adds rows of what fine-tuning costs, each compared with the first row of its group:
+every row is the training job plus the group's overrides plus its own, trained by the loop on a bare
+session (no Ray Train: its cost is the stage rows' subject) under ZeRO-`bench.comparison_stage`. The
+CPU preset compares LoRA with full fine-tuning of the same model on the chat shards (SFT), and rows
+packed with document boundaries (positions restart, block-diagonal attention masks) with plain packing
+of the same text (`data.packing`: the same tokens in the same rows).
 """
 
 from __future__ import annotations
@@ -31,6 +38,15 @@ from framework.schema import Config, load_config
 
 
 @dataclass
+class ComparisonConfig:
+    name: str = MISSING
+    # Added to the training job for every row of the comparison (the model, the data).
+    overrides: List[str] = MISSING
+    # Row name → its own overrides; every row's figures are divided by the first row's.
+    rows: Dict[str, List[str]] = MISSING
+
+
+@dataclass
 class TrainBenchConfig:
     name: str = MISSING
     stages: List[int] = MISSING
@@ -40,6 +56,9 @@ class TrainBenchConfig:
     warmup_steps: int = MISSING
     # Also run the same loop without Ray Train (the baseline of `ratio`).
     baseline: bool = MISSING
+    # Rows of what fine-tuning costs (LoRA vs full, document masks vs plain packing), on a bare session.
+    comparisons: List[ComparisonConfig] = MISSING
+    comparison_stage: int = MISSING
     # CPUs of the local Ray cluster the benchmark starts; null: all of this machine's.
     num_cpus: Optional[int] = MISSING
     # The cost of a checkpoint: the first stage's job with these overrides (frequent checkpoints), on each
@@ -56,8 +75,16 @@ def to_bench_config(cfg: DictConfig) -> TrainBenchConfig:
     return typed(TrainBenchConfig, cfg.bench, "bench")
 
 
-def stage_config(bench: TrainBenchConfig, stage: int, name: str) -> Config:
-    return load_config([*bench.overrides, f"deepspeed=zero{stage}", f"run.name={name}", f"run.storage_path={absolute(bench.storage_path)}"])
+def stage_config(bench: TrainBenchConfig, stage: int, name: str, extra: List[str] = ()) -> Config:
+    return load_config([*bench.overrides, f"deepspeed=zero{stage}", *extra, f"run.name={name}", f"run.storage_path={absolute(bench.storage_path)}"])
+
+
+def comparison_configs(bench: TrainBenchConfig) -> Dict[str, Dict[str, Config]]:
+    """Every comparison row's training config, by comparison and row."""
+    return {
+        c.name: {row: stage_config(bench, bench.comparison_stage, f"{c.name}-{row}", [*c.overrides, *extra]) for row, extra in c.rows.items()}
+        for c in bench.comparisons
+    }
 
 
 def check(cfg: DictConfig) -> None:
@@ -87,6 +114,16 @@ def read_metrics(uri: str) -> List[Dict[str, Any]]:
     from framework import storage
 
     return [json.loads(line) for line in storage.read_text(uri).splitlines()]
+    if bench.comparison_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"bench.comparison_stage={bench.comparison_stage}: expected a ZeRO stage 0-3")
+    for i, comparison in enumerate(bench.comparisons):
+        if not comparison.rows:
+            raise ConfigError(f"bench.comparisons.{i}.rows: expected at least one row ({comparison.name})")
+        for row, extra in comparison.rows.items():
+            try:
+                stage_config(bench, bench.comparison_stage, "check", [*comparison.overrides, *extra])
+            except ConfigError as exc:
+                raise ConfigError(f"bench.comparisons.{i}.rows.{row}: {exc}") from None
 
 
 def steady_figures(metrics_jsonl: str, warmup_steps: int) -> Dict[str, Optional[float]]:
@@ -143,6 +180,12 @@ def loopback_s3(enabled: bool) -> Iterator[Optional[str]]:
         server.stop()
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+def bare_task(resources: Dict[str, float]) -> Any:
+    """`bare_run` as a Ray task holding one Train worker's resources, in a process of its own: a peak memory
+    figure (the process's peak RSS, or CUDA's peak allocation) must not carry over from an earlier run."""
+    import ray
+
+    return ray.remote(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), max_calls=1)(bare_run)
 
 
 def ensure_shards(cfg: Config) -> None:
@@ -163,6 +206,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)  # a leftover run of the same name would resume, not train
     stages: Dict[str, Any] = {}
     checkpoints: Dict[str, Any] = {}
+    comparisons: Dict[str, Any] = {}
     s3 = contextlib.ExitStack()
     bucket = s3.enter_context(loopback_s3("s3" in bench.checkpoint_storages))
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
@@ -176,7 +220,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             figures = {"framework": steady_figures(log_dir(job) + "/metrics.jsonl", bench.warmup_steps)}
             if bench.baseline:
                 bare = replace(job, run=replace(job.run, name=f"bare-zero{stage}"))
-                task = ray.remote(bare_run).options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0))
+                task = bare_task(resources)
                 figures["bare"] = steady_figures(ray.get(task.remote(bare)), bench.warmup_steps)
                 figures["ratio"] = round(figures["framework"]["tokens_per_s"] / figures["bare"]["tokens_per_s"], 3)
             stages[f"zero{stage}"] = figures
@@ -188,6 +232,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                                    f"run.name={name}", f"run.storage_path={where}", f"run.checkpoint_upload={upload}"])
                 train(job)
                 checkpoints[f"{place} {upload}"] = checkpoint_figures(log_dir(job) + "/metrics.jsonl")
+        for name, rows in comparison_configs(bench).items():
+            comparisons[name] = compare(rows, resources, bench.warmup_steps)
     finally:
         ray.shutdown()
         s3.close()
@@ -201,6 +247,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "micro_batch_size": first.run.micro_batch_size,
         "stages": stages,
         "checkpoints": checkpoints,
+        "comparisons": comparisons,
+        "comparison_stage": bench.comparison_stage,
         "config": asdict(bench),
     }
     os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
@@ -208,6 +256,41 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         json.dump(result, f, indent=2)
     print_table(result)
     return result
+
+
+def compare(rows: Dict[str, Config], resources: Dict[str, float], warmup_steps: int) -> Dict[str, Any]:
+    """Each row trained by the loop on a bare session (in a Ray task of one worker's resources), its figures,
+    its model's trainable parameters, and its ratios to the first row."""
+    import ray
+
+    from framework.train.plan import make_plan
+
+    out: Dict[str, Any] = {}
+    for row, job in rows.items():
+        ensure_shards(job)
+        figures = steady_figures(ray.get(bare_task(resources).remote(job)), warmup_steps)
+        figures["trainable_params"], figures["params"] = model_params(make_plan(job))
+        figures["model"], figures["data"], figures["packing"] = job.model.name, job.data.name, job.data.packing
+        out[row] = figures
+    first = next(iter(out.values()))
+    for figures in out.values():
+        figures["tokens_per_s_ratio"] = round(figures["tokens_per_s"] / first["tokens_per_s"], 3)
+        figures["peak_mem_ratio"] = round(figures["peak_mem_gb"] / first["peak_mem_gb"], 3)
+    return out
+
+
+def model_params(plan: Any) -> tuple:
+    """(trainable, all) parameters of the plan's model, built on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from framework.model import trainable_params, with_lora
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(plan.model_config)
+        if plan.config.model.lora is not None:
+            net = with_lora(net, plan.config.model.lora)
+    return trainable_params(net)
 
 
 def gpu_name() -> Optional[str]:
@@ -241,3 +324,12 @@ def print_table(result: Dict[str, Any]) -> None:
         for name, f in result["checkpoints"].items():
             saves.add_row(name, f"{f['checkpoint_s']:.3f}", f"{f['step_s']:.3f}", f"{f['steps_per_checkpoint_blocked']:.1f}")
         Console().print(saves)
+    for name, rows in result.get("comparisons", {}).items():
+        first = next(iter(rows.values()))
+        table = Table(title=f"bench train: {name}: {first['model']} on {first['data']}, bare loop, ZeRO-{result['comparison_stage']}, {result['machine']}")
+        for column in ("row", "trains", "tokens/s", "peak mem GB"):
+            table.add_column(column, justify="right")
+        for row, f in rows.items():
+            share = f"{f['trainable_params']:,} ({f['trainable_params'] / f['params']:.1%})"
+            table.add_row(row, share, f"{f['tokens_per_s']:,.0f} (×{f['tokens_per_s_ratio']:.2f})", f"{f['peak_mem_gb']:.2f} (×{f['peak_mem_ratio']:.2f})")
+        Console().print(table)

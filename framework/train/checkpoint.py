@@ -1,7 +1,9 @@
 """Training checkpoints: what one holds, how ranks write it, how a run reads it back (on any worker count).
 
 Layout of a checkpoint directory (each rank writes its own files; Ray Train merges them):
-    latest, deepspeed/        DeepSpeed's checkpoint of every rank (ZeRO shards included)
+    latest, deepspeed/        DeepSpeed's checkpoint of every rank (ZeRO shards included); a LoRA run's holds the
+                              adapters and their optimizer state only, not the frozen base (model.pretrained_path
+                              in config.yaml names it: resume and export load it from there)
     zero_to_fp32.py           DeepSpeed's own consolidation script (ZeRO stages 1-3 only)
     files/rank-<r>.json       the sha256 of every file rank r wrote: export checks them before reading any
     probe.safetensors         the training engine's logits on a fixed input (framework/model.py: probe_ids),
@@ -66,7 +68,11 @@ def save(engine: Any, directory: str, state: TrainState, cfg: Config, tokenizer_
     """Write this rank's part of a checkpoint into a local `directory` (all ranks must call it: the probe is a collective under ZeRO-3)."""
     from safetensors.torch import save_file
 
-    engine.save_checkpoint(directory, tag=DEEPSPEED_TAG)
+    if cfg.model.lora is not None:
+        with _without_frozen(engine.module):
+            engine.save_checkpoint(directory, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    else:
+        engine.save_checkpoint(directory, tag=DEEPSPEED_TAG)
     logits = probe_logits(engine, probe)
     if rank == 0:
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
@@ -76,6 +82,26 @@ def save(engine: Any, directory: str, state: TrainState, cfg: Config, tokenizer_
         storage.download_dir(tokenizer_uri, os.path.join(directory, TOKENIZER_DIR))
         save_file({"ids": probe.contiguous(), "logits": logits.contiguous()}, os.path.join(directory, PROBE))
     write_file_hashes(directory, rank)
+
+
+@contextlib.contextmanager
+def _without_frozen(module: torch.nn.Module) -> Any:
+    """The module's state dict without its frozen weights, while the block runs.
+
+    DeepSpeed's `exclude_frozen_parameters` drops the frozen parameters it finds by name, once each, so a
+    tied copy (lm_head ↔ embed_tokens) would still be saved: the state dict loses every name of them here.
+    """
+    frozen = [n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop(_: torch.nn.Module, state: Dict[str, Any], prefix: str, __: Any) -> None:
+        for name in frozen:
+            state.pop(prefix + name, None)
+
+    handle = module.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -145,9 +171,13 @@ def to_universal(directory: str, output: str) -> str:
     return output
 
 
-def load(engine: Any, directory: str) -> None:
-    """Restore the engine (weights, optimizer, LR schedule) from a checkpoint folder: DeepSpeed's own, or one `to_universal` made."""
-    engine.load_checkpoint(directory, tag=DEEPSPEED_TAG)
+def load(engine: Any, directory: str, adapters_only: bool = False) -> None:
+    """Restore the engine (weights, optimizer, LR schedule) from a checkpoint folder: DeepSpeed's own, or one `to_universal` made.
+
+    `adapters_only` (LoRA): the checkpoint holds the weights that train and their optimizer state; the
+    frozen base the engine was built with (from model.pretrained_path, or the seed) stays as it is.
+    """
+    engine.load_checkpoint(directory, tag=DEEPSPEED_TAG, load_module_strict=not adapters_only)
     # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group one shared `step` tensor,
     # which the optimizer then advances once per group each step (a wrong Adam bias correction from
     # the second group on); each group gets its own counter back.
@@ -162,9 +192,20 @@ def read_state(directory: str) -> TrainState:
     return TrainState(**json.loads(storage.read_text(storage.join(directory, TRAIN_STATE))))
 
 
+# Keys the config gained after checkpoints were first written, with what they mean for a checkpoint that
+# predates them: no LoRA, text packed plain, no chat settings.
+ADDED_KEYS = {
+    "model.lora": None, "data.packing": "plain", "data.chat_template": None, "data.train_on_prompt": None,
+    "data.assistant_turns": None, "data.overlong": None,
+}
+
+
 def read_config(directory: str) -> Config:
     """The config a checkpoint (a local directory or a URI) was trained with, typed."""
     saved = OmegaConf.create(storage.read_text(storage.join(directory, CONFIG)))
+    for key, value in ADDED_KEYS.items():
+        if OmegaConf.select(saved, key, default="absent") == "absent":
+            OmegaConf.update(saved, key, value, force_add=True)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
 
 
@@ -199,7 +240,7 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 # micro-batch may change (the sample order and DeepSpeed's universal checkpoint are independent of
 # them), as may steps, learning rate and intervals; the shards are compared by fingerprint.
 RESUME_KEYS = (
-    "model.arch", "model.hf_config", "model.pretrained_path", "data.seq_len", "deepspeed.stage", "run.global_batch_size",
+    "model.arch", "model.hf_config", "model.pretrained_path", "model.lora", "data.seq_len", "deepspeed.stage", "run.global_batch_size",
 )
 
 
@@ -209,4 +250,6 @@ def resume_conflicts(saved: Config, cfg: Config) -> List[Tuple[str, Any, Any]]:
         group, name = key.split(".")
         return getattr(getattr(c, group), name)
 
-    return [(key, get(saved, key), get(cfg, key)) for key in RESUME_KEYS if get(saved, key) != get(cfg, key)]
+    # A LoRA run on a model built from config has a base made from the seed: another seed, another base.
+    seeded_base = ("run.seed",) if cfg.model.lora is not None and cfg.model.pretrained_path is None else ()
+    return [(key, get(saved, key), get(cfg, key)) for key in RESUME_KEYS + seeded_base if get(saved, key) != get(cfg, key)]

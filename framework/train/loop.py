@@ -1,4 +1,4 @@
-"""The per-worker training loop, top to bottom: model → engine → batches → step → log → evaluate → checkpoint.
+"""The per-worker training loop, top to bottom: model (LoRA-wrapped or not) → engine → batches → step → log → evaluate → checkpoint.
 
 Whatever runs the loop enters only through a `Session` (framework/train/session.py): Ray Train's
 workers, or one bare process. DeepSpeed owns the optimizer step, gradient accumulation, clipping,
@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from framework.config import RunError
 from framework.data.sampler import SampleOrder
+from framework.data.shards import MASK_COLUMN, SEGMENTS_COLUMN
 from framework.data.stream import ShardReader, TrainBatches, split_blocks, target_tokens
 from framework.evaluate import loss_sums, metrics
-from framework.model import build_model, flops_per_token, peak_tflops, torch_dtype
+from framework.model import build_model, flops_per_token, peak_tflops, torch_dtype, trainable_params
 from framework.schema import Config
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
@@ -66,6 +68,28 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, load_universal
     }
 
 
+# Attention implementations that build block-diagonal masks from restarting position ids (transformers' masking_utils).
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: bool = False) -> tuple:
+    """The model (LoRA-wrapped when model.lora is set), its optimizer over the weights that train and the LR
+    schedule, inside a DeepSpeed engine; gives (engine, DeepSpeed config)."""
+    cfg = plan.config
+    model = build_model(cfg.model, plan.model_config, cfg.run.seed)
+    if SEGMENTS_COLUMN in plan.manifest["columns"] and model.config._attn_implementation not in MASKED_ATTENTION:
+        # Flash attention's varlen path reads packed rows only from a batch of one; others would attend across documents.
+        raise RunError(
+            f"data.packing=documents: the model's attention {model.config._attn_implementation!r} cannot keep the documents of "
+            f"packed rows apart; use a model with {' or '.join(MASKED_ATTENTION)} attention, or shards packed with data.packing=plain"
+        )
+    ds_config = deepspeed_config(cfg, world, use_gpu, load_universal=load_universal)
+    optimizer = build_optimizer(model, cfg.optim, fused=use_gpu and not cfg.deepspeed.offload_optimizer)
+    scheduler = build_lr_schedule(optimizer, cfg.optim, cfg.run.max_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, ds_config
+
+
 def universal_dir(plan: TrainPlan, name: str) -> str:
     """Where a node converts a checkpoint to the universal format: node-local, the same path for every rank on the node."""
     return os.path.join(tempfile.gettempdir(), "framework-universal", plan.config.run.name.replace("/", "_"), os.path.basename(name))
@@ -92,11 +116,10 @@ def train(plan: TrainPlan, session: Session) -> None:
         reshard = restored is not None and state.world_size != world and cfg.deepspeed.stage > 0
 
         # Model and engine.
-        model = build_model(cfg.model, plan.model_config, run.seed)
-        ds_config = deepspeed_config(cfg, world, use_gpu, load_universal=reshard)
-        optimizer = build_optimizer(model, cfg.optim, fused=use_gpu and not cfg.deepspeed.offload_optimizer)
-        scheduler = build_lr_schedule(optimizer, cfg.optim, run.max_steps)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        engine, ds_config = build_engine(plan, world, use_gpu, load_universal=reshard)
+        if cfg.model.lora is not None and rank == 0:
+            trainable, total = trainable_params(engine.module)
+            say(f"LoRA r={cfg.model.lora.r} on {', '.join(cfg.model.lora.target_modules)}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
 
         if restored:
             decays = decay_flags(engine)
@@ -109,7 +132,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                     checkpoint.to_universal(restored, source)
                     say(f"rank {rank}: {state.world_size}-worker checkpoint converted for {world} workers in {time.perf_counter() - started:.1f}s")
                 dist.barrier()
-            checkpoint.load(engine, source)
+            checkpoint.load(engine, source, adapters_only=cfg.model.lora is not None)
             apply_optim_settings(engine, cfg.optim, run.max_steps, state.step, decays)
             if reshard:
                 dist.barrier()
@@ -133,8 +156,9 @@ def train(plan: TrainPlan, session: Session) -> None:
         start_step=state.step, prefetch_steps=run.prefetch_steps,
     )
     validation = ShardReader(plan.data_dir, manifest, "validation", cache_groups=4)
-    # Without loss masks every step predicts the same number of tokens; with them, they are counted.
-    fixed_targets = None if "loss_mask" in manifest["columns"] else float(run.global_batch_size * (seq_len - 1))
+    # Without loss masks or segments every step predicts the same number of tokens; with them, they are counted.
+    counted = MASK_COLUMN in manifest["columns"] or SEGMENTS_COLUMN in manifest["columns"]
+    fixed_targets = None if counted else float(run.global_batch_size * (seq_len - 1))
 
     if state.step >= run.max_steps:
         # Nothing left to train: the run's final checkpoint is evaluated (on this worker count and
