@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import launch
+from conftest import free_port, greedy_reference, launch
 from framework.compress import COMPRESS_MARKER, CompressConfig, CompressError, make_plan, to_compress_config
 from framework.config import CONF_DIR, ConfigError, compose
 
@@ -270,12 +269,6 @@ def test_a_sweeps_best_json_is_compressed_by_name(compressed: Dict[str, Tuple[Pa
 # ---------------------------------------------------------------------------------------------
 # Serving the compressed folder unchanged
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(compressed: Dict[str, Tuple[Path, Dict]]):
     """The int8 folder behind the OpenAI API, checked by launch/serve.py's own check first."""
@@ -290,23 +283,12 @@ def server(compressed: Dict[str, Tuple[Path, Dict]]):
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    url = deploy(config_from_args({"model_path": str(folder), "host": "127.0.0.1", "port": _free_port(),
+    url = deploy(config_from_args({"model_path": str(folder), "host": "127.0.0.1", "port": free_port(),
                                    "app_name": "test-compress", "min_replicas": 1, "max_replicas": 1, "api_key_env": None}))
     yield url
     serve.shutdown()
     if started:
         ray.shutdown()
-
-
-def _reference(folder: Path, prompt: str, max_new_tokens: int) -> str:
-    """Plain `transformers` greedy generation on the same folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.slow
@@ -319,7 +301,7 @@ def test_the_served_folder_answers_the_openai_client_as_transformers_does(server
     prompts: List[str] = ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]
     for prompt in prompts:
         completion = client.completions.create(model=folder.name, prompt=prompt, max_tokens=12, temperature=0)
-        assert completion.choices[0].text == _reference(folder, prompt, 12), prompt
+        assert completion.choices[0].text == greedy_reference(folder, prompt, 12), prompt
     chat = client.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
                                           temperature=0)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
