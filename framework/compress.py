@@ -37,7 +37,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -195,10 +195,9 @@ def check_layers(c: CompressConfig, source: Path) -> int:
     require(bool(layers), "compress.method", c.method,
             f"{source} ({_architecture(source)}) has no torch.nn.Linear layers for torchao to quantise (GPT-2's blocks, say, "
             f"are transformers' Conv1D)")
-    if c.group_size is not None:
-        misfit = next(((name, n) for name, n in layers if n % c.group_size), None)
-        require(misfit is None, "compress.group_size", c.group_size,
-                f"does not divide the {misfit[1] if misfit else 0} inputs of {misfit[0] if misfit else ''} in {source}")
+    for name, inputs in layers if c.group_size is not None else []:
+        require(inputs % c.group_size == 0, "compress.group_size", c.group_size,
+                f"does not divide the {inputs} inputs of {name} in {source}")
     return len(layers)
 
 
@@ -490,7 +489,8 @@ def compress(plan: Plan, source: Optional[Figures] = None) -> Dict[str, Any]:
         with _quiet_progress_bars():
             quantised = quantise(plan, staged)
             compressed = score(Path(staged), plan)  # loaded back with from_pretrained, as a user would
-            source = source or score(plan.source, plan)
+            if source is None:
+                source = score(plan.source, plan)
             gate(plan, source, compressed)  # before any timing: a model that is not kept is not worth timing
             if not source.tokens:
                 time_decode(plan.source, plan, source)
