@@ -514,7 +514,7 @@ def table(r: Dict[str, Any], output_dir: str) -> str:
     rows = [
         ("", "source", r["preset"], "ratio"),
         ("weights on disk (MB)", f"{size['source_bytes'] / mb:.2f}", f"{size['compressed_bytes'] / mb:.2f}", f"{size['ratio']:.3f}"),
-        (f"val perplexity ({ppl['rows']} rows)", f"{ppl['source']:.4f}", f"{ppl['compressed']:.4f}", f"{ppl['ratio']:.4f}"),
+        (f"val perplexity ({ppl['rows']} rows)", f"{ppl['source']:.4f}", f"{ppl['compressed']:.4f}", f"{ppl['ratio']:.5f}"),
         (f"decode tokens/s ({dec['prompts']}×{dec['max_tokens']})", f"{dec['source_tokens_per_s']:.1f}",
          f"{dec['compressed_tokens_per_s']:.1f}", f"{dec['ratio']:.3f}"),
     ]
