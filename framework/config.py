@@ -132,7 +132,9 @@ def compose(overrides: Sequence[str] | None = None, config_name: str = "config")
 
 
 # Primary config → the module that registers its schema on import (the benchmarks type their own node).
-SCHEMA_MODULES = {"config": "framework.schema", "export": "framework.export", "serve": "framework.serve.config"}
+SCHEMA_MODULES = {
+    "config": "framework.schema", "export": "framework.export", "serve": "framework.serve.config", "compress": "framework.compress",
+}
 
 
 def register_schema(config_name: str) -> None:

@@ -128,18 +128,20 @@ def default_output_dir(checkpoint: str) -> str:
     return os.path.join("outputs", "export", checkpoint.rstrip("/").rsplit("/", 2)[-2])
 
 
-def check_output_dir(output_dir: str, checkpoint: str) -> None:
-    """`output_dir` must be new, empty, or an earlier export (its EXPORT_MARKER), and outside the checkpoint."""
-    key = "export.output_dir"
+def check_output_dir(output_dir: str, checkpoint: str, key: str = "export.output_dir", marker: str = EXPORT_MARKER,
+                     made_by: str = "export", source: str = "the checkpoint") -> None:
+    """`output_dir` must be new, empty, or an earlier `made_by` (its `marker`), and outside the checkpoint (`source`).
+
+    launch/compress.py writes its folders by the same rules, with its own key and marker."""
     require("://" not in output_dir, key, output_dir, "expected a local directory")
     require(not os.path.isfile(output_dir), key, output_dir, "is a file; expected a directory to write the model folder to")
     if "://" not in checkpoint:
-        out, source = os.path.abspath(output_dir), os.path.abspath(checkpoint)
-        require(os.path.commonpath([out, source]) not in (out, source), key, output_dir, f"overlaps the checkpoint {checkpoint}; choose a directory outside it")
+        out, inside = os.path.abspath(output_dir), os.path.abspath(checkpoint)
+        require(os.path.commonpath([out, inside]) not in (out, inside), key, output_dir, f"overlaps {source} {checkpoint}; choose a directory outside it")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         require(
-            os.path.isfile(os.path.join(output_dir, EXPORT_MARKER)), key, output_dir,
-            f"exists and holds something other than an earlier export (no {EXPORT_MARKER}); nothing there is replaced: choose a new or empty directory",
+            os.path.isfile(os.path.join(output_dir, marker)), key, output_dir,
+            f"exists and holds something other than an earlier {made_by} (no {marker}); nothing there is replaced: choose a new or empty directory",
         )
 
 

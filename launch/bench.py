@@ -8,7 +8,8 @@ from framework.config import ConfigError, hydra_entry
 
 # bench.name → the module whose `run(cfg)` (and optional `check(cfg)`) implements it.
 BENCHMARKS = {
-    "data": "framework.data.bench", "serve": "framework.serve.bench", "train": "framework.train.bench", "tune": "framework.tune.bench",
+    "compress": "framework.compress_bench", "data": "framework.data.bench", "serve": "framework.serve.bench",
+    "train": "framework.train.bench", "tune": "framework.tune.bench",
 }
 
 

@@ -170,3 +170,23 @@ def launch(script: str, *args: str, env: Dict[str, str] | None = None, timeout: 
         [sys.executable, str(ROOT / "launch" / script), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a Serve HTTP proxy)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def greedy_reference(folder, prompt: str, max_new_tokens: int) -> str:
+    """What plain `transformers` greedy generation gives for `folder` and `prompt`: what a served folder must answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

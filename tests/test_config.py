@@ -26,6 +26,7 @@ def test_schemas_hold_types_not_values():
     The one exception is the items of a list (data.sources.N): a source added on the command line
     has no YAML to take its other keys from (framework/data/config.py says so).
     """
+    from framework.compress import CompressConfig
     from framework.data.config import SourceConfig
     from framework.export import ExportConfig
     from framework.model import LoraConfig
@@ -33,6 +34,7 @@ def test_schemas_hold_types_not_values():
     assert list(schema_defaults(Config)) == []
     assert list(schema_defaults(ExportConfig)) == []
     assert list(schema_defaults(LoraConfig)) == []  # model.lora: an Optional node, not walked from Config
+    assert list(schema_defaults(CompressConfig)) == []
     assert {f.name for f in dataclasses.fields(SourceConfig) if f.default is not dataclasses.MISSING and f.name != "path"} == {
         "format", "field", "split_on", "split_regex", "prompt", "completion"
     }
@@ -159,7 +161,7 @@ def test_compose_inside_a_running_hydra_app_leaves_the_app_intact():
         assert hydra_compose(config_name="config").model.name == "tiny"
 
 
-@pytest.mark.parametrize("preset", ["train", "train-gpu", "tune", "serve", "data"])
+@pytest.mark.parametrize("preset", ["train", "train-gpu", "tune", "serve", "data", "compress"])
 def test_benchmark_presets_compose_and_pass_their_checks(preset):
     """Every conf/bench preset is runnable as written; the GPU one is checked here since CI has no GPU."""
     import importlib.util

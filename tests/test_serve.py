@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 import requests
 from omegaconf import OmegaConf
 
+from conftest import free_port, greedy_reference
 from framework.serve.ingress import ingress_environment
 
 pytestmark = pytest.mark.slow
@@ -53,12 +53,6 @@ def served_model_dir(exports: Dict[int, str]) -> Path:
     return Path(exports[3])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Base URL of the application, deployed from a sweep-style best.json that points at the folder."""
@@ -77,7 +71,7 @@ def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     cfg = config_from_args({
-        "model_path": str(best), "host": "127.0.0.1", "port": _free_port(),
+        "model_path": str(best), "host": "127.0.0.1", "port": free_port(),
         "api_key_env": KEY_ENV, "app_name": "test-serve", "min_replicas": 1, "max_replicas": 1,
         "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED, "max_sequences": MAX_SEQUENCES,
         "default_max_tokens": 16, "max_request_bytes": MAX_REQUEST_BYTES, "metrics_interval_s": 0.5,
@@ -130,17 +124,6 @@ def _client(url: str):
     from openai import OpenAI
 
     return OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-
-def _reference(folder: Path, prompt: str, max_new_tokens: int) -> str:
-    """What plain `transformers` greedy generation gives for the same folder and prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +186,7 @@ def test_seeded_requests_repeat_and_greedy_matches_transformers_generate(server:
         for _ in range(2)
     ]
     assert greedy[0] == greedy[1]
-    assert greedy[0] == _reference(served_model_dir, prompt, 24)
+    assert greedy[0] == greedy_reference(served_model_dir, prompt, 24)
 
     sampled = [
         [c.text for c in client.completions.create(

@@ -1,0 +1,307 @@
+"""Compression on the real stack: torchao through transformers, the evaluation set on the prepared shards, the
+serving engine's greedy decoding, Ray Serve and the `openai` client.
+
+The session's tiny export (trained under ZeRO-3 by the shared fixture) is compressed once per method this
+machine runs (the int8 one through a sweep's best.json); one Serve deployment of the int8 folder is shared by the
+serving tests. Refusals are checked on small random-weight folders built here, before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import free_port, greedy_reference, launch
+from framework.compress import COMPRESS_MARKER, CompressConfig, CompressError, make_plan, to_compress_config
+from framework.config import CONF_DIR, ConfigError, compose
+
+# What this machine's torch and torchao can run (int4 needs CUDA); each compressed once for the session.
+CPU_PRESETS = ("int8", "int8-dynamic")
+PROMPTS, MAX_TOKENS = 4, 16
+SWEEP = "tiny-sweep"  # the int8 folder is compressed through outputs/sweeps/<SWEEP>/best.json
+
+
+def _config(model_path: object, preset: str = "int8", **overrides: object) -> CompressConfig:
+    values = {"model_path": model_path, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, **overrides}
+    return to_compress_config(compose([f"compress={preset}", *(f"compress.{k}={v}" for k, v in values.items())], "compress"))
+
+
+def _best_json(folder: Path, sweeps: Path) -> Path:
+    """A sweep's best.json pointing at `folder`, as promotion writes it (outputs/sweeps/<name>/best.json)."""
+    sweep = sweeps / SWEEP
+    sweep.mkdir(parents=True, exist_ok=True)
+    best = sweep / "best.json"
+    best.write_text(json.dumps({"trial": "t0", "metric": "val_loss", "value": 1.0, "overrides": [],
+                                "path": os.path.relpath(folder, sweep)}))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared artefacts
+
+@pytest.fixture(scope="session")
+def source(exports: Dict[int, str]) -> Path:
+    """The session's tiny export: a trained Llama with its BPE and ChatML template, and its export.json."""
+    return Path(exports[3])
+
+
+@pytest.fixture(scope="session")
+def compressed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Tuple[Path, Dict]]:
+    """preset → (folder, report) for every method this machine runs, the source measured once for all of them.
+    compress.data_dir is left null: the shards are found through the source's export.json."""
+    from framework.compress import compress, measure_source
+
+    root = tmp_path_factory.mktemp("compressed")
+    best = _best_json(source, tmp_path_factory.mktemp("sweeps"))
+    plans = {p: make_plan(_config(best if p == "int8" else source, p, output_dir=root / f"tiny-{p}")) for p in CPU_PRESETS}
+    figures = measure_source(plans[CPU_PRESETS[0]])
+    return {p: (Path(plan.output_dir), compress(plan, figures)) for p, plan in plans.items()}
+
+
+@pytest.fixture(scope="module")
+def random_folders(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """Small random-weight folders with a BPE of their own: a Llama, a GPT-2 (Conv1D blocks), an empty directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from framework.serve.bench import RandomModelConfig, random_model_folder
+
+    root = tmp_path_factory.mktemp("random")
+    llama = random_model_folder(root / "llama", RandomModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, context=256, corpus_mb=0.2, seed=0))
+    gpt2 = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=256, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama / name, gpt2 / name)
+    (root / "empty").mkdir()
+    return {"llama": llama, "gpt2": gpt2, "empty": root / "empty"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+def test_every_compress_preset_sets_every_value() -> None:
+    """Each method preset composes over conf/compress.yaml with nothing unset but the source (the schema holds no
+    values: tests/test_config.py)."""
+    for preset in sorted(p.stem for p in (CONF_DIR / "compress").glob("*.yaml")):
+        cfg = compose([f"compress={preset}"], "compress")
+        assert OmegaConf.missing_keys(cfg) == {"compress.model_path"}, preset
+        assert cfg.compress.name == preset
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the key, before any work
+
+@pytest.mark.parametrize("case, key", [
+    ("empty", r"compress\.model_path: .* has no config\.json"),
+    ("gpt2", r"compress\.method=int8_weight_only: .*GPT2LMHeadModel.* has no torch\.nn\.Linear layers"),
+    ("bf16", r"compress\.dtype=bf16: half precision needs a GPU"),
+])
+def test_bad_input_fails_in_one_line_before_any_work(case: str, key: str, random_folders: Dict[str, Path], tmp_path: Path) -> None:
+    """Exactly one line on stderr, exit 2: the libraries' import-time warnings (torchao's) stay quiet too."""
+    import re
+
+    folder = random_folders["llama" if case == "bf16" else case]
+    extra = ["compress.dtype=bf16"] if case == "bf16" else []
+    out = tmp_path / "out"
+    result = launch("compress.py", f"compress.model_path={folder}", f"compress.output_dir={out}", *extra, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert re.match(r"^ConfigError: " + key, lines[0]), lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs int4")
+def test_a_method_this_machine_cannot_run_is_refused() -> None:
+    result = launch("compress.py", "compress=int4", "compress.model_path=unused", timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("ConfigError: compress.method=int4_weight_only: torchao 0.18.0 runs it on CUDA only, and "
+                               "this machine has no CUDA device"), lines[0]
+
+
+def test_layers_the_method_cannot_take_and_missing_shards_are_refused(random_folders: Dict[str, Path], tmp_path: Path) -> None:
+    llama = random_folders["llama"]
+    with pytest.raises(ConfigError, match=r"^compress\.group_size=7: does not divide the 64 inputs of model\.layers\.0\.self_attn\.q_proj"):
+        make_plan(_config(llama, group_size=7, output_dir=tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"^compress\.group_size=32: expected null: int8_dynamic scales per row"):
+        make_plan(_config(llama, "int8-dynamic", group_size=32, output_dir=tmp_path / "out"))
+    # A folder without export.json does not say which shards it was trained on: the user must name them.
+    with pytest.raises(ConfigError, match=r"^compress\.data_dir=None: .* does not lead to the shards it was trained on"):
+        make_plan(_config(llama, output_dir=tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"^compress\.data_dir=.*: no manifest\.json there"):
+        make_plan(_config(llama, output_dir=tmp_path / "out", data_dir=tmp_path))
+    with pytest.raises(ConfigError, match=r"^compress\.max_ppl_increase=0\.0: expected a positive ratio"):
+        make_plan(_config(llama, max_ppl_increase=0.0))
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=r"compress\.methd"):  # the schema: launch/compress.py says it in one line
+        compose(["compress.model_path=x", "compress.methd=int8"], "compress")
+
+
+# ---------------------------------------------------------------------------------------------
+# The serving folder check: a quantised folder is accepted when its config and weights agree
+
+def test_folder_check_accepts_a_torchao_folder_and_refuses_mismatched_ones(random_folders: Dict[str, Path], tmp_path: Path) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+
+    from framework.serve.folder import check_model_folder
+
+    llama = random_folders["llama"]
+    quantised = tmp_path / "int8"
+    model = AutoModelForCausalLM.from_pretrained(llama, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    model.save_pretrained(quantised)
+    AutoTokenizer.from_pretrained(llama).save_pretrained(quantised)
+    check_model_folder(quantised)
+    check_model_folder(llama)
+
+    config = json.loads((quantised / "config.json").read_text())
+    no_config = shutil.copytree(quantised, tmp_path / "no-config")
+    (no_config / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
+    with pytest.raises(ConfigError, match=r"^serve\.model_path: .* holds 7 torchao-quantised tensors, but its config\.json has no quantization_config"):
+        check_model_folder(no_config)
+    plain_weights = shutil.copytree(quantised, tmp_path / "plain-weights")
+    shutil.copy(llama / "model.safetensors", plain_weights / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"^serve\.model_path: .* says torchao-quantised, but its weights hold no torchao tensors"):
+        check_model_folder(plain_weights)
+    other = shutil.copytree(llama, tmp_path / "bnb")
+    (other / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(ConfigError, match=r"^compress\.model_path: .* is quantised with bitsandbytes"):
+        check_model_folder(other, "compress.model_path")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressing the tiny export
+
+@pytest.mark.slow
+def test_each_method_gives_a_smaller_folder_within_its_bound(compressed: Dict[str, Tuple[Path, Dict]], source: Path,
+                                                             prepared_data: str) -> None:
+    from framework.data.shards import read_manifest
+
+    validation_rows = read_manifest(prepared_data)["splits"]["validation"]["rows"]
+    for preset, (folder, report) in compressed.items():
+        assert json.loads((folder / COMPRESS_MARKER).read_text()) == report
+        assert report["source"] == str(source) and report["preset"] == preset
+        assert report["quantised_layers"] == report["linear_layers"] == 2 * 7  # q k v o gate up down, 2 layers
+        size = report["size"]
+        assert size["compressed_bytes"] == (folder / "model.safetensors").stat().st_size
+        assert size["source_bytes"] == (source / "model.safetensors").stat().st_size
+        assert size["compressed_bytes"] < size["source_bytes"]
+        ppl = report["perplexity"]
+        # compress.data_dir=null found the shards the export was trained on (export.json → checkpoint → config).
+        assert ppl["data_dir"] == prepared_data and ppl["rows"] == validation_rows
+        assert math.isfinite(ppl["source"]) and math.isfinite(ppl["compressed"])
+        assert ppl["ratio"] == pytest.approx(ppl["compressed"] / ppl["source"], rel=1e-4) and ppl["ratio"] <= ppl["max_ratio"] == 1.05
+        greedy, decode = report["greedy"], report["decode"]
+        assert greedy["prompts"] == PROMPTS and 0 <= greedy["identical"] <= PROMPTS and 0.0 <= greedy["token_agreement"] <= 1.0
+        assert decode["source_tokens_per_s"] > 0 and decode["compressed_tokens_per_s"] > 0
+        assert report["source_export"] == json.loads((source / "export.json").read_text())
+        assert not (folder / "export.json").exists()  # an export's marker: this folder is not one
+        assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.slow
+def test_the_folder_reloads_with_from_pretrained_holding_int8_weights(compressed: Dict[str, Tuple[Path, Dict]], source: Path) -> None:
+    from torchao.quantization import Int8Tensor
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from framework.model import PROBE_TEXT
+
+    ids = AutoTokenizer.from_pretrained(source)(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(source).eval()(ids).logits
+        for preset, (folder, _) in compressed.items():
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            assert isinstance(model.model.layers[0].self_attn.q_proj.weight, Int8Tensor), preset
+            got = model(ids).logits
+            assert not torch.equal(got, expected)  # quantised...
+            assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # ...and close
+            assert AutoTokenizer.from_pretrained(folder).chat_template == AutoTokenizer.from_pretrained(source).chat_template
+
+
+@pytest.mark.slow
+def test_the_gate_fails_a_method_past_its_bound_and_writes_nothing(source: Path, tmp_path: Path) -> None:
+    from framework.compress import compress
+
+    out = tmp_path / "compressed" / "tiny-int8"
+    # Below 1 the bound demands that perplexity fall by half: no int8 model of the source does that.
+    plan = make_plan(_config(source, max_ppl_increase=0.5, output_dir=out))
+    with pytest.raises(CompressError, match=r"^compress\.max_ppl_increase=0\.5: int8 \(int8_weight_only\) takes validation "
+                                            r"perplexity from [\d.]+ to [\d.]+ \(×[\d.]+, past the bound\) on \d+ rows of .*; "
+                                            r"nothing written to .*tiny-int8$"):
+        compress(plan)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_output_dir_follows_export_rules(compressed: Dict[str, Tuple[Path, Dict]], source: Path, exports: Dict[int, str],
+                                         tmp_path: Path) -> None:
+    folder, _ = compressed["int8"]
+    make_plan(_config(source, output_dir=folder))  # an earlier compression may be replaced
+    with pytest.raises(ConfigError, match=r"^compress\.output_dir=.*: exists and holds something other than an earlier "
+                                          r"compression \(no compress_report\.json\)"):
+        make_plan(_config(source, output_dir=exports[1]))  # an export is not ours to replace
+    with pytest.raises(ConfigError, match=r"^compress\.output_dir=.*: overlaps the source folder"):
+        make_plan(_config(source, output_dir=source / "int8"))
+    with pytest.raises(ConfigError, match=r"^compress\.model_path=.*: is quantised already \(torchao\)"):
+        make_plan(_config(folder, output_dir=tmp_path / "again"))
+
+
+@pytest.mark.slow
+def test_a_sweeps_best_json_is_compressed_by_name(compressed: Dict[str, Tuple[Path, Dict]], source: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    assert compressed["int8"][1]["source"] == str(source)  # compressed through best.json by the fixture
+    best = _best_json(source, tmp_path / "outputs" / "sweeps")
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(_config(best))  # compress.output_dir=null
+    assert plan.source == source and plan.output_dir == str(tmp_path / "outputs" / "compressed" / f"{SWEEP}-int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving the compressed folder unchanged
+
+@pytest.fixture(scope="module")
+def server(compressed: Dict[str, Tuple[Path, Dict]]):
+    """The int8 folder behind the OpenAI API, checked by launch/serve.py's own check first."""
+    import ray
+    from ray import serve
+
+    from framework.serve.app import config_from_args, deploy
+    from framework.serve.config import check_serve_config
+
+    folder = compressed["int8"][0]
+    check_serve_config(compose([f"serve.model_path={folder}"], "serve"))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    url = deploy(config_from_args({"model_path": str(folder), "host": "127.0.0.1", "port": free_port(),
+                                   "app_name": "test-compress", "min_replicas": 1, "max_replicas": 1, "api_key_env": None}))
+    yield url
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_served_folder_answers_the_openai_client_as_transformers_does(server: str, compressed: Dict[str, Tuple[Path, Dict]]) -> None:
+    from openai import OpenAI
+
+    folder = compressed["int8"][0]
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == [folder.name]
+    prompts: List[str] = ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]
+    for prompt in prompts:
+        completion = client.completions.create(model=folder.name, prompt=prompt, max_tokens=12, temperature=0)
+        assert completion.choices[0].text == greedy_reference(folder, prompt, 12), prompt
+    chat = client.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                          temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
