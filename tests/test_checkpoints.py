@@ -132,7 +132,7 @@ def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path):
 def test_a_sweep_on_object_storage_publishes_its_results_there(s3, s3_data, tmp_path):
     """Trials' runs, the results table, plots and the promoted model with its best.json, all in the bucket."""
     data, _ = s3_data
-    result = launch("tune.py", "tune=grid", "~tune/space", '+tune.space.optim.lr="choice(3e-3)"', "tune.name=s3-sweep",
+    result = launch("tune.py", "tune=grid", "tune.scheduler=fifo", "~tune/space", '+tune.space.optim.lr="choice(3e-3)"', "tune.name=s3-sweep",
                     f"tune.storage_path=s3://{BUCKET}/sweeps", f"tune.output_dir={tmp_path / 'out'}", "tune.verbose=0",
                     *[o for o in run_overrides(data, "unused", "unused", **{"run.max_steps": 10, "run.num_workers": 1})
                       if not o.startswith(("run.name=", "run.storage_path="))],
