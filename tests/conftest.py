@@ -190,3 +190,48 @@ def greedy_reference(folder, prompt: str, max_new_tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class Interruptible:
+    """`python launch/<script> args...` in the background, its output collected line by line, stopped as a
+    user's Ctrl-C would: SIGINT (the child must not inherit an ignored SIGINT from a background shell). Ray
+    folds log lines that differ only in numbers (rank 0's and rank 1's) unless told not to. Killed on exit
+    if it is still running, whatever failed."""
+
+    def __init__(self, script: str, *args: str, env: Dict[str, str] | None = None):
+        import signal
+        import subprocess
+        import threading
+
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {}), "RAY_DEDUP_LOGS": "0"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.output: List[str] = []
+        threading.Thread(target=lambda: [self.output.append(line) for line in self.process.stdout], daemon=True).start()
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def wait_until(self, done, timeout_s: float) -> None:
+        """Until `done()` holds; fails if the job ends first or `timeout_s` passes."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.text()[-3000:]
+            time.sleep(0.2)
+
+    def interrupt(self, timeout_s: float = 90) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=timeout_s)
+
+    def __enter__(self) -> "Interruptible":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

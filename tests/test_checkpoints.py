@@ -8,17 +8,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_CORPUS, VAL_FRACTION, copy_run_until, launch, run_overrides, train_bare
+from conftest import ROOT, SMALL_CORPUS, VAL_FRACTION, Interruptible, copy_run_until, launch, run_overrides, train_bare
 from framework.config import ConfigError
 from framework.schema import load_config
 
@@ -84,23 +80,11 @@ def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path):
     assert manifest["splits"]["validation"]["rows"] > 0
 
     args = [sys.executable, str(ROOT / "launch" / "train.py"), *run_overrides(data, runs, "s3-run", deepspeed="zero2")]
-    first = subprocess.Popen(args, cwd=ROOT, env={**env, "RAY_DEDUP_LOGS": "0"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    output: list = []
-    threading.Thread(target=lambda: [output.append(line) for line in first.stdout], daemon=True).start()
     fs = _bucket(s3)
-    try:
-        deadline = time.time() + 400
-        while not (fs.get_file_info(f"{BUCKET}/runs/s3-run/checkpoint_00000010/COMPLETE").type == pafs.FileType.File
-                   and any(re.search(r"step 1[5-9]/20", line) for line in list(output))):
-            assert first.poll() is None and time.time() < deadline, "".join(output)[-3000:]
-            time.sleep(0.5)
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=90)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    with Interruptible("train.py", *args[2:], env=s3) as first:
+        first.wait_until(lambda: fs.get_file_info(f"{BUCKET}/runs/s3-run/checkpoint_00000010/COMPLETE").type == pafs.FileType.File
+                         and any(re.search(r"step 1[5-9]/20", line) for line in list(first.output)), timeout_s=400)
+        first.interrupt()
     second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming checkpoint_00000010 (step 10)" in second.stdout, second.stdout[-2000:]
@@ -123,7 +107,7 @@ def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path):
 
     # The secret was never written into a config, a manifest, a checkpoint or a log line.
     secret = s3["AWS_SECRET_ACCESS_KEY"]
-    assert secret not in prep.stdout + prep.stderr + "".join(output) + second.stdout + second.stderr + export.stdout + export.stderr
+    assert secret not in prep.stdout + prep.stderr + first.text() + second.stdout + second.stderr + export.stdout + export.stderr
     for info in fs.get_file_info(pafs.FileSelector(BUCKET, recursive=True)):
         if info.type == pafs.FileType.File and info.base_name.endswith((".json", ".yaml", ".jsonl")):
             assert secret not in _read(s3, info.path[len(BUCKET) + 1:]), info.path

@@ -122,7 +122,7 @@ def _wikitext(articles: int = 120) -> str:
     for path in sorted(glob.glob(f"{std}/*.py"))[:articles]:
         lines = [line for line in open(path, encoding="utf-8", errors="replace").read().splitlines()[:40] if line.strip()]
         title = os.path.basename(path)[:-3]
-        parts.append(f" = {title} = \n\n" + "\n".join(lines[:12]) + f"\n\n = = Notes = = \n\n" + "\n".join(lines[12:24]) + "\n\n")
+        parts.append(f" = {title} = \n\n" + "\n".join(lines[:12]) + "\n\n = = Notes = = \n\n" + "\n".join(lines[12:24]) + "\n\n")
     return "".join(parts)
 
 

@@ -8,14 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, copy_run_until, launch, run_overrides, train_bare
+from conftest import ROOT, Interruptible, copy_run_until, launch, run_overrides, train_bare
 from framework.config import ConfigError
 from framework.schema import load_config
 
@@ -162,18 +160,12 @@ def test_one_checkpoint_gives_one_validation_loss_on_any_worker_count_and_micro_
     assert reports[-1]["val_loss"] == pytest.approx(logged, rel=1e-6, abs=0)
 
 
-def _wait_past_first_checkpoint(proc: subprocess.Popen, run_dir: str, timeout_s: float = 300) -> None:
-    """Return once Ray Train has registered the run's step-10 checkpoint and training has gone past it."""
+def _past_first_checkpoint(run_dir: str) -> bool:
+    """Whether Ray Train has registered the run's step-10 checkpoint and training has gone past it."""
     metrics = os.path.join(run_dir, "logs", "metrics.jsonl")
     snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
-        registered = os.path.exists(snapshot) and "checkpoint_00000010" in open(snapshot).read()
-        if registered and any(json.loads(line)["step"] >= 13 for line in open(metrics)):
-            return
-        time.sleep(0.5)
-    assert proc.poll() is None, "the run ended before step 13:\n" + proc.stdout.read()[-3000:]
-    raise AssertionError(f"the run did not pass its step-10 checkpoint within {timeout_s:.0f} s")
+    registered = os.path.exists(snapshot) and "checkpoint_00000010" in open(snapshot).read()
+    return registered and any(json.loads(line)["step"] >= 13 for line in open(metrics))
 
 
 def test_a_dead_worker_and_an_interrupted_driver_both_resume_on_the_same_curve(prepared_data, run_storage, trained_runs):
@@ -186,30 +178,15 @@ def test_a_dead_worker_and_an_interrupted_driver_both_resume_on_the_same_curve(p
     args = [sys.executable, str(ROOT / "launch" / "train.py"), *overrides]
     run_dir = os.path.join(run_storage, name)
 
-    # SIGINT as a Ctrl-C would send it; the child must not inherit an ignored SIGINT from a background shell.
-    # Ray folds log lines that differ only in numbers (rank 0's and rank 1's) unless told not to.
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "RAY_DEDUP_LOGS": "0"},
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    output: list = []
-    threading.Thread(target=lambda: [output.append(line) for line in first.stdout], daemon=True).start()
-    try:
-        _wait_past_first_checkpoint(first, run_dir)
+    with Interruptible("train.py", *overrides) as first:
+        first.wait_until(lambda: _past_first_checkpoint(run_dir), timeout_s=300)
         # Every worker names its process as it starts (`rank 1 of 2: pid N`): the handle to kill rank 1 by.
-        pids = [int(m.group(1)) for line in list(output) if (m := re.search(r"rank 1 of 2: pid (\d+)", line))]
-        assert len(pids) == 1, "".join(output)[-3000:]
+        pids = [int(m.group(1)) for line in list(first.output) if (m := re.search(r"rank 1 of 2: pid (\d+)", line))]
+        assert len(pids) == 1, first.text()[-3000:]
         os.kill(pids[0], signal.SIGKILL)
         # The restarted worker group resumes from checkpoint 10 and trains past it again.
-        deadline = time.time() + 300
-        while not _trained_on_after_resuming(output):
-            assert first.poll() is None and time.time() < deadline, "".join(output)[-3000:]
-            time.sleep(0.2)
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=90)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        first.wait_until(lambda: _trained_on_after_resuming(first.output), timeout_s=300)
+        first.interrupt()
 
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

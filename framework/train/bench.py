@@ -108,12 +108,6 @@ def check(cfg: DictConfig) -> None:
     for upload in bench.checkpoint_uploads:
         if upload not in ("sync", "async"):
             raise ConfigError(f"bench.checkpoint_uploads={bench.checkpoint_uploads}: expected sync and/or async")
-
-
-def read_metrics(uri: str) -> List[Dict[str, Any]]:
-    from framework import storage
-
-    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
     if bench.comparison_stage not in (0, 1, 2, 3):
         raise ConfigError(f"bench.comparison_stage={bench.comparison_stage}: expected a ZeRO stage 0-3")
     for i, comparison in enumerate(bench.comparisons):
@@ -124,6 +118,12 @@ def read_metrics(uri: str) -> List[Dict[str, Any]]:
                 stage_config(bench, bench.comparison_stage, "check", [*comparison.overrides, *extra])
             except ConfigError as exc:
                 raise ConfigError(f"bench.comparisons.{i}.rows.{row}: {exc}") from None
+
+
+def read_metrics(uri: str) -> List[Dict[str, Any]]:
+    from framework import storage
+
+    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
 
 
 def steady_figures(metrics_jsonl: str, warmup_steps: int) -> Dict[str, Optional[float]]:

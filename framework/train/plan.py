@@ -9,7 +9,6 @@ the plan and nothing else. `size_workers` places the workers on the cluster's no
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence
