@@ -17,6 +17,24 @@ SMALL_CORPUS = f"{STDLIB}/[a-c]*.py"
 # Of those 29 documents, 3 fall in validation at 0.1 (a split by content hash; 0.05 would leave it empty).
 VAL_FRACTION = 0.1
 
+# Every application a test serves sits behind one ingress policy: Serve's proxies read it from the
+# environment of the process that started the local Ray cluster, and any module may start that first, so it
+# is set here, at collection time. The key carries the trailing newline a Kubernetes Secret made from a file
+# has (the replica must strip it); the proxy callback checks the key and the body size before routing.
+SERVE_API_KEY = "sk-test-serve"
+SERVE_KEY_ENV = "FRAMEWORK_TEST_SERVE_KEY"
+SERVE_MAX_REQUEST_BYTES = 1 << 20
+os.environ[SERVE_KEY_ENV] = SERVE_API_KEY + "\n"
+
+
+def _serve_ingress() -> None:
+    from framework.serve.ingress import ingress_environment
+
+    os.environ.update(ingress_environment(SERVE_KEY_ENV, "/", SERVE_MAX_REQUEST_BYTES))
+
+
+_serve_ingress()
+
 
 def run_overrides(data_dir: str, storage: str, name: str, **extra: object) -> List[str]:
     """Overrides for a ~20-step tiny-model run on the small corpus: seconds of compute per step."""

@@ -14,7 +14,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_CORPUS, VAL_FRACTION, Interruptible, copy_run_until, launch, run_overrides, train_bare
+from conftest import (
+    ROOT, SERVE_API_KEY, SERVE_KEY_ENV, SMALL_CORPUS, VAL_FRACTION, Interruptible, copy_run_until, free_port, greedy_reference, launch,
+    run_overrides, train_bare,
+)
 from framework.config import ConfigError
 from framework.schema import load_config
 
@@ -69,9 +72,9 @@ def s3_data(s3):
     return data, prep
 
 
-def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path):
+def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path, ray_session):
     """prep → train (checkpoint, interrupted, resumed) → metrics and TensorBoard events in the bucket → export from
-    the bucket → the exported folder generates. The credentials come from the environment alone."""
+    the bucket → the exported folder served. The credentials come from the environment alone."""
     import pyarrow.fs as pafs
 
     env = {**os.environ, **s3}
@@ -99,11 +102,20 @@ def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path):
     export = launch("export.py", f"export.checkpoint={runs}/s3-run", f"export.output_dir={out}", env=s3)
     assert export.returncode == 0, export.stderr[-3000:]
     assert json.loads((out / "export.json").read_text())["checkpoint"] == f"{runs}/s3-run/checkpoint_00000020"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # ... → served from the exported folder: the OpenAI client gets what transformers' greedy decoding gives.
+    from openai import OpenAI
+    from ray import serve
 
-    tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
-    generated = model.generate(**tokenizer("def main():", return_tensors="pt"), max_new_tokens=8, do_sample=False)
-    assert generated.shape[1] > len(tokenizer("def main():")["input_ids"])
+    from framework.serve.app import config_from_args, deploy
+
+    url = deploy(config_from_args({"model_path": str(out), "host": "127.0.0.1", "port": free_port(), "app_name": "test-s3-lifecycle",
+                                   "min_replicas": 1, "max_replicas": 1, "api_key_env": SERVE_KEY_ENV}))
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key=SERVE_API_KEY, max_retries=0, timeout=60)
+        completion = client.completions.create(model=out.name, prompt="def main():", max_tokens=8, temperature=0)
+        assert completion.choices[0].text == greedy_reference(out, "def main():", 8)
+    finally:
+        serve.shutdown()
 
     # The secret was never written into a config, a manifest, a checkpoint or a log line.
     secret = s3["AWS_SECRET_ACCESS_KEY"]

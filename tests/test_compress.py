@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import free_port, greedy_reference, launch
+from conftest import SERVE_API_KEY, SERVE_KEY_ENV, free_port, greedy_reference, launch
 from framework.compress import COMPRESS_MARKER, CompressConfig, CompressError, make_plan, to_compress_config
 from framework.config import CONF_DIR, ConfigError, compose
 
@@ -284,7 +284,7 @@ def server(compressed: Dict[str, Tuple[Path, Dict]]):
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     url = deploy(config_from_args({"model_path": str(folder), "host": "127.0.0.1", "port": free_port(),
-                                   "app_name": "test-compress", "min_replicas": 1, "max_replicas": 1, "api_key_env": None}))
+                                   "app_name": "test-compress", "min_replicas": 1, "max_replicas": 1, "api_key_env": SERVE_KEY_ENV}))
     yield url
     serve.shutdown()
     if started:
@@ -296,7 +296,7 @@ def test_the_served_folder_answers_the_openai_client_as_transformers_does(server
     from openai import OpenAI
 
     folder = compressed["int8"][0]
-    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = OpenAI(base_url=server + "/v1", api_key=SERVE_API_KEY, max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == [folder.name]
     prompts: List[str] = ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]
     for prompt in prompts:

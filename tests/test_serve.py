@@ -22,23 +22,14 @@ import pytest
 import requests
 from omegaconf import OmegaConf
 
-from conftest import free_port, greedy_reference
-from framework.serve.ingress import ingress_environment
+from conftest import SERVE_API_KEY, SERVE_KEY_ENV, SERVE_MAX_REQUEST_BYTES, free_port, greedy_reference
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 # The served model's id: with serve.model_name unset, a best.json is served under its sweep's name.
 MODEL_NAME = "tiny-sweep"
-API_KEY = "sk-test-serve"
-KEY_ENV = "FRAMEWORK_TEST_SERVE_KEY"
-MAX_REQUEST_BYTES = 1 << 20
-# Replicas and Serve's proxies read their environment from the process that started the local Ray
-# cluster. Other test modules may start it first, so it is set at collection time, before any: the key
-# with the trailing newline a Kubernetes Secret made from a file carries (the replica must strip it),
-# and the proxy callback that checks the key and the body size before a request is routed.
-os.environ[KEY_ENV] = API_KEY + "\n"
-os.environ.update(ingress_environment(KEY_ENV, "/", MAX_REQUEST_BYTES))
+API_KEY, KEY_ENV, MAX_REQUEST_BYTES = SERVE_API_KEY, SERVE_KEY_ENV, SERVE_MAX_REQUEST_BYTES  # conftest sets the policy
 # The trained tiny model's max positions (conf/model/tiny.yaml), so the context checks follow the model.
 CONTEXT = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").hf_config.max_position_embeddings
 # Small limits so that a burst of a few dozen requests overflows them. Requests wait in Serve's queue
