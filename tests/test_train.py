@@ -66,6 +66,23 @@ def test_every_step_logs_its_metrics_to_jsonl_and_tensorboard(trained_runs):
     assert [e.step for e in events.Scalars("val/perplexity")] == [10, 20]
 
 
+def _grad_norms(run_dir):
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f:
+        return {r["step"]: r["train/grad_norm"] for r in map(json.loads, f) if "train/grad_norm" in r}
+
+
+def test_zero0_logs_the_gradient_norm_zero1_logs(prepared_data, run_storage, bare_runs, ray_session):
+    """DeepSpeed leaves the norm unset under ZeRO-0 with a plain fp32 optimizer; the loop's own must be the same
+    number ZeRO-1's optimizer reports for the same run (one worker, so only summation order differs)."""
+    from framework.schema import load_config
+
+    zero0, _ = train_bare(ray_session, load_config(run_overrides(
+        prepared_data, run_storage, "bare-zero0", deepspeed="zero0", **{"run.num_workers": 1})))
+    own, deepspeeds = _grad_norms(zero0), _grad_norms(bare_runs[1])
+    assert sorted(own) == sorted(deepspeeds) and all(v > 0 for v in own.values())
+    np.testing.assert_allclose([own[s] for s in sorted(own)], [deepspeeds[s] for s in sorted(own)], rtol=1e-3)
+
+
 def test_zero_stages_give_the_same_losses(trained_runs):
     # The three stages compute the same mathematics; only the order of floating-point reductions
     # differs (all-reduce vs reduce-scatter of partitioned gradients), which perturbs fp32 losses

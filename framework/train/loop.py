@@ -175,6 +175,10 @@ def train(plan: TrainPlan, session: Session) -> None:
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
     checkpoint_s: float | None = None  # how long the last save blocked training
 
+    # DeepSpeed records the gradient norm only where its optimizer wrapper computes one (ZeRO 1-3, bf16/fp16);
+    # a plain fp32 optimizer under ZeRO-0 leaves it unset, so the loop takes it itself, before the step.
+    own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
+    grad_norm: float | None = None
     engine.train()
     try:
         while state.step < run.max_steps:
@@ -188,6 +192,8 @@ def train(plan: TrainPlan, session: Session) -> None:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 loss = engine(**batch, num_items_in_batch=per_micro).loss
                 engine.backward(loss)
+                if own_grad_norm and engine.is_gradient_accumulation_boundary():
+                    grad_norm = gradient_norm(engine.module)  # ZeRO-0 has all-reduced them in backward
                 engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                 loss_sum += loss.detach().double() * per_micro
             state.step += 1
@@ -209,7 +215,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                 records: List[Dict[str, float]] = [{"step": state.step - len(pending) + i + 1, "train/loss": v} for i, v in enumerate(losses)]
                 records[-1].update({
                     "train/lr": engine.get_lr()[0],
-                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/grad_norm": float(grad_norm if own_grad_norm else engine.get_global_grad_norm()),
                     "train/tokens": state.tokens,
                     "train/epoch": order.epoch_of(state.step, run.global_batch_size),
                     "perf/tokens_per_s": interval_steps * global_tokens / elapsed,
@@ -245,6 +251,12 @@ def train(plan: TrainPlan, session: Session) -> None:
     finally:
         batches.close()
         logger.close()
+
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    """The 2-norm of every gradient the module holds (frozen parameters have none), as clipping measures it."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
 def all_reduced(value: float, device: torch.device) -> float:
