@@ -189,11 +189,12 @@ def test_conversations_are_packed_whole_and_padding_is_its_own_segment_and_no_ta
     assert used[0] + used[1] > 128  # no two rows could have shared one: best fit leaves no half-empty pair
 
 
-def test_text_packed_with_documents_keeps_the_same_rows_and_restarts_positions_at_each_document():
+@pytest.mark.parametrize("lengths", [(5, 14, 3, 30, 1, 9), (15, 15, 7, 8)], ids=["inside-rows", "on-row-boundaries"])
+def test_text_packed_with_documents_keeps_the_same_rows_and_restarts_positions_at_each_document(lengths):
     from framework.data.shards import pack_sequences, position_ids, stream_segment_starts
     from framework.data.stream import IGNORE_INDEX, POSITIONS, to_batch
 
-    docs = [list(range(10, 10 + n)) for n in (5, 14, 3, 30, 1, 9)]
+    docs = [list(range(10, 10 + n)) for n in lengths]  # the second set's documents start at tokens 16 and 32: row starts
     rows, _ = pack_sequences(docs, 16, eos_id=0)
     starts = stream_segment_starts(docs, len(rows), 16)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in starts])])

@@ -58,9 +58,11 @@ def pack_sequences(documents: List[List[int]], seq_len: int, eos_id: int) -> tup
 def stream_segment_starts(documents: List[List[int]], rows: int, seq_len: int) -> List[np.ndarray]:
     """Where each of `rows` stream-packed rows (pack_sequences) starts a segment: 0, and every document start inside it."""
     starts = np.cumsum([0] + [len(doc) + 1 for doc in documents])[:-1]
-    # The document starts strictly inside row r lie in starts[first[r]:first[r + 1]] (starts ascend).
-    first = np.searchsorted(starts, np.arange(rows + 1) * seq_len, side="right")
-    return [np.concatenate([[0], starts[first[r] : first[r + 1]] - r * seq_len]).astype(np.int32) for r in range(rows)]
+    # The document starts strictly inside row r, in (r·seq_len, (r+1)·seq_len), lie in starts[after[r]:before[r]]
+    # (starts ascend); one on a row boundary is that row's own start 0, not the previous row's position seq_len.
+    bounds = np.arange(rows) * seq_len
+    after, before = np.searchsorted(starts, bounds, side="right"), np.searchsorted(starts, bounds + seq_len, side="left")
+    return [np.concatenate([[0], starts[after[r] : before[r]] - r * seq_len]).astype(np.int32) for r in range(rows)]
 
 
 def pack_conversations(

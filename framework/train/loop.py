@@ -178,7 +178,7 @@ def train(plan: TrainPlan, session: Session) -> None:
     # DeepSpeed records the gradient norm only where its optimizer wrapper computes one (ZeRO 1-3, bf16/fp16);
     # a plain fp32 optimizer under ZeRO-0 leaves it unset, so the loop takes it itself, before the step.
     own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
-    grad_norm: float | None = None
+    grad_norm: torch.Tensor | None = None
     engine.train()
     try:
         while state.step < run.max_steps:
@@ -253,10 +253,11 @@ def train(plan: TrainPlan, session: Session) -> None:
         logger.close()
 
 
-def gradient_norm(module: torch.nn.Module) -> float:
-    """The 2-norm of every gradient the module holds (frozen parameters have none), as clipping measures it."""
-    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of every gradient the module holds (frozen parameters have none), as clipping measures it; a tensor,
+    so that a step that does not log it does not wait for the device."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                 for p in module.parameters() if p.grad is not None]))
 
 
 def all_reduced(value: float, device: torch.device) -> float:
