@@ -125,7 +125,8 @@ def resolve_checkpoint(value: str, runs_dir: Optional[str] = None) -> str:
 
 def default_output_dir(checkpoint: str) -> str:
     """outputs/export/<run name>, the run being the checkpoint's parent directory."""
-    return os.path.join("outputs", "export", checkpoint.rstrip("/").rsplit("/", 2)[-2])
+    path = checkpoint.split("?", 1)[0].rstrip("/")  # a URI's query (an endpoint) is no part of the name
+    return os.path.join("outputs", "export", path.rsplit("/", 2)[-2])
 
 
 def check_output_dir(output_dir: str, checkpoint: str, key: str = "export.output_dir", marker: str = EXPORT_MARKER,

@@ -23,11 +23,6 @@ def join(base: str, *parts: str) -> str:
     return f"{joined}?{query}" if query else joined
 
 
-def uri_of(fs: pafs.FileSystem, path: str) -> str:
-    """A filesystem and a path in it (as Ray Train gives a checkpoint) as the URI this module resolves."""
-    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
-
-
 def file_sha256(path: str) -> str:
     """The sha256 of a local file's content."""
     import hashlib

@@ -179,7 +179,7 @@ def test_a_checkpoint_cut_short_is_ignored_and_removed(prepared_data, run_storag
         export_checkpoint(str(run_dir / "checkpoint_00000020"), str(tmp_path / "export2"))
     # A later checkpoint completes: the cut one goes.
     shutil.copytree(os.path.join(trained_runs[3], "checkpoint_00000020"), run_dir / "checkpoint_00000030")
-    mark_complete(str(run_dir / "checkpoint_00000030"), 30)
+    mark_complete(str(run_dir), "checkpoint_00000030", 30)
     assert sorted(os.listdir(run_dir)) == ["checkpoint_00000010", "checkpoint_00000030", "logs"]
 
 

@@ -68,8 +68,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"bench.data_overrides: {exc}") from None
 
 
-def consumer_tokens_per_s(consumer: ConsumerConfig) -> float:
-    """Tokens/s one GPU worker trains `consumer.model` at `consumer.mfu` of `consumer.peak_tflops`."""
+def consumer_tokens_per_s(consumer: ConsumerConfig, vocab_size: int) -> float:
+    """Tokens/s one GPU worker trains `consumer.model` (with the shards' vocabulary) at `consumer.mfu` of `consumer.peak_tflops`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +77,7 @@ def consumer_tokens_per_s(consumer: ConsumerConfig) -> float:
     from framework.schema import load_config
 
     model = load_config([f"model={consumer.model}"]).model
-    config = hf_config(model, 32000, {})
+    config = hf_config(model, vocab_size, {})
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config)
     return consumer.mfu * consumer.peak_tflops * 1e12 / flops_per_token(net, consumer.seq_len)
@@ -167,7 +167,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         figures = ray.get(task.remote(data_dir, manifest, bench))
     finally:
         ray.shutdown()
-    consumer = consumer_tokens_per_s(bench.consumer)
+    consumer = consumer_tokens_per_s(bench.consumer, manifest["vocab_size"])
     figures.update({
         "machine": f"{os.cpu_count()}-core CPU, one Ray task of {bench.cpus} CPU(s)",
         "data": data_dir,

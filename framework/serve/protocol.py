@@ -104,6 +104,12 @@ class SamplingFields(_Request):
     def stop_list(self) -> List[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
 
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, token ids, or a list of token id lists (one choice set per prompt).
@@ -123,7 +129,7 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[StrictStr, List[TextPart]]] = None
-    name: Optional[StrictStr] = None
+    # No `name`: the chat templates served here do not render a participant's name, so one sent is refused by name.
 
     def text(self) -> str:
         if isinstance(self.content, list):

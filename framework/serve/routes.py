@@ -157,7 +157,7 @@ def _completion_prompts(prompt: object, engine: Engine) -> List[List[int]]:
 def _logit_bias(req: SamplingFields, vocab_size: int) -> Dict[int, float]:
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+        if not (key.isascii() and key.lstrip("-").isdigit()) or not 0 <= int(key) < vocab_size:  # "²" is a digit, not an int
             raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
         bias[int(key)] = value
     return bias
@@ -188,7 +188,7 @@ def _prepare(
         raise _context_exceeded(
             f"This model's maximum context length is {context} tokens; you asked for {longest + max_tokens} "
             f"({longest} in the prompt, {max_tokens} for the completion). Reduce max_tokens or the prompt.", "max_tokens")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stops = req.stop_list()
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise APIError(400, f"stop takes at most {MAX_STOPS} non-empty strings", param="stop")
     wanted = len(prompts) * req.n

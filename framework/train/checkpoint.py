@@ -145,13 +145,12 @@ def verify_files(directory: str) -> None:
                     raise ValueError(f"{path}: its content is not what {name[:-5]} wrote (sha256 differs: corrupted, replaced or swapped)")
 
 
-def mark_complete(checkpoint_uri: str, step: int) -> None:
-    """Write the COMPLETE marker into a checkpoint whose every part is stored, then remove older incomplete ones."""
-    storage.write_json(storage.join(checkpoint_uri, COMPLETE), {"step": step})
-    run_dir = checkpoint_uri.rstrip("/").rsplit("/", 1)[0]
-    for name in checkpoint_names(run_dir):
-        uri = storage.join(run_dir, name)
-        if name < checkpoint_dir_name(step) and not storage.exists(storage.join(uri, COMPLETE)):
+def mark_complete(run_dir: str, name: str, step: int) -> None:
+    """Write the COMPLETE marker into the run's checkpoint `name`, whose every part is stored, then remove older incomplete ones."""
+    storage.write_json(storage.join(run_dir, name, COMPLETE), {"step": step})
+    for other in checkpoint_names(run_dir):
+        uri = storage.join(run_dir, other)
+        if other < name and not storage.exists(storage.join(uri, COMPLETE)):
             storage.delete_dir(uri)
 
 

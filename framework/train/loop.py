@@ -192,7 +192,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 loss = engine(**batch, num_items_in_batch=per_micro).loss
                 engine.backward(loss)
-                if own_grad_norm and engine.is_gradient_accumulation_boundary():
+                if own_grad_norm and engine.is_gradient_accumulation_boundary() and logs_at(state.step + 1, run):
                     grad_norm = gradient_norm(engine.module)  # ZeRO-0 has all-reduced them in backward
                 engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                 loss_sum += loss.detach().double() * per_micro
@@ -204,7 +204,7 @@ def train(plan: TrainPlan, session: Session) -> None:
 
             checkpoint_now = state.step % run.checkpoint_interval == 0 or state.step == run.max_steps
             evaluate_now = state.step % run.eval_interval == 0 or checkpoint_now
-            if state.step % run.log_interval == 0 or evaluate_now:
+            if logs_at(state.step, run):
                 sums = torch.stack(pending)[:, 0].contiguous()
                 if world > 1:
                     dist.all_reduce(sums)
@@ -253,9 +253,14 @@ def train(plan: TrainPlan, session: Session) -> None:
         logger.close()
 
 
+def logs_at(step: int, run: Any) -> bool:
+    """Whether `step` writes a metrics record: every log interval, and wherever it evaluates or checkpoints."""
+    return step % run.log_interval == 0 or step % run.eval_interval == 0 or step % run.checkpoint_interval == 0 or step == run.max_steps
+
+
 def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
     """The 2-norm of every gradient the module holds (frozen parameters have none), as clipping measures it; a tensor,
-    so that a step that does not log it does not wait for the device."""
+    read only at a log step."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
                                                  for p in module.parameters() if p.grad is not None]))
 

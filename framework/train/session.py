@@ -133,7 +133,7 @@ class LocalSession:
         target = os.path.join(self.run_dir, checkpoint.checkpoint_dir_name(step))
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(checkpoint_dir, target)
-        checkpoint.mark_complete(target, step)
+        checkpoint.mark_complete(self.run_dir, checkpoint.checkpoint_dir_name(step), step)
         kept = sorted(n for n in os.listdir(self.run_dir) if n.startswith("checkpoint_"))
         for name in kept[: -self.keep]:
             shutil.rmtree(os.path.join(self.run_dir, name), ignore_errors=True)

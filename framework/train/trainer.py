@@ -35,11 +35,15 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
 
 class MarkComplete(ray.train.UserCallback):
-    """On Ray Train's controller: mark each checkpoint complete once Ray Train has registered every rank's part of it."""
+    """On Ray Train's controller: mark each checkpoint complete once Ray Train has registered every rank's part of it.
+    The checkpoint is named inside the run's own URI (plan.run_dir), which keeps any query such as an endpoint."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
 
     def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Optional[ray.train.Checkpoint]) -> None:
         if checkpoint is not None:
-            mark_complete(storage.uri_of(checkpoint.filesystem, checkpoint.path), int(metrics[0]["step"]))
+            mark_complete(self.run_dir, os.path.basename(checkpoint.path.rstrip("/")), int(metrics[0]["step"]))
 
 
 # An elastic run's attempt to start its workers is short: when it fails (Ray Train counted a lost
@@ -111,7 +115,7 @@ def build_trainer(plan: TrainPlan, resources: Dict[str, float], callbacks: Optio
             failure_config=failure_config(plan),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=[MarkComplete(), *(callbacks or [])],
+            callbacks=[MarkComplete(plan.run_dir), *(callbacks or [])],
         ),
     )
 
@@ -148,7 +152,7 @@ def run(cfg: Config) -> ray.train.Result:
     result = fit(plan, resources)
     print(f"train: done. metrics: {result.metrics}", flush=True)
     if result.checkpoint:
-        print(f"train: latest checkpoint: {storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)}", flush=True)
+        print(f"train: latest checkpoint: {storage.join(plan.run_dir, os.path.basename(result.checkpoint.path.rstrip('/')))}", flush=True)
     return result
 
 
