@@ -76,7 +76,11 @@ api.add_middleware(IngressChecks, policy=_policy, refused=_refused)
 
 
 def _error(exc: APIError) -> JSONResponse:
-    _refused(exc.code or exc.type)
+    if exc.status >= 500:  # the server's failure, not the request's fault
+        if ReplicaState.metrics is not None:
+            ReplicaState.metrics.failure(exc.code or exc.type)
+    else:
+        _refused(exc.code or exc.type)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 

@@ -44,11 +44,16 @@ class ServingMetrics:
         self.waiting = Gauge("llm_waiting_sequences", description="Sequences queued or prefilling.")
         self.kv_blocks_used = Gauge("llm_kv_cache_blocks_used", description="Paged KV cache blocks in use.")
         self.kv_blocks_total = Gauge("llm_kv_cache_blocks", description="Paged KV cache blocks in all.")
-        self.refused = Counter("llm_refused_requests", description="Requests refused by the replica, by reason.",
+        self.refused = Counter("llm_refused_requests", description="Requests refused by the replica (4xx), by reason.",
                                tag_keys=("reason",))
+        self.failed = Counter("llm_failed_requests", description="Requests the replica failed to answer (5xx), by reason.",
+                              tag_keys=("reason",))
 
     def refusal(self, reason: str) -> None:
         self.refused.inc(tags={"reason": reason})
+
+    def failure(self, reason: str) -> None:
+        self.failed.inc(tags={"reason": reason})
 
     def engine(self, stats: EngineStats) -> None:
         self.running.set(stats.running)

@@ -162,9 +162,9 @@ class SequenceSampler(ContinuousBatchingLogitsProcessor):
     @torch.no_grad()
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         rows = scores.shape[0]
-        self.steps += 1
         if rows == 0:
             return scores
+        self.steps += 1  # forward passes that produced tokens
         slots = tensor_arg[:rows].tolist()
         logprobs = torch.log_softmax(scores, dim=-1)
         chosen = scores.argmax(-1).tolist()  # one device sync for every greedy row
