@@ -1,4 +1,4 @@
-"""Connecting to Ray: the embedded local cluster by default, or a running cluster by address."""
+"""Connecting to Ray (the embedded local cluster by default, or a running cluster by address), and the machine in words."""
 
 from __future__ import annotations
 
@@ -17,10 +17,17 @@ def connect(address: Optional[str] = None) -> None:
     ray.init(address=address, logging_level="WARNING", log_to_driver=True)
 
 
-def cluster_cpus() -> float:
-    """CPUs the whole cluster offers (what a job is sized against)."""
-    return float(ray.cluster_resources().get("CPU", 0.0))
+def machine() -> str:
+    """This machine in words, for every figure that depends on it: the CPU model and count, and the GPU if any."""
+    import platform
 
+    import torch
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}"

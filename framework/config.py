@@ -1,24 +1,28 @@
-"""The shared config helpers: compose `conf/`, type a node against its schema, one-line errors, the Hydra entry.
+"""The ground floor of the config: compose `conf/`, type a node against its schema, one-line errors, jobs and registries.
+
+It imports nothing of the project: every package builds on it (`framework/cli.py` is the Hydra entry
+point on top of it).
 
 One rule for defaults: **the YAML under `conf/` holds every value; a schema holds types and checks.**
 Every leaf of every schema dataclass is `MISSING`, so a value a preset forgets fails at composition
 instead of falling back to a second, silent copy (`tests/test_config.py` proves both halves). Each
 schema lives beside the module that reads it (`framework/model.py`, `framework/data/config.py`,
-`framework/train/config.py`, `framework/tune/config.py`, ...); `framework/schema.py` assembles the
-training tree of `conf/config.yaml` from them.
+`framework/train/config.py`, `framework/tune/config.py`, ...); each job's root schema (`TrainRoot`,
+`ExportRoot`, `ServeRoot`, `CompressRoot`) sits beside the package that runs the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Tuple
+from typing import Any, Callable, Dict, Generic, Iterator, Optional, Sequence, Tuple, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+T = TypeVar("T")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -83,9 +87,9 @@ def schema_defaults(schema: type, prefix: str = "") -> Iterator[Tuple[str, Any]]
             yield name, f.default
 
 
-def optional_group(schema: type) -> Any:
+def optional_group() -> Any:
     """The field of an optional config group (absent from the defaults list until selected): None until then."""
-    return dataclasses.field(default=None, metadata={"optional_group": schema})
+    return dataclasses.field(default=None, metadata={"optional_group": True})
 
 
 def last_line(exc: BaseException) -> str:
@@ -112,14 +116,17 @@ def one_line(exc: BaseException) -> str:
 
 
 def compose(overrides: Sequence[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with overrides, as the launch scripts do, without starting a job."""
+    """Compose `conf/<config_name>.yaml` with overrides, as the launch scripts do, without starting a job.
+
+    The root schema the primary config names first in its defaults registers itself when its module is
+    imported (`register`); a caller holds that module already, for its `Job`. Inside a running
+    @hydra.main (a benchmark composing its trials' configs) Hydra is already initialised: it is set
+    aside for this composition and put back afterwards.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    register_schema(config_name)
-    # Inside a running @hydra.main (a benchmark composing its trials' configs) Hydra is already
-    # initialised; set it aside for this composition and put it back afterwards.
     outer = GlobalHydra.instance().hydra
     GlobalHydra.instance().clear()
     try:
@@ -131,20 +138,6 @@ def compose(overrides: Sequence[str] | None = None, config_name: str = "config")
             GlobalHydra.instance().initialize(outer)
 
 
-# Primary config → the module that registers its schema on import (the benchmarks type their own node).
-SCHEMA_MODULES = {
-    "config": "framework.schema", "export": "framework.export", "serve": "framework.serve.config", "compress": "framework.compress",
-}
-
-
-def register_schema(config_name: str) -> None:
-    """Register the schema `conf/<config_name>.yaml` names first in its defaults (by importing its module)."""
-    import importlib
-
-    if config_name in SCHEMA_MODULES:
-        importlib.import_module(SCHEMA_MODULES[config_name])
-
-
 def with_default_groups(overrides: Sequence[str], default_groups: Sequence[str]) -> list:
     """`default_groups` (`tune=asha`) ahead of the overrides, each unless the overrides select that group themselves."""
     def selects(group: str) -> bool:
@@ -153,58 +146,63 @@ def with_default_groups(overrides: Sequence[str], default_groups: Sequence[str])
     return [d for d in default_groups if not selects(d.split("=", 1)[0])] + list(overrides)
 
 
-def hydra_entry(
-    config_name: str = "config", check: Callable[[DictConfig], Any] | None = None, default_groups: Sequence[str] = (),
-) -> Callable:
-    """Decorate a launch script's `main(cfg: DictConfig)`: fail in one line on a bad config, then run Hydra.
+@dataclass(frozen=True)
+class Job:
+    """A job kind's primary config and how its composed tree becomes what the job runs on.
 
-    The overrides are composed and checked first (`check`, by default the training tree's
-    `framework.schema.check`), so that a misspelt key, a wrong type or an impossible combination
-    exits with `ConfigError: ...` before any cluster work. `default_groups` (`tune=asha` for
-    launch/tune.py) are selected unless the command line selects that group itself. Hydra's own flags
-    (`--cfg job`, `--help`, `-m`, ...) pass straight through to `hydra.main`.
+    Every entry point has one shape (framework/cli.py): compose `conf/<config_name>.yaml`, `load` it
+    into the typed, validated root (or the plan) the job's `run` takes, then run. `check` is what runs
+    before Hydra starts the job, on the composition alone (default: `load`); `default_groups` are
+    selected unless the command line selects that group itself.
     """
 
-    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-        import hydra
+    config_name: str
+    load: Callable[[DictConfig], Any]
+    check: Optional[Callable[[DictConfig], Any]] = None
+    default_groups: Tuple[str, ...] = ()
 
-        @functools.wraps(task)
-        def main() -> Any:
-            check_config = check or _check_training_tree
-            sys.argv[1:] = with_default_groups(sys.argv[1:], default_groups)
-            argv = sys.argv[1:]
-            if not any(a.startswith("-") for a in argv):
-                overrides = [a for a in argv if not a.startswith(("hydra.", "+hydra.", "~hydra."))]
-                try:
-                    check_config(compose(overrides, config_name))
-                except Exception as exc:  # noqa: BLE001 - every composition error ends here, as one line
-                    print(f"ConfigError: {one_line(exc)}", file=sys.stderr)
-                    raise SystemExit(2) from None
-            register_schema(config_name)
-            return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guarded)()
+    def check_composed(self, cfg: DictConfig) -> None:
+        """The job's check of a composition (before any cluster work): raises ConfigError naming the key."""
+        (self.check or self.load)(cfg)
 
-        @functools.wraps(task)
-        def guarded(cfg: DictConfig) -> Any:
-            # What only the job can find out (shards that do not match, a cluster too small, a run
-            # resumed with other settings) ends the same way as a bad override: one line, exit 2;
-            # a run that failed for a reason its user can act on, in one line too, exit 1.
-            try:
-                return task(cfg)
-            except (ConfigError, RunError) as exc:
-                print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-                raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
+    def compose(self, overrides: Sequence[str] = ()) -> DictConfig:
+        """The overrides composed as this job's entry point composes them (its default groups included)."""
+        return compose(with_default_groups(list(overrides), self.default_groups), self.config_name)
 
-        # Tests and manifests check an entry point's overrides the same way it does.
-        main.config_name, main.check, main.default_groups = config_name, check or _check_training_tree, list(default_groups)
-        return main
-
-    return decorate
+    def from_overrides(self, overrides: Sequence[str] = ()) -> Any:
+        """What the job runs on for these command-line overrides: composed and loaded as its entry point does, without Hydra's job."""
+        return self.load(self.compose(overrides))
 
 
-def _check_training_tree(cfg: DictConfig) -> None:
-    from framework.schema import check
+class Registry(Generic[T]):
+    """Names → implementations (methods, schedulers, benchmarks), filled by `@registry.register(name)`.
 
-    check(cfg)
+    A name the registry lacks is refused in one line naming `key`, the config key that chose it, and
+    the names it has: a new method is a config entry plus one registered function, never an if/elif.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._entries: Dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(entry: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.key}: {name} is registered twice")
+            self._entries[name] = entry
+            return entry
+
+        return add
+
+    def get(self, name: str) -> T:
+        require(name in self._entries, self.key, name, f"expected one of {self.names()}")
+        return self._entries[name]
+
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
 
 def absolute(path: str) -> str:

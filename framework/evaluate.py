@@ -4,7 +4,7 @@ The evaluation set is `run.eval_rows` rows drawn once from the whole validation 
 (`framework/data/sampler.py: evaluation_rows`); every row counts once, the last partial batch too,
 and the loss is the mean over every target token. So the number is the same whatever the worker
 count or micro-batch, and the same for the training run, its exported folder and a compressed copy
-of it (`framework/compress.py`).
+of it (`framework/compress/`).
 """
 
 from __future__ import annotations

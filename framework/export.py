@@ -33,16 +33,17 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import MISSING, DictConfig
 
 from framework import storage
-from framework.config import RunError, absolute, register, require, typed
-from framework.model import DTYPES, PROBE_TEXT, max_positions, pad_token_id
+from framework.config import Job, RunError, absolute, register, require, typed
+from framework.hf_folder import DTYPE_NAMES, check_output_dir, quiet_progress_bars, replace_dir, share_permissions
+from framework.hf_folder import max_positions
+from framework.model import DTYPES, PROBE_TEXT, pad_token_id
 from framework.train import checkpoint as ckpt
 
 # Stage 0 keeps the whole model in rank 0's model states; ZeRO-1/2/3 shard it over every rank's optimizer states.
@@ -129,30 +130,13 @@ def default_output_dir(checkpoint: str) -> str:
     return os.path.join("outputs", "export", path.rsplit("/", 2)[-2])
 
 
-def check_output_dir(output_dir: str, checkpoint: str, key: str = "export.output_dir", marker: str = EXPORT_MARKER,
-                     made_by: str = "export", source: str = "the checkpoint") -> None:
-    """`output_dir` must be new, empty, or an earlier `made_by` (its `marker`), and outside the checkpoint (`source`).
-
-    launch/compress.py writes its folders by the same rules, with its own key and marker."""
-    require("://" not in output_dir, key, output_dir, "expected a local directory")
-    require(not os.path.isfile(output_dir), key, output_dir, "is a file; expected a directory to write the model folder to")
-    if "://" not in checkpoint:
-        out, inside = os.path.abspath(output_dir), os.path.abspath(checkpoint)
-        require(os.path.commonpath([out, inside]) not in (out, inside), key, output_dir, f"overlaps {source} {checkpoint}; choose a directory outside it")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        require(
-            os.path.isfile(os.path.join(output_dir, marker)), key, output_dir,
-            f"exists and holds something other than an earlier {made_by} (no {marker}); nothing there is replaced: choose a new or empty directory",
-        )
-
-
 def validate_export(export: ExportConfig) -> Tuple[str, str]:
     """Check the export config; gives (checkpoint, output directory)."""
-    require(export.dtype in DTYPES, "export.dtype", export.dtype, f"expected one of {tuple(DTYPES)}")
+    require(export.dtype in DTYPE_NAMES, "export.dtype", export.dtype, f"expected one of {DTYPE_NAMES}")
     require(_shard_size_ok(export.max_shard_size), "export.max_shard_size", export.max_shard_size, "expected a size such as 5GB or 500MB")
     checkpoint = resolve_checkpoint(export.checkpoint, export.runs_dir)
     output_dir = export.output_dir or default_output_dir(checkpoint)
-    check_output_dir(output_dir, checkpoint)
+    check_output_dir(output_dir, checkpoint, "export.output_dir", EXPORT_MARKER, "export", "the checkpoint")
     check_base(checkpoint, export.adapter)
     return checkpoint, output_dir
 
@@ -181,9 +165,15 @@ def _shard_size_ok(size: str) -> bool:
         return False
 
 
-def check_export(cfg: DictConfig) -> None:
-    """The check for `launch/export.py`: schema, values, and the checkpoint itself (before any weights are read)."""
-    validate_export(to_export_config(cfg))
+def load_export(cfg: DictConfig) -> ExportConfig:
+    """`launch/export.py`'s root: the `export` node typed and checked with the checkpoint itself (before any weights are
+    read), its checkpoint resolved to one complete checkpoint and its output_dir to the folder to write."""
+    export = to_export_config(cfg)
+    checkpoint, output_dir = validate_export(export)
+    return replace(export, checkpoint=checkpoint, output_dir=output_dir)
+
+
+EXPORT = Job("export", load=load_export)
 
 
 @contextlib.contextmanager
@@ -272,7 +262,6 @@ def merged_model(checkpoint_dir: str, dtype: torch.dtype, adapter_dir: Optional[
 
 def lora_base(cfg: Any, config: Any) -> Any:
     """The frozen base a LoRA run trained on, as training built it: model.pretrained_path's weights, or the run's seed's."""
-    from dataclasses import replace
 
     from framework.model import build_model
 
@@ -347,18 +336,6 @@ def verify(folder: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: fl
     return diff
 
 
-def _share_permissions(folder: str) -> None:
-    """Ordinary permissions (as the umask allows) for the folder, its subfolders and files: mkdtemp and safetensors make them private."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-
-
 def verify_adapter(adapter_dir: str, checkpoint_dir: str, ids: torch.Tensor, expected: torch.Tensor, tolerance: float) -> float:
     """Load the adapter folder onto its base with peft as a user would; its logits must be the training engine's."""
     from peft import PeftModel
@@ -373,31 +350,6 @@ def verify_adapter(adapter_dir: str, checkpoint_dir: str, ids: torch.Tensor, exp
     if not diff <= tolerance:
         raise ExportError(f"{adapter_dir}: the adapter on its base gives logits up to {diff:.3g} from the training engine's (tolerance {tolerance:.3g})")
     return diff
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    """transformers' per-shard progress bars add nothing to one export line; restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _replace_dir(staged: str, output_dir: str) -> None:
-    """Move the verified folder into place: renames on one filesystem; an earlier export is deleted only after the move."""
-    old = None
-    if os.path.exists(output_dir):
-        old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(output_dir, old)
-    os.rename(staged, output_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_checkpoint(
@@ -433,7 +385,7 @@ def export_checkpoint(
             except ValueError as exc:
                 raise ExportError(str(exc)) from None
             ids, expected, trained_dtype = training_probe(checkpoint_dir)
-            with _quiet_progress_bars():
+            with quiet_progress_bars():
                 model = merged_model(checkpoint_dir, target_dtype, adapter_dir)
             tokenizer = prepare_tokenizer(checkpoint_dir, model.config)
             state = ckpt.read_state(checkpoint_dir)
@@ -441,7 +393,7 @@ def export_checkpoint(
             model.generation_config = generation_config(tokenizer)
             coarser = max(TOLERANCE[target_dtype], TOLERANCE[trained_dtype])
             tolerance = coarser * max(1.0, expected.abs().max().item())
-            with _quiet_progress_bars():
+            with quiet_progress_bars():
                 model.save_pretrained(staged, max_shard_size=max_shard_size)
                 tokenizer.save_pretrained(staged)
                 params = sum(p.numel() for p in model.parameters())
@@ -453,8 +405,8 @@ def export_checkpoint(
         with open(os.path.join(staged, EXPORT_MARKER), "w") as f:
             json.dump({"checkpoint": checkpoint, "step": state.step, "dtype": dtype, "max_logit_difference": diff,
                        "adapter": ADAPTER_DIR if adapter else None}, f, indent=2)
-        _share_permissions(staged)
-        _replace_dir(staged, output_dir)
+        share_permissions(staged)
+        replace_dir(staged, output_dir)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     merged = "LoRA adapters merged, " if lora else ""
@@ -467,11 +419,4 @@ def export_checkpoint(
     return output_dir
 
 
-def run(cfg: DictConfig) -> str:
-    """Export the checkpoint `export.checkpoint` names to `export.output_dir`; gives the folder."""
-    export = to_export_config(cfg)
-    checkpoint, output_dir = validate_export(export)
-    return export_checkpoint(checkpoint, output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size, adapter=export.adapter)
-
-
-__all__ = ["ExportConfig", "ExportError", "check_export", "export_checkpoint", "resolve_checkpoint", "run"]
+__all__ = ["EXPORT", "ExportConfig", "ExportError", "export_checkpoint", "load_export", "resolve_checkpoint"]

@@ -13,6 +13,7 @@ from omegaconf import MISSING
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from framework.config import ConfigError, last_line, require
+from framework.hf_folder import DTYPE_NAMES, max_positions
 
 
 @dataclass
@@ -87,12 +88,7 @@ def trainable_params(net: torch.nn.Module) -> Tuple[int, int]:
     return sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters() if p.requires_grad), count_params(net)
 
 
-def max_positions(config: PretrainedConfig) -> Optional[int]:
-    """The model's context length (Llama-style max_position_embeddings, GPT-2's n_positions), if it has one."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # framework/hf_folder.py names them
 
 
 def torch_dtype(precision: str, on_gpu: bool) -> torch.dtype:
@@ -152,7 +148,7 @@ def special_token_ids(tokenizer: Any) -> Dict[str, Optional[int]]:
     }
 
 
-def check_model(model: ModelConfig, seq_len: int) -> PretrainedConfig:
+def check_model_config(model: ModelConfig, seq_len: int) -> PretrainedConfig:
     """The `model` rules a schema cannot express (arch, hf_config keys, a loadable folder, enough positions); gives its transformers config."""
     from transformers import CONFIG_MAPPING
 

@@ -139,7 +139,7 @@ def connect(address: Optional[str] = None, token_file: Optional[str] = None):
 # The job: its config checked here, its entrypoint and runtime environment
 
 def load_entry(kind: str, project_root: Path = PROJECT_ROOT) -> Callable:
-    """The `main` of `launch/<kind>.py`, carrying `config_name` and `check` from `hydra_entry`."""
+    """The `main` of `launch/<kind>.py`, carrying its `Job` (framework/cli.py: `entry`)."""
     if kind not in JOB_KINDS:
         raise SubmitError(f"{kind}: not a job kind; expected one of {', '.join(JOB_KINDS)}")
     script = project_root / "launch" / f"{kind}.py"
@@ -153,14 +153,14 @@ def load_entry(kind: str, project_root: Path = PROJECT_ROOT) -> Callable:
 
 def compose_job(kind: str, overrides: List[str], check: bool = True, project_root: Path = PROJECT_ROOT) -> DictConfig:
     """Compose the overrides as `launch/<kind>.py` does, and (with `check`) run its own check; ConfigError in one line."""
-    from framework.config import ConfigError, compose, one_line, with_default_groups
+    from framework.config import ConfigError, one_line
 
-    main = load_entry(kind, project_root)
-    hydra_free = with_default_groups([o for o in overrides if not o.startswith(("hydra.", "+hydra.", "~hydra."))], main.default_groups)
+    job = load_entry(kind, project_root).job
+    hydra_free = [o for o in overrides if not o.startswith(("hydra.", "+hydra.", "~hydra."))]
     try:
-        cfg = compose(hydra_free, main.config_name)
+        cfg = job.compose(hydra_free)
         if check:
-            main.check(cfg)
+            job.check_composed(cfg)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra and OmegaConf errors become the same one line

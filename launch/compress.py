@@ -1,17 +1,15 @@
 """Compress an exported model into a quantised Hugging Face folder, with its report:
 `python launch/compress.py compress.model_path=FOLDER_OR_BEST_JSON [compress=int8|int8-dynamic|int4] [compress.output_dir=DIR]`"""
 
-from omegaconf import DictConfig
-
-from framework.config import hydra_entry
-from framework.compress import check_compress
+from framework.cli import entry
+from framework.compress.plan import COMPRESS, CompressPlan
 
 
-@hydra_entry(config_name="compress", check=check_compress)
-def main(cfg: DictConfig) -> None:
-    from framework.compress import run
+@entry(COMPRESS)
+def main(plan: CompressPlan) -> None:
+    from framework.compress.job import compress
 
-    run(cfg)
+    compress(plan)
 
 
 if __name__ == "__main__":

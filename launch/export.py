@@ -1,17 +1,15 @@
 """Export a training checkpoint as a verified Hugging Face folder:
 `python launch/export.py export.checkpoint=RUN_OR_CHECKPOINT [export.output_dir=DIR] [export.dtype=bf16]`"""
 
-from omegaconf import DictConfig
-
-from framework.config import hydra_entry
-from framework.export import check_export
+from framework.cli import entry
+from framework.export import EXPORT, ExportConfig
 
 
-@hydra_entry(config_name="export", check=check_export)
-def main(cfg: DictConfig) -> None:
-    from framework.export import run
+@entry(EXPORT)
+def main(export: ExportConfig) -> None:
+    from framework.export import export_checkpoint
 
-    run(cfg)
+    export_checkpoint(export.checkpoint, export.output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size, adapter=export.adapter)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
 """Prepare token shards: `python launch/prep.py [data=stdlib] [data.seq_len=512] ...`"""
 
-from omegaconf import DictConfig
+from framework.cli import entry
+from framework.train.config import TRAIN, TrainRoot
 
-from framework.config import hydra_entry
 
+@entry(TRAIN)
+def main(root: TrainRoot) -> None:
+    from framework.data.prepare import prepare_shards
 
-@hydra_entry()
-def main(cfg: DictConfig) -> None:
-    from framework.data.prepare import run
-
-    from framework.schema import to_config
-
-    run(to_config(cfg))
+    prepare_shards(root.data, root.run.ray_address)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """Serve an exported model (OpenAI API on Ray Serve): `python launch/serve.py serve.model_path=PATH [serve=gpu] ...`"""
 
-from omegaconf import DictConfig
-
-from framework.config import hydra_entry
-from framework.serve.config import check_serve_config
+from framework.cli import entry
+from framework.serve.config import SERVE, ServeConfig
 
 
-@hydra_entry(config_name="serve", check=check_serve_config)
-def main(cfg: DictConfig) -> None:
-    from framework.serve.app import run
+@entry(SERVE)
+def main(serve: ServeConfig) -> None:
+    from framework.serve.app import serve_model
 
-    run(cfg)
+    serve_model(serve)
 
 
 if __name__ == "__main__":

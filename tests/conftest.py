@@ -72,11 +72,11 @@ def ray_session():
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, ray_session) -> str:
     """The small corpus prepared with a 1k BPE vocabulary and 64-token sequences."""
-    from framework.data.prepare import run
-    from framework.schema import load_config
+    from framework.data.prepare import prepare_shards
+    from framework.train.config import TRAIN
 
     out = str(tmp_path_factory.mktemp("data") / "small")
-    run(load_config(prep_overrides(out)))
+    prepare_shards(TRAIN.from_overrides(prep_overrides(out)).data)
     return out
 
 
@@ -100,13 +100,13 @@ def run_storage(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_runs(prepared_data, run_storage, ray_session) -> Dict[int, str]:
     """Run directories of the same 20-step, 2-worker run under ZeRO stages 1, 2 and 3."""
-    from framework.schema import load_config
-    from framework.train.trainer import run
+    from framework.train.config import TRAIN
+    from framework.train.trainer import train
 
     runs = {}
     for stage in (1, 2, 3):
         name = f"zero{stage}"
-        run(load_config(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}")))
+        train(TRAIN.from_overrides(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}")))
         runs[stage] = os.path.join(run_storage, name)
     return runs
 
@@ -123,10 +123,10 @@ def trained_checkpoints(trained_runs) -> Dict[int, str]:
 def bare_runs(prepared_data, run_storage, ray_session) -> Dict[int, str]:
     """The same 20-step run on one worker without Ray Train (the loop on a bare session, in a Ray task
     so that its process group stays apart from this process), under ZeRO-1 and ZeRO-3."""
-    from framework.schema import load_config
+    from framework.train.config import TRAIN
 
     return {
-        stage: train_bare(ray_session, load_config(run_overrides(
+        stage: train_bare(ray_session, TRAIN.from_overrides(run_overrides(
             prepared_data, run_storage, f"bare-zero{stage}", deepspeed=f"zero{stage}", **{"run.num_workers": 1})))[0]
         for stage in (1, 3)
     }

@@ -19,7 +19,7 @@ from conftest import (
     run_overrides, train_bare,
 )
 from framework.config import ConfigError
-from framework.schema import load_config
+from framework.train.config import TRAIN
 
 pytestmark = pytest.mark.slow
 BUCKET = "lab"
@@ -147,7 +147,7 @@ def test_changed_optimizer_settings_take_effect_on_resume(prepared_data, run_sto
 
     name = "new-lr"
     copy_run_until(trained_runs[1], 10, os.path.join(run_storage, name))
-    cfg = load_config(run_overrides(prepared_data, run_storage, name, deepspeed="zero1",
+    cfg = TRAIN.from_overrides(run_overrides(prepared_data, run_storage, name, deepspeed="zero1",
                                     **{"run.num_workers": 1, "optim.lr": 1e-3, "optim.weight_decay": 0.0, "run.log_interval": 1}))
     train_bare(ray_session, cfg)
     records = [json.loads(line) for line in open(os.path.join(run_storage, name, "logs", "metrics.jsonl"))]
@@ -171,7 +171,7 @@ def test_a_checkpoint_cut_short_is_ignored_and_removed(prepared_data, run_storag
     copy_run_until(trained_runs[3], 10, str(run_dir))
     shutil.copytree(os.path.join(trained_runs[3], "checkpoint_00000020"), run_dir / "checkpoint_00000020",
                     ignore=shutil.ignore_patterns("COMPLETE", "zero_pp_rank_1_*", "rank-1.json"))
-    plan = make_plan(load_config(run_overrides(prepared_data, str(tmp_path), "cut", deepspeed="zero3")))
+    plan = make_plan(TRAIN.from_overrides(run_overrides(prepared_data, str(tmp_path), "cut", deepspeed="zero3")))
     assert plan.resume_from == str(run_dir / "checkpoint_00000010")
     folder = export_checkpoint(str(run_dir), str(tmp_path / "export"))
     assert json.loads(open(os.path.join(folder, "export.json")).read())["step"] == 10
@@ -285,7 +285,7 @@ def test_setup_and_collective_timeouts_are_separate_and_the_resource_wait_is_per
     from framework.train.plan import make_plan
     from framework.train.trainer import build_trainer, failure_config
 
-    cfg = load_config(run_overrides(prepared_data, run_storage, "timeouts", **{
+    cfg = TRAIN.from_overrides(run_overrides(prepared_data, run_storage, "timeouts", **{
         "run.num_workers": 1, "run.setup_timeout_s": 7, "run.collective_timeout_s": 77, "run.resource_wait_s": 33, "run.max_steps": 2,
         "run.checkpoint_interval": 2, "run.eval_interval": 2, "optim.warmup_steps": 0}))
     plan = make_plan(cfg)

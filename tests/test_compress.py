@@ -20,7 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import SERVE_API_KEY, SERVE_KEY_ENV, free_port, greedy_reference, launch
-from framework.compress import COMPRESS_MARKER, CompressConfig, CompressError, make_plan, to_compress_config
+from framework.compress.plan import COMPRESS_MARKER, plan_compression
+from framework.compress.config import CompressConfig, to_compress_config
+from framework.compress.job import CompressError
 from framework.config import CONF_DIR, ConfigError, compose
 
 # What this machine's torch and torchao can run (int4 needs CUDA); each compressed once for the session.
@@ -57,11 +59,12 @@ def source(exports: Dict[int, str]) -> Path:
 def compressed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Tuple[Path, Dict]]:
     """preset → (folder, report) for every method this machine runs, the source measured once for all of them.
     compress.data_dir is left null: the shards are found through the source's export.json."""
-    from framework.compress import compress, measure_source
+    from framework.compress.job import compress
+    from framework.compress.measure import measure_source
 
     root = tmp_path_factory.mktemp("compressed")
     best = _best_json(source, tmp_path_factory.mktemp("sweeps"))
-    plans = {p: make_plan(_config(best if p == "int8" else source, p, output_dir=root / f"tiny-{p}")) for p in CPU_PRESETS}
+    plans = {p: plan_compression(_config(best if p == "int8" else source, p, output_dir=root / f"tiny-{p}")) for p in CPU_PRESETS}
     figures = measure_source(plans[CPU_PRESETS[0]])
     return {p: (Path(plan.output_dir), compress(plan, figures)) for p, plan in plans.items()}
 
@@ -71,7 +74,7 @@ def random_folders(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     """Small random-weight folders with a BPE of their own: a Llama, a GPT-2 (Conv1D blocks), an empty directory."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from framework.serve.bench import RandomModelConfig, random_model_folder
+    from framework.testing import RandomModelConfig, random_model_folder
 
     root = tmp_path_factory.mktemp("random")
     llama = random_model_folder(root / "llama", RandomModelConfig(
@@ -131,16 +134,16 @@ def test_a_method_this_machine_cannot_run_is_refused() -> None:
 def test_layers_the_method_cannot_take_and_missing_shards_are_refused(random_folders: Dict[str, Path], tmp_path: Path) -> None:
     llama = random_folders["llama"]
     with pytest.raises(ConfigError, match=r"^compress\.group_size=7: does not divide the 64 inputs of model\.layers\.0\.self_attn\.q_proj"):
-        make_plan(_config(llama, group_size=7, output_dir=tmp_path / "out"))
+        plan_compression(_config(llama, group_size=7, output_dir=tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"^compress\.group_size=32: expected null: int8_dynamic scales per row"):
-        make_plan(_config(llama, "int8-dynamic", group_size=32, output_dir=tmp_path / "out"))
+        plan_compression(_config(llama, "int8-dynamic", group_size=32, output_dir=tmp_path / "out"))
     # A folder without export.json does not say which shards it was trained on: the user must name them.
     with pytest.raises(ConfigError, match=r"^compress\.data_dir=None: .* does not lead to the shards it was trained on"):
-        make_plan(_config(llama, output_dir=tmp_path / "out"))
+        plan_compression(_config(llama, output_dir=tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"^compress\.data_dir=.*: no manifest\.json there"):
-        make_plan(_config(llama, output_dir=tmp_path / "out", data_dir=tmp_path))
+        plan_compression(_config(llama, output_dir=tmp_path / "out", data_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"^compress\.max_ppl_increase=0\.0: expected a positive ratio"):
-        make_plan(_config(llama, max_ppl_increase=0.0))
+        plan_compression(_config(llama, max_ppl_increase=0.0))
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match=r"compress\.methd"):  # the schema: launch/compress.py says it in one line
@@ -154,7 +157,7 @@ def test_folder_check_accepts_a_torchao_folder_and_refuses_mismatched_ones(rando
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
-    from framework.serve.folder import check_model_folder
+    from framework.hf_folder import check_model_folder
 
     llama = random_folders["llama"]
     quantised = tmp_path / "int8"
@@ -230,11 +233,11 @@ def test_the_folder_reloads_with_from_pretrained_holding_int8_weights(compressed
 
 @pytest.mark.slow
 def test_the_gate_fails_a_method_past_its_bound_and_writes_nothing(source: Path, tmp_path: Path) -> None:
-    from framework.compress import compress
+    from framework.compress.job import compress
 
     out = tmp_path / "compressed" / "tiny-int8"
     # Below 1 the bound demands that perplexity fall by half: no int8 model of the source does that.
-    plan = make_plan(_config(source, max_ppl_increase=0.5, output_dir=out))
+    plan = plan_compression(_config(source, max_ppl_increase=0.5, output_dir=out))
     with pytest.raises(CompressError, match=r"^compress\.max_ppl_increase=0\.5: int8 \(int8_weight_only\) takes validation "
                                             r"perplexity from [\d.]+ to [\d.]+ \(×[\d.]+, past the bound\) on \d+ rows of .*; "
                                             r"nothing written to .*tiny-int8$"):
@@ -246,14 +249,14 @@ def test_the_gate_fails_a_method_past_its_bound_and_writes_nothing(source: Path,
 def test_output_dir_follows_export_rules(compressed: Dict[str, Tuple[Path, Dict]], source: Path, exports: Dict[int, str],
                                          tmp_path: Path) -> None:
     folder, _ = compressed["int8"]
-    make_plan(_config(source, output_dir=folder))  # an earlier compression may be replaced
+    plan_compression(_config(source, output_dir=folder))  # an earlier compression may be replaced
     with pytest.raises(ConfigError, match=r"^compress\.output_dir=.*: exists and holds something other than an earlier "
                                           r"compression \(no compress_report\.json\)"):
-        make_plan(_config(source, output_dir=exports[1]))  # an export is not ours to replace
+        plan_compression(_config(source, output_dir=exports[1]))  # an export is not ours to replace
     with pytest.raises(ConfigError, match=r"^compress\.output_dir=.*: overlaps the source folder"):
-        make_plan(_config(source, output_dir=source / "int8"))
+        plan_compression(_config(source, output_dir=source / "int8"))
     with pytest.raises(ConfigError, match=r"^compress\.model_path=.*: is quantised already \(torchao\)"):
-        make_plan(_config(folder, output_dir=tmp_path / "again"))
+        plan_compression(_config(folder, output_dir=tmp_path / "again"))
 
 
 @pytest.mark.slow
@@ -262,7 +265,7 @@ def test_a_sweeps_best_json_is_compressed_by_name(compressed: Dict[str, Tuple[Pa
     assert compressed["int8"][1]["source"] == str(source)  # compressed through best.json by the fixture
     best = _best_json(source, tmp_path / "outputs" / "sweeps")
     monkeypatch.chdir(tmp_path)
-    plan = make_plan(_config(best))  # compress.output_dir=null
+    plan = plan_compression(_config(best))  # compress.output_dir=null
     assert plan.source == source and plan.output_dir == str(tmp_path / "outputs" / "compressed" / f"{SWEEP}-int8")
 
 
@@ -276,10 +279,10 @@ def server(compressed: Dict[str, Tuple[Path, Dict]]):
     from ray import serve
 
     from framework.serve.app import config_from_args, deploy
-    from framework.serve.config import check_serve_config
+    from framework.serve.config import SERVE
 
     folder = compressed["int8"][0]
-    check_serve_config(compose([f"serve.model_path={folder}"], "serve"))
+    SERVE.from_overrides([f"serve.model_path={folder}"])
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import launch
 from framework.config import CONF_DIR, ConfigError, compose, schema_defaults
-from framework.schema import Config, load_config
+from framework.train.config import TrainRoot, TRAIN
 
 
 # The values a user must give: the presets leave them `???` on purpose.
@@ -26,14 +26,14 @@ def test_schemas_hold_types_not_values():
     The one exception is the items of a list (data.sources.N): a source added on the command line
     has no YAML to take its other keys from (framework/data/config.py says so).
     """
-    from framework.compress import CompressConfig
+    from framework.compress.config import CompressConfig
     from framework.data.config import SourceConfig
     from framework.export import ExportConfig
     from framework.model import LoraConfig
 
-    assert list(schema_defaults(Config)) == []
+    assert list(schema_defaults(TrainRoot)) == []
     assert list(schema_defaults(ExportConfig)) == []
-    assert list(schema_defaults(LoraConfig)) == []  # model.lora: an Optional node, not walked from Config
+    assert list(schema_defaults(LoraConfig)) == []  # model.lora: an Optional node, not walked from TrainRoot
     assert list(schema_defaults(CompressConfig)) == []
     assert {f.name for f in dataclasses.fields(SourceConfig) if f.default is not dataclasses.MISSING and f.name != "path"} == {
         "format", "field", "split_on", "split_regex", "prompt", "completion"
@@ -65,9 +65,9 @@ def test_every_preset_sets_every_value(group, option):
     cfg = compose([f"{group}={option}"])
     assert _unset(cfg) <= MANDATORY, _unset(cfg)
     if not _unset(cfg):
-        from framework.schema import to_config
+        from framework.train.config import to_train_root
 
-        to_config(cfg)
+        to_train_root(cfg)
 
 
 def test_optim_name_selects_the_optimizer():
@@ -77,9 +77,9 @@ def test_optim_name_selects_the_optimizer():
 
     model = torch.nn.Linear(4, 4)
     for name, kind in (("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)):
-        assert type(build_optimizer(model, load_config([f"optim={name}"]).optim, fused=False)) is kind
+        assert type(build_optimizer(model, TRAIN.from_overrides([f"optim={name}"]).optim, fused=False)) is kind
     with pytest.raises(ConfigError, match=r"^optim.name=sgd: expected one of \('adamw', 'adam'\)"):
-        load_config(["optim.name=sgd"])
+        TRAIN.from_overrides(["optim.name=sgd"])
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_bad_config_fails_in_one_line_without_starting_ray(tmp_path, override, e
 
 def test_batch_arithmetic_message_names_the_numbers():
     with pytest.raises(ConfigError, match=r"run.global_batch_size=30: expected a multiple of .* = 2 × 4 = 8"):
-        load_config(["run.global_batch_size=30"])
+        TRAIN.from_overrides(["run.global_batch_size=30"])
 
 
 @pytest.mark.parametrize(
@@ -124,24 +124,24 @@ def test_batch_arithmetic_message_names_the_numbers():
 )
 def test_impossible_combinations_are_rejected(override, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
-        load_config([override])
+        TRAIN.from_overrides([override])
 
 
 def test_elastic_runs_need_a_global_batch_every_worker_count_can_split():
     """With run.min_workers the run may go on with fewer workers: 16 rows over 3 workers × 2 do not divide."""
-    assert load_config(["run.min_workers=1", "run.num_workers=2", "run.micro_batch_size=2"]).run.min_workers == 1
+    assert TRAIN.from_overrides(["run.min_workers=1", "run.num_workers=2", "run.micro_batch_size=2"]).run.min_workers == 1
     with pytest.raises(ConfigError, match=r"run.global_batch_size=16: expected a multiple of .* = 3 × 2 = 6"):
-        load_config(["run.min_workers=2", "run.num_workers=4", "run.micro_batch_size=2"])
+        TRAIN.from_overrides(["run.min_workers=2", "run.num_workers=4", "run.micro_batch_size=2"])
 
 
 def test_presets_compose_and_validate():
     for overrides in ([], ["experiment=smoke"], ["experiment=llama-125m-gpu"], ["model=gpt2-small"], ["deepspeed=zero3-offload"]):
-        job = load_config(overrides)
+        job = TRAIN.from_overrides(overrides)
         assert job.run.global_batch_size % (job.run.num_workers * job.run.micro_batch_size) == 0
 
 
 def test_cli_override_reaches_the_typed_config():
-    job = load_config(["model=llama-125m", "deepspeed=zero3", "run.num_workers=4", "optim.lr=3e-4", "run.global_batch_size=32"])
+    job = TRAIN.from_overrides(["model=llama-125m", "deepspeed=zero3", "run.num_workers=4", "optim.lr=3e-4", "run.global_batch_size=32"])
     assert (job.model.hf_config["hidden_size"], job.deepspeed.stage, job.run.num_workers, job.optim.lr) == (768, 3, 4, 3e-4)
     assert os.path.basename(job.data.output_dir) == "stdlib"
 
@@ -156,7 +156,7 @@ def test_compose_inside_a_running_hydra_app_leaves_the_app_intact():
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         outer = GlobalHydra.instance().hydra
-        assert load_config(["model=llama-125m"]).model.name == "llama-125m"
+        assert TRAIN.from_overrides(["model=llama-125m"]).model.name == "llama-125m"
         assert GlobalHydra.instance().hydra is outer
         assert hydra_compose(config_name="config").model.name == "tiny"
 
@@ -164,12 +164,6 @@ def test_compose_inside_a_running_hydra_app_leaves_the_app_intact():
 @pytest.mark.parametrize("preset", ["train", "train-gpu", "tune", "serve", "data", "compress"])
 def test_benchmark_presets_compose_and_pass_their_checks(preset):
     """Every conf/bench preset is runnable as written; the GPU one is checked here since CI has no GPU."""
-    import importlib.util
+    from framework.bench import BENCH
 
-    from conftest import ROOT
-    from framework.config import compose
-
-    spec = importlib.util.spec_from_file_location("launch_bench", ROOT / "launch" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check_bench(compose([f"bench={preset}"], "bench"))
+    BENCH.from_overrides([f"bench={preset}"])

@@ -785,7 +785,6 @@ def test_rayservice_args_compose_into_a_valid_serve_config(name, obj):
     from ray.serve.deployment import Deployment
 
     from framework import submit
-    from framework.config import compose
 
     if not (ROOT / "launch" / "serve.py").is_file():
         pytest.skip("launch/serve.py does not exist yet; the serve args are checked once it does")
@@ -796,7 +795,7 @@ def test_rayservice_args_compose_into_a_valid_serve_config(name, obj):
     args = dict(app["args"])
     # build_app's args are a conf/serve preset plus serve.* keys: the overrides launch/serve.py takes.
     overrides = [f"serve={args.pop('preset', 'default')}", *(f"serve.{k}={v}" for k, v in args.items())]
-    cfg = compose(overrides, submit.load_entry("serve").config_name)
+    cfg = submit.load_entry("serve").job.compose(overrides)
     # The model folder itself exists only on the cluster's volume, so the check stops short of it.
     serve_cfg = validate_serve(to_serve_config(cfg))
     assert 1 <= serve_cfg.min_replicas < serve_cfg.max_replicas, f"{name}: Serve autoscaling"

@@ -12,10 +12,10 @@ from transformers import AutoTokenizer
 
 from conftest import SMALL_CORPUS, launch, prep_overrides
 from framework.config import ConfigError
-from framework.data.prepare import run, split_of
+from framework.data.prepare import prepare_shards, split_of
 from framework.data.shards import read_manifest, table_to_rows
 from framework.data.sources import SourceFile, document_key, read_documents, split_source
-from framework.schema import load_config
+from framework.train.config import TRAIN
 
 
 
@@ -60,7 +60,7 @@ def test_counts_match_manifest(prepared_data):
 @pytest.mark.slow
 def test_same_input_gives_byte_identical_shards(prepared_data, tmp_path, ray_session):
     again = str(tmp_path / "again")
-    assert run(load_config(prep_overrides(again)))["fingerprint"] == read_manifest(prepared_data)["fingerprint"]
+    assert prepare_shards(TRAIN.from_overrides(prep_overrides(again)).data)["fingerprint"] == read_manifest(prepared_data)["fingerprint"]
     first = _shards(prepared_data, "train") + _shards(prepared_data, "validation")
     second = _shards(again, "train") + _shards(again, "validation")
     assert [os.path.relpath(p, prepared_data) for p in first] == [os.path.relpath(p, again) for p in second]
@@ -83,10 +83,10 @@ def test_jsonl_and_parquet_sources_read_the_named_field(tmp_path, ray_session, f
         pq.write_table(pa.table({"body": docs, "id": list(range(len(docs)))}), source, row_group_size=1)
     out = tmp_path / "out"
     # 50 kB per task: the one file (~250 kB) is cut into several slices, tokenised by several tasks.
-    manifest = run(load_config([
+    manifest = prepare_shards(TRAIN.from_overrides([
         f"data={fmt}", f"data.sources.0.path='{source}'", "data.sources.0.field=body", "data.tokenizer.vocab_size=512",
         "data.seq_len=32", "data.val_fraction=0.3", "data.mb_per_task=0.05", f"data.output_dir={out}",
-    ]))
+    ]).data)
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == len(docs)
     assert len(manifest["splits"]["train"]["shards"]) >= 3
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -99,7 +99,7 @@ def test_missing_field_is_a_clear_error(tmp_path, ray_session):
     source = tmp_path / "docs.jsonl"
     source.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ConfigError, match="data.sources.field=body"):
-        run(load_config(["data=jsonl", f"data.sources.0.path='{source}'", "data.sources.0.field=body", f"data.output_dir={tmp_path / 'o'}"]))
+        prepare_shards(TRAIN.from_overrides(["data=jsonl", f"data.sources.0.path='{source}'", "data.sources.0.field=body", f"data.output_dir={tmp_path / 'o'}"]).data)
 
 
 @pytest.mark.parametrize("part_bytes", [1, 7, 100, 10_000, 10**9])
@@ -158,10 +158,10 @@ def test_a_documents_split_comes_from_its_content():
 def test_a_wikitext_file_prepares_into_many_documents_and_a_validation_split(tmp_path, ray_session):
     path = tmp_path / "wiki.train.raw"
     path.write_text(_wikitext())
-    manifest = run(load_config([
+    manifest = prepare_shards(TRAIN.from_overrides([
         "data=wikitext", f"data.sources.0.path='{path}'", "data.tokenizer.vocab_size=512", "data.seq_len=32",
         "data.mb_per_task=0.01", f"data.output_dir={tmp_path / 'out'}",
-    ]))
+    ]).data)
     splits = manifest["splits"]
     assert splits["train"]["documents"] + splits["validation"]["documents"] == 120
     assert splits["validation"]["rows"] > 0 and splits["validation"]["documents"] >= 2
@@ -177,10 +177,10 @@ def test_duplicates_share_a_split_and_the_tokenizer_never_sees_validation_text(t
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
     out = tmp_path / "out"
-    manifest = run(load_config([
+    manifest = prepare_shards(TRAIN.from_overrides([
         "data=jsonl", f"data.sources.0.path='{source}'", "data.tokenizer.vocab_size=600", "data.seq_len=32",
         "data.val_fraction=0.2", f"data.output_dir={out}",
-    ]))
+    ]).data)
     train_docs = manifest["splits"]["train"]["documents"]
     assert train_docs % 2 == 0 and (manifest["splits"]["validation"]["documents"] - 1) % 2 == 0
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")

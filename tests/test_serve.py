@@ -587,19 +587,19 @@ def test_missing_model_folder_fails_in_one_line_before_serve(tmp_path: Path) -> 
 
 
 def test_corrupt_model_folder_fails_with_the_file_named(served_model_dir: Path, tmp_path: Path) -> None:
-    from framework.config import ConfigError, compose
-    from framework.serve.config import check_serve_config
+    from framework.config import ConfigError
+    from framework.serve.config import SERVE
 
     broken = tmp_path / "broken"
     shutil.copytree(served_model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated export
     with pytest.raises(ConfigError, match="model.safetensors: corrupt or missing weights"):
-        check_serve_config(compose([f"serve.model_path={broken}"], "serve"))
+        SERVE.from_overrides([f"serve.model_path={broken}"])
 
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: unreadable model config"):
-        check_serve_config(compose([f"serve.model_path={broken}"], "serve"))
+        SERVE.from_overrides([f"serve.model_path={broken}"])
 
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"trial": "t1", "metric": "loss", "value": 2.0, "overrides": []}))

@@ -36,7 +36,7 @@ STRICT_TEMPLATE = (
 @pytest.fixture(scope="module")
 def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The benchmark's random-weight folder, small: its tokenizer has no chat template (the fallback layout)."""
-    from framework.serve.bench import RandomModelConfig, random_model_folder
+    from framework.testing import RandomModelConfig, random_model_folder
 
     tiny = RandomModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, context=256,
@@ -385,7 +385,7 @@ def test_bench_preset_sets_every_key_the_schema_only_types() -> None:
     from omegaconf import OmegaConf
 
     from framework.config import compose
-    from framework.serve.bench import ServeBenchConfig
+    from framework.bench.serve import ServeBenchConfig
 
     assert _leaves_are_missing(ServeBenchConfig) == []
     assert OmegaConf.missing_keys(compose(["bench=serve"], "bench")) == set()
@@ -393,8 +393,8 @@ def test_bench_preset_sets_every_key_the_schema_only_types() -> None:
 
 def test_a_kv_cache_smaller_than_the_context_is_refused_naming_the_key(random_model_dir: Path) -> None:
     from framework.config import ConfigError
-    from framework.serve.config import check_model, compose_serve_config
+    from framework.serve.config import check_model_path, compose_serve_config
 
     cfg = compose_serve_config({"model_path": str(random_model_dir), "kv_cache_blocks": 7, "kv_block_size": 16})
     with pytest.raises(ConfigError, match=r"serve.kv_cache_blocks=7: × serve.kv_block_size=16 = 112 tokens"):
-        check_model(cfg)
+        check_model_path(cfg)

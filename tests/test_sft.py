@@ -20,7 +20,7 @@ import torch
 
 from conftest import ROOT, STDLIB, train_bare
 from framework.config import ConfigError
-from framework.schema import load_config
+from framework.train.config import TRAIN
 
 CHAT = ROOT / "tests" / "data" / "chat.jsonl"
 SEQ = 256
@@ -63,7 +63,7 @@ def tokenizer(base):
 
 def chat_data_config(base: str, **extra: object):
     overrides = {"data": "chat", "data.sources.0.path": f"'{CHAT}'", "data.tokenizer.path": base, "data.seq_len": SEQ, **extra}
-    return load_config([f"{k}={v}" for k, v in overrides.items()]).data
+    return TRAIN.from_overrides([f"{k}={v}" for k, v in overrides.items()]).data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +257,12 @@ def test_a_packed_row_gives_each_document_the_logits_it_has_alone(base, tmp_path
 ])
 def test_fine_tuning_settings_that_cannot_work_fail_in_one_line(overrides, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
-        load_config(overrides)
+        TRAIN.from_overrides(overrides)
 
 
 def test_the_recipes_compose_for_a_local_model_folder(base):
     for recipe, lora in (("sft-full", False), ("sft-lora", True)):
-        cfg = load_config([f"experiment={recipe}", f"model.pretrained_path={base}", f"data.sources.0.path='{CHAT}'"])
+        cfg = TRAIN.from_overrides([f"experiment={recipe}", f"model.pretrained_path={base}", f"data.sources.0.path='{CHAT}'"])
         assert (cfg.model.lora is not None, cfg.data.tokenizer.path, cfg.data.packing, cfg.deepspeed.stage) == (lora, base, "documents", 3)
 
 
@@ -271,11 +271,11 @@ def test_the_recipes_compose_for_a_local_model_folder(base):
 
 @pytest.fixture(scope="module")
 def chat_data(base, tmp_path_factory, ray_session) -> str:
-    from framework.data.prepare import run
+    from framework.data.prepare import prepare_shards
 
     out = str(tmp_path_factory.mktemp("chat") / "chat")
-    run(load_config(["data=chat", f"data.sources.0.path='{CHAT}'", f"data.tokenizer.path={base}", f"data.seq_len={SEQ}",
-                     "data.val_fraction=0.2", f"data.output_dir={out}"]))
+    prepare_shards(TRAIN.from_overrides(["data=chat", f"data.sources.0.path='{CHAT}'", f"data.tokenizer.path={base}", f"data.seq_len={SEQ}",
+                     "data.val_fraction=0.2", f"data.output_dir={out}"]).data)
     return out
 
 
@@ -338,7 +338,7 @@ def test_prepared_rows_hold_whole_conversations_whose_targets_are_exactly_the_as
 
 @pytest.mark.slow
 def test_prompt_completion_pairs_with_renamed_fields_and_every_token_a_target(base, tokenizer, tmp_path, ray_session):
-    from framework.data.prepare import run
+    from framework.data.prepare import prepare_shards
     from framework.data.shards import read_manifest
 
     pairs = [{"question": f"What is {a} + {b} in Python?", "answer": f"`{a} + {b}` evaluates to {a + b}."} for a in range(8) for b in range(5)]
@@ -346,9 +346,9 @@ def test_prompt_completion_pairs_with_renamed_fields_and_every_token_a_target(ba
     good = "".join(json.dumps(p) + "\n" for p in pairs)
     source.write_text(good + json.dumps({"question": "no answer"}) + "\n")
     out = str(tmp_path / "pairs")
-    run(load_config(["data=chat", f"data.sources.0.path='{source}'", "data.sources.0.format=prompt_completion",
+    prepare_shards(TRAIN.from_overrides(["data=chat", f"data.sources.0.path='{source}'", "data.sources.0.format=prompt_completion",
                      "data.sources.0.prompt=question", "data.sources.0.completion=answer", f"data.tokenizer.path={base}",
-                     "data.seq_len=128", "data.val_fraction=0.2", "data.train_on_prompt=true", f"data.output_dir={out}"]))
+                     "data.seq_len=128", "data.val_fraction=0.2", "data.train_on_prompt=true", f"data.output_dir={out}"]).data)
     manifest = read_manifest(out)
     assert manifest["bad_records"] == {"missing_field": {"count": 1, "example": f"no 'answer' key ({source} at byte {len(good.encode())})"}}
     rows = _rows(out, "train")
@@ -364,7 +364,7 @@ def test_prompt_completion_pairs_with_renamed_fields_and_every_token_a_target(ba
 def sft_run(base, chat_data, tmp_path_factory, ray_session) -> str:
     """Every weight of the base fine-tuned on the chat shards: 20 steps, one worker, the loop on a bare session."""
     storage = str(tmp_path_factory.mktemp("sft-runs"))
-    run_dir, _ = train_bare(ray_session, load_config(sft_overrides(base, chat_data, storage, "sft-full", lora=False)))
+    run_dir, _ = train_bare(ray_session, TRAIN.from_overrides(sft_overrides(base, chat_data, storage, "sft-full", lora=False)))
     return run_dir
 
 
@@ -388,7 +388,7 @@ def test_sft_lowers_the_loss_on_the_assistant_tokens(sft_run, base, chat_data):
     from framework.data.shards import read_manifest
     from framework.data.stream import ShardReader, split_blocks, to_batch
 
-    cfg = load_config(sft_overrides(base, chat_data, "unused", "unused", lora=False))
+    cfg = TRAIN.from_overrides(sft_overrides(base, chat_data, "unused", "unused", lora=False))
     manifest = read_manifest(chat_data)
     rows = SampleOrder(split_blocks(manifest, "train"), cfg.run.seed, cfg.run.shuffle_window).step_rows(0, cfg.run.global_batch_size)
     batch = to_batch(ShardReader(chat_data, manifest, "train", 4).read(rows))
@@ -413,9 +413,9 @@ def lora_storage(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def lora_run(base, chat_data, lora_storage, ray_session) -> str:
     """LoRA on the local HF folder under ZeRO-3 with 2 Ray Train workers (experiment=sft-lora): 20 steps."""
-    from framework.train.trainer import run
+    from framework.train.trainer import train
 
-    run(load_config(sft_overrides(base, chat_data, lora_storage, "lora", lora=True, **{"run.num_workers": 2})))
+    train(TRAIN.from_overrides(sft_overrides(base, chat_data, lora_storage, "lora", lora=True, **{"run.num_workers": 2})))
     return os.path.join(lora_storage, "lora")
 
 
@@ -431,7 +431,7 @@ def test_lora_trains_a_few_percent_and_checkpoints_hold_the_adapters_alone(lora_
     from framework.train.checkpoint import latest_checkpoint, read_state
     from framework.train.plan import make_plan
 
-    plan = make_plan(load_config(sft_overrides(base, chat_data, "unused", "unused", lora=True)))
+    plan = make_plan(TRAIN.from_overrides(sft_overrides(base, chat_data, "unused", "unused", lora=True)))
     trainable, total = trainable_params(build_model(plan.config.model, plan.model_config, 0))
     assert trainable / total < 0.05 and trainable == 2 * 2 * 4 * (64 + 64)  # q and v of 2 layers: A (4×64) and B (64×4)
     final = latest_checkpoint(lora_run)
@@ -475,7 +475,7 @@ def test_the_frozen_base_is_bit_identical_after_lora_steps_under_zero3(base, cha
             moved = [float((p - 0).abs().sum()) for n, p in named if ".lora_B." in n]
         return sorted(frozen) == sorted(original), [n for n, t in frozen.items() if not torch.equal(t, original[n])], moved
 
-    cfg = load_config(sft_overrides(base, chat_data, str(tmp_path), "frozen", lora=True))
+    cfg = TRAIN.from_overrides(sft_overrides(base, chat_data, str(tmp_path), "frozen", lora=True))
     same_names, changed, moved = ray_session.get(ray_session.remote(steps).options(num_cpus=1).remote(cfg))
     assert same_names and changed == []
     assert all(m > 0 for m in moved)  # the adapters did train
@@ -522,7 +522,7 @@ def test_a_lora_run_resumes_on_another_worker_count_to_the_same_losses_and_adapt
     shutil.copytree(os.path.join(lora_run, "checkpoint_00000010"), os.path.join(target, "checkpoint_00000010"))
     with open(os.path.join(lora_run, "logs", "metrics.jsonl")) as f, open(os.path.join(target, "logs", "metrics.jsonl"), "w") as out:
         out.writelines(line for line in f if json.loads(line)["step"] <= 10)
-    _, reports = train_bare(ray_session, load_config(sft_overrides(base, chat_data, lora_storage, name, lora=True)))
+    _, reports = train_bare(ray_session, TRAIN.from_overrides(sft_overrides(base, chat_data, lora_storage, name, lora=True)))
     assert [r["step"] for r in reports] == [20]
     assert read_state(latest_checkpoint(target)).world_size == 1
     np.testing.assert_allclose(_losses(target)[10:], _losses(lora_run)[10:], rtol=1e-5)
@@ -553,7 +553,7 @@ def test_a_checkpoint_written_before_these_settings_existed_still_reads_as_no_lo
 
     from framework.train.checkpoint import ADDED_KEYS, CONFIG, read_config
 
-    saved = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(load_config([]))))
+    saved = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TRAIN.from_overrides([]))))
     for key in ADDED_KEYS:
         group, name = key.split(".")
         del saved[group][name]

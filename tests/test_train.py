@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, Interruptible, copy_run_until, launch, run_overrides, train_bare
 from framework.config import ConfigError
-from framework.schema import load_config
+from framework.train.config import TRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +74,9 @@ def _grad_norms(run_dir):
 def test_zero0_logs_the_gradient_norm_zero1_logs(prepared_data, run_storage, bare_runs, ray_session):
     """DeepSpeed leaves the norm unset under ZeRO-0 with a plain fp32 optimizer; the loop's own must be the same
     number ZeRO-1's optimizer reports for the same run (one worker, so only summation order differs)."""
-    from framework.schema import load_config
+    from framework.train.config import TRAIN
 
-    zero0, _ = train_bare(ray_session, load_config(run_overrides(
+    zero0, _ = train_bare(ray_session, TRAIN.from_overrides(run_overrides(
         prepared_data, run_storage, "bare-zero0", deepspeed="zero0", **{"run.num_workers": 1})))
     own, deepspeeds = _grad_norms(zero0), _grad_norms(bare_runs[1])
     assert sorted(own) == sorted(deepspeeds) and all(v > 0 for v in own.values())
@@ -140,16 +140,16 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_on_another_worker_count
     """It continues the same sample sequence, and its optimizer state (DeepSpeed's universal checkpoint), to
     the losses and weights of the run never interrupted."""
     from framework.train.checkpoint import latest_checkpoint, read_state
-    from framework.train.trainer import run
+    from framework.train.trainer import train
 
     name = f"elastic-zero{stage}-{'to1' if direction == '2→1' else 'to2'}"
     source, workers = (trained_runs[stage], 1) if direction == "2→1" else (bare_runs[stage], 2)
     copy_run_until(source, 10, os.path.join(run_storage, name))
-    cfg = load_config(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}", **{"run.num_workers": workers}))
+    cfg = TRAIN.from_overrides(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}", **{"run.num_workers": workers}))
     if workers == 1:
         train_bare(ray_session, cfg)
     else:
-        run(cfg)
+        train(cfg)
     resumed = os.path.join(run_storage, name)
     assert read_state(latest_checkpoint(resumed)).world_size == workers
     losses, steps = _losses(resumed)
@@ -166,12 +166,12 @@ def test_one_checkpoint_gives_one_validation_loss_on_any_worker_count_and_micro_
 ):
     """A finished run run again evaluates its final checkpoint: 2 workers × micro-batch 2 (as trained), 2 × 4 and 1 × 4
     (no Ray Train) measure the same mean over the same rows, to float summation order."""
-    from framework.train.trainer import run
+    from framework.train.trainer import train
 
     logged = [r for r in map(json.loads, open(os.path.join(trained_runs[1], "logs", "metrics.jsonl"))) if "val/loss" in r][-1]["val/loss"]
     overrides = run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero1", **{"run.micro_batch_size": 4})
-    two = run(load_config(overrides)).metrics
-    _, reports = train_bare(ray_session, load_config(overrides + ["run.num_workers=1"]))
+    two = train(TRAIN.from_overrides(overrides)).metrics
+    _, reports = train_bare(ray_session, TRAIN.from_overrides(overrides + ["run.num_workers=1"]))
     assert two["step"] == reports[-1]["step"] == 20
     assert two["val_loss"] == pytest.approx(logged, rel=1e-6, abs=0)
     assert reports[-1]["val_loss"] == pytest.approx(logged, rel=1e-6, abs=0)
@@ -230,10 +230,10 @@ def _trained_on_after_resuming(output: list) -> bool:
 
 
 def test_workers_that_cannot_fit_the_nodes_fail_before_training_with_the_numbers(prepared_data, run_storage, ray_session):
-    from framework.train.trainer import run
+    from framework.train.trainer import train
 
     with pytest.raises(ConfigError, match=r"^run.num_workers=3: 3 workers × 1 CPUs do not fit the cluster's nodes \(.*: 2 CPUs\): at most 2 fit"):
-        run(load_config(run_overrides(prepared_data, run_storage, "too-big", **{"run.num_workers": 3, "run.cpus_per_worker": 1,
+        train(TRAIN.from_overrides(run_overrides(prepared_data, run_storage, "too-big", **{"run.num_workers": 3, "run.cpus_per_worker": 1,
                                                                                 "run.global_batch_size": 12})))
 
 
@@ -261,16 +261,16 @@ def test_rerunning_a_run_name_with_other_settings_fails_before_ray(prepared_data
 def test_reprepared_shards_are_refused_and_the_same_shards_elsewhere_resume(prepared_data, run_storage, trained_runs, tmp_path, ray_session):
     """A run's checkpoints record the shards' fingerprint (tokenizer and every shard's content, not their path)."""
     from conftest import prep_overrides
-    from framework.data.prepare import run as prepare
+    from framework.data.prepare import prepare_shards
     from framework.train.plan import make_plan
 
     moved = tmp_path / "mounted-elsewhere"
     shutil.copytree(prepared_data, moved)
-    plan = make_plan(load_config(run_overrides(str(moved), run_storage, "zero1", deepspeed="zero1")))
+    plan = make_plan(TRAIN.from_overrides(run_overrides(str(moved), run_storage, "zero1", deepspeed="zero1")))
     assert plan.resume_from.endswith("checkpoint_00000020") and plan.resume_state.step == 20
 
     again = tmp_path / "again"
-    prepare(load_config(prep_overrides(str(again)) + ["data.tokenizer.vocab_size=1000"]))
+    prepare_shards(TRAIN.from_overrides(prep_overrides(str(again)) + ["data.tokenizer.vocab_size=1000"]).data)
     result = launch("train.py", *run_overrides(str(again), run_storage, "zero1", deepspeed="zero1"), timeout=180)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()
@@ -280,14 +280,14 @@ def test_reprepared_shards_are_refused_and_the_same_shards_elsewhere_resume(prep
 def test_fine_tuning_starts_from_the_local_hugging_face_model(prepared_data, run_storage, trained_runs, exports):
     """model=hf-local trains the folder's own weights: with a learning rate too small to move them, its
     validation loss is the one the exported run measured last on the same evaluation rows."""
-    from framework.train.trainer import run
+    from framework.train.trainer import train
 
     folder = exports[1]
     overrides = {
         "model": "hf-local", "model.pretrained_path": folder, "optim.lr": 1e-9, "optim.warmup_steps": 0,
         "run.max_steps": 2, "run.eval_interval": 2, "run.checkpoint_interval": 2,
     }
-    run(load_config(run_overrides(prepared_data, run_storage, "fine-tune", **overrides)))
+    train(TRAIN.from_overrides(run_overrides(prepared_data, run_storage, "fine-tune", **overrides)))
 
     def last_val_loss(run_dir):
         with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f:

@@ -235,11 +235,11 @@ def test_promoted_model_gives_the_trial_checkpoints_logits(finished, prepared_da
 @pytest.mark.slow
 def test_running_a_finished_sweep_again_resumes_it_without_training(finished, sweep_run, ray_session):
     from framework.tune.plan import plan_sweep
-    from framework.tune.runner import run
+    from framework.tune.runner import run_sweep
 
     table, best = finished
     checkpoints = sorted(glob.glob(os.path.join(sweep_run["sweep_dir"], "*", "checkpoint_*")))
-    again = run(plan_sweep(sweep_run["overrides"]))
+    again = run_sweep(plan_sweep(sweep_run["overrides"]))
     assert again.resumed and not again.interrupted
     assert list(again.table["trial"]) == list(table["trial"])
     assert list(again.table["final_val_loss"]) == pytest.approx(list(table["final_val_loss"]))
@@ -250,11 +250,11 @@ def test_running_a_finished_sweep_again_resumes_it_without_training(finished, sw
 @pytest.mark.slow
 def test_resuming_with_a_different_space_is_refused(finished, sweep_run):
     from framework.tune.plan import plan_sweep
-    from framework.tune.runner import run
+    from framework.tune.runner import run_sweep
 
     changed = [o.replace(LEARNING_RATES, "choice(3e-3,1e-2)") for o in sweep_run["overrides"]]
     with pytest.raises(ConfigError, match="^tune.name=lr-grid: a sweep of this name at .* was started with other settings"):
-        run(plan_sweep(changed))
+        run_sweep(plan_sweep(changed))
 
 
 @pytest.mark.slow
@@ -283,7 +283,7 @@ def pbt_sweep(prepared_data, ray_session, tmp_path_factory):
     """Two 1-worker trials of one learning rate drawn from a log interval; at step 10 (synchronous PBT)
     the worse clones the better one's checkpoint with its learning rate scaled by 0.8 or 1.2."""
     from framework.tune.plan import plan_sweep
-    from framework.tune.runner import run
+    from framework.tune.runner import run_sweep
 
     root = str(tmp_path_factory.mktemp("pbt"))
     overrides = [
@@ -294,7 +294,7 @@ def pbt_sweep(prepared_data, ray_session, tmp_path_factory):
         "tune.max_concurrent_trials=2", "tune.pbt.quantile_fraction=0.5", "tune.pbt.resample_probability=0", "tune.pbt.synch=true",
         "tune.name=pbt", f"tune.storage_path={root}", f"tune.output_dir={root}/pbt-results", "tune.promote=false", "tune.verbose=0",
     ]
-    return run(plan_sweep(overrides)), os.path.join(root, "pbt")
+    return run_sweep(plan_sweep(overrides)), os.path.join(root, "pbt")
 
 
 @pytest.mark.slow
@@ -405,7 +405,7 @@ def test_launch_tune_composes_config_yaml_with_the_asha_preset_unless_one_is_pic
     spec = importlib.util.spec_from_file_location("launch_tune", ROOT / "launch" / "tune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (module.main.config_name, module.main.default_groups) == ("config", ["tune=asha"])
+    assert (module.main.job.config_name, module.main.job.default_groups) == ("config", ("tune=asha",))
     assert submit.compose_job("tune", ["experiment=smoke"]).tune.scheduler == "asha"
     assert submit.compose_job("tune", ["tune=pbt", "experiment=smoke"]).tune.scheduler == "pbt"
 
@@ -421,14 +421,15 @@ def test_every_tune_preset_passes_its_checks_and_builds_its_search_and_scheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from framework.tune.plan import load_sweep
-    from framework.tune.runner import param_space, scheduler, search_algorithm
+    from framework.tune.algorithms import SCHEDULERS, SEARCHES
+    from framework.tune.runner import param_space
 
     schedulers = {"asha": ASHAScheduler, "pbt": PopulationBasedTraining, "fifo": FIFOScheduler}
     searches = {"random": BasicVariantGenerator, "grid": BasicVariantGenerator, "optuna": OptunaSearch}
     for extra in ([], ["experiment=smoke"]):
         sweep = load_sweep([f"tune={preset}", *extra])
-        assert isinstance(scheduler(sweep), schedulers[sweep.tune.scheduler])
-        search = search_algorithm(sweep)
+        assert isinstance(SCHEDULERS.get(sweep.tune.scheduler).build(sweep), schedulers[sweep.tune.scheduler])
+        search = SEARCHES.get(sweep.tune.search).build(sweep)
         assert isinstance(getattr(search, "searcher", search), searches[sweep.tune.search])
         assert set(param_space(sweep)) == set(sweep.params) and sweep.params
         if sweep.tune.scheduler == "pbt":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import ray
@@ -33,7 +33,6 @@ from framework.data.sources import (
 )
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from framework.model import pad_token_id
-from framework.schema import Config
 
 
 def split_of(key: bytes, val_fraction: float) -> str:
@@ -155,9 +154,8 @@ def clear_previous(output_dir: str) -> None:
             fs.delete_dir(f"{path}/{name}")
 
 
-def run(cfg: Config) -> Dict[str, Any]:
-    """Prepare `cfg.data` into `cfg.data.output_dir`; returns the manifest."""
-    data = cfg.data
+def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[str, Any]:
+    """Prepare `data` into `data.output_dir` with Ray tasks on the cluster at `ray_address` (run.ray_address); returns the manifest."""
     output_dir = absolute(data.output_dir)
     started = time.time()
     files = list_source_files(data.sources)
@@ -175,7 +173,7 @@ def run(cfg: Config) -> Dict[str, Any]:
         tokenizer_sha = directory_sha256(tmp)
         storage.upload_dir(tmp, storage.join(output_dir, TOKENIZER_DIR))
 
-    connect(cfg.run.ray_address)
+    connect(ray_address)
     tokenizer_ref = ray.put(tokenizer)
     pending = {tokenize_and_pack.remote(t, parts, tokenizer_ref, data, output_dir): t for t, parts in enumerate(plan_tasks(files, data))}
     results: Dict[int, Dict[str, Any]] = {}

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import unicodedata
+import sysconfig
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, List, Optional, Tuple
 
@@ -230,3 +232,9 @@ def normalise(text: str) -> str:
 def document_key(text: str) -> bytes:
     """A document's identity: the sha256 of its normalised content (duplicates share it, and so their split)."""
     return hashlib.sha256(normalise(text).encode()).digest()
+
+
+def stdlib_prompts(count: int) -> List[str]:
+    """`count` prompts of varied length: runs of consecutive stdlib source lines (real text every machine has)."""
+    lines = [line for line in (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text().splitlines() if line.strip()]
+    return ["\n".join(lines[i * 3 % len(lines) : i * 3 % len(lines) + 1 + i % 4]) for i in range(count)]

@@ -26,15 +26,14 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from omegaconf import DictConfig
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from framework.config import ConfigError
 from framework.serve import routes
-from framework.serve.config import ServeConfig, check_model, compose_serve_config, to_serve_config, validate_serve
+from framework.serve.config import ServeConfig, check_model_path, compose_serve_config, to_serve_config
 from framework.serve.engine import Delta, GenerationFailed
-from framework.serve.folder import default_model_id
+from framework.hf_folder import default_model_id
 from framework.serve.ingress import HEALTH_ROUTE, IngressChecks, IngressPolicy, ingress_environment, read_api_key
 from framework.serve.protocol import (
     APIError,
@@ -131,7 +130,7 @@ class LLMServer:
         self.metrics = ReplicaState.metrics = ServingMetrics()
         ReplicaState.policy = IngressPolicy(cfg.api_key_env, key, cfg.route_prefix, cfg.max_request_bytes)
         batching = Batching(cfg.max_sequences, cfg.max_batch_tokens, cfg.kv_cache_blocks, cfg.kv_block_size)
-        self.engine = load_engine(check_model(cfg), batching, cfg.dtype, "cuda" if cfg.num_gpus > 0 else "cpu")
+        self.engine = load_engine(check_model_path(cfg), batching, cfg.dtype, "cuda" if cfg.num_gpus > 0 else "cpu")
         self.model_id = cfg.model_name or default_model_id(cfg.model_path)
         self.created = now()
         self.cfg = cfg
@@ -254,7 +253,7 @@ def build(cfg: ServeConfig) -> serve.Application:
 def config_from_args(args: Dict[str, Any]) -> ServeConfig:
     """A checked ServeConfig from Serve's builder args (see `compose_serve_config`), its model folder checked too."""
     cfg = compose_serve_config(args)
-    check_model(cfg)
+    check_model_path(cfg)
     return cfg
 
 
@@ -271,14 +270,13 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
-def run(cfg: DictConfig) -> None:
+def serve_model(serve_cfg: ServeConfig) -> None:
     """launch/serve.py: connect to Ray, deploy, and serve until interrupted.
 
     A local cluster started here inherits this process's environment, so its proxies apply the
     ingress checks (framework/serve/ingress.py); a cluster started elsewhere needs them in its nodes' environment."""
     from framework.cluster import connect
 
-    serve_cfg = validate_serve(to_serve_config(cfg))
     os.environ.update(ingress_environment(serve_cfg.api_key_env, serve_cfg.route_prefix, serve_cfg.max_request_bytes))
     connect(serve_cfg.ray_address)
     deploy(serve_cfg, blocking=True)

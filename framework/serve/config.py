@@ -1,7 +1,7 @@
 """Serving config: the `serve.*` schema (Hydra ConfigStore) and the checks a schema cannot express.
 
 `conf/serve.yaml` names `serve_schema` first in its defaults, so a misspelt `serve.*` key or a wrong
-type fails at composition; `check_serve_config` then checks ranges, combinations and the model folder,
+type fails at composition; `load_serve` then checks ranges, combinations and the model folder,
 all before Ray or Serve start.
 """
 
@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig
 
-from framework.config import ConfigError, compose, one_line, register, require, typed
-from framework.model import DTYPES
+from framework.config import ConfigError, Job, compose, one_line, register, require, typed
+from framework.hf_folder import DTYPE_NAMES
 from framework.serve.ingress import read_api_key
 
 
@@ -77,7 +77,7 @@ class ServeRoot:
 # Registered on import (`conf/serve.yaml` names it) so that `compose(..., "serve")` finds it from any entry point.
 register("serve_schema", ServeRoot)
 
-_DTYPES = ("auto", *DTYPES)
+_DTYPES = ("auto", *DTYPE_NAMES)
 
 
 def to_serve_config(cfg: DictConfig | Dict[str, Any]) -> ServeConfig:
@@ -134,18 +134,12 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
 def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
     """A checked ServeConfig from a preset and serve.* keys, as Serve's builder args give them: `preset` (a
     conf/serve/ name, default "default") plus any keys, e.g. {"preset": "gpu", "model_path": "/models/best.json"}."""
-    from hydra import compose as compose_in_app
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     args = dict(args)
     overrides = [f"serve={args.pop('preset', 'default')}"]
     try:
-        # Inside a running Hydra app (launch/bench.py) Hydra is initialised already and composes from conf/.
-        if GlobalHydra.instance().is_initialized():
-            preset = compose_in_app(config_name="serve", overrides=overrides)
-        else:
-            preset = compose(overrides, "serve")
+        preset = compose(overrides, "serve")
         # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
         cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
     except ConfigError:
@@ -155,9 +149,9 @@ def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
     return validate_serve(cfg)
 
 
-def check_model(serve: ServeConfig) -> Path:
+def check_model_path(serve: ServeConfig) -> Path:
     """The model folder, checked whole, and checked to fit the KV cache: one sequence of its full context."""
-    from framework.serve.folder import check_model_folder, model_context, resolve_model_path
+    from framework.hf_folder import check_model_folder, model_context, resolve_model_path
 
     folder = resolve_model_path(serve.model_path)
     check_model_folder(folder)
@@ -168,15 +162,19 @@ def check_model(serve: ServeConfig) -> Path:
     return folder
 
 
-def check_serve_config(cfg: DictConfig) -> None:
-    """The check for `launch/serve.py`: schema, ranges, then the model folder itself (before Serve starts)."""
+def load_serve(cfg: DictConfig) -> ServeConfig:
+    """`launch/serve.py`'s root: schema, ranges, then the model folder itself (before Serve starts)."""
     serve = validate_serve(to_serve_config(cfg))
-    check_model(serve)
+    check_model_path(serve)
     # On the local cluster the replicas inherit this process's environment, so a missing key shows now.
     local = serve.ray_address is None and not os.environ.get("RAY_ADDRESS")
     if serve.api_key_env and local and read_api_key(serve.api_key_env) is None:
         raise ConfigError(f"serve.api_key_env={serve.api_key_env}: environment variable {serve.api_key_env} is not set "
                           f"(or blank)")
+    return serve
 
 
-__all__ = ["ConfigError", "ServeConfig", "check_model", "check_serve_config", "compose_serve_config", "to_serve_config", "validate_serve"]
+SERVE = Job("serve", load=load_serve)
+
+
+__all__ = ["SERVE", "ConfigError", "ServeConfig", "check_model_path", "compose_serve_config", "load_serve", "to_serve_config", "validate_serve"]

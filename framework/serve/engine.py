@@ -34,7 +34,7 @@ from transformers.generation.continuous_batching import RequestStatus
 
 from framework.model import pad_token_id
 from framework.model import torch_dtype as model_dtype
-from framework.serve.folder import context_length
+from framework.hf_folder import context_length
 from framework.serve.prompts import PromptEncoder
 from framework.serve.sampling import SLOT, SamplerList, SamplingParams, SequenceSampler, SequenceState, TokenLogprob, top_logprobs
 from framework.serve.text import TextTracker

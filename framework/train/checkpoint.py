@@ -41,7 +41,7 @@ import torch
 from omegaconf import OmegaConf
 
 from framework import storage
-from framework.schema import Config
+from framework.train.config import TrainRoot
 
 DEEPSPEED_TAG = "deepspeed"
 TRAIN_STATE = "train_state.json"
@@ -64,7 +64,7 @@ class TrainState:
     data_fingerprint: str = ""  # the shards trained on (framework/data/shards.py: fingerprint)
 
 
-def save(engine: Any, directory: str, state: TrainState, cfg: Config, tokenizer_uri: str, probe: torch.Tensor, rank: int) -> None:
+def save(engine: Any, directory: str, state: TrainState, cfg: TrainRoot, tokenizer_uri: str, probe: torch.Tensor, rank: int) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (all ranks must call it: the probe is a collective under ZeRO-3)."""
     from safetensors.torch import save_file
 
@@ -199,13 +199,13 @@ ADDED_KEYS = {
 }
 
 
-def read_config(directory: str) -> Config:
+def read_config(directory: str) -> TrainRoot:
     """The config a checkpoint (a local directory or a URI) was trained with, typed."""
     saved = OmegaConf.create(storage.read_text(storage.join(directory, CONFIG)))
     for key, value in ADDED_KEYS.items():
         if OmegaConf.select(saved, key, default="absent") == "absent":
             OmegaConf.update(saved, key, value, force_add=True)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainRoot), saved))
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -243,9 +243,9 @@ RESUME_KEYS = (
 )
 
 
-def resume_conflicts(saved: Config, cfg: Config) -> List[Tuple[str, Any, Any]]:
+def resume_conflicts(saved: TrainRoot, cfg: TrainRoot) -> List[Tuple[str, Any, Any]]:
     """(key, checkpoint's value, config's value) for every RESUME_KEYS value that differs."""
-    def get(c: Config, key: str) -> Any:
+    def get(c: TrainRoot, key: str) -> Any:
         group, name = key.split(".")
         return getattr(getattr(c, group), name)
 

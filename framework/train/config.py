@@ -1,13 +1,25 @@
-"""The schemas of `conf/deepspeed/*`, `conf/optim/*` and `conf/run/*`, read by the training plan and loop, and their checks."""
+"""The training tree of `conf/config.yaml`: its root `TrainRoot`, the `deepspeed`, `optim` and `run` groups' schemas, and the checks.
+
+The root assembles each group's dataclass from the module that reads it (`framework/model.py`,
+`framework/data/config.py`, this file); `validate` runs every group's rules and the cross-group ones,
+all before any Ray work. The optional `tune` group (a sweep) is typed by the sweep itself
+(`framework/tune/config.py`): training never reads it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
-from framework.config import require
+from framework.config import Job, optional_group, register, require, typed
+from framework.data.config import DataConfig, check_data
+from framework.model import ModelConfig, check_model_config
+
+# optim.name → the torch.optim class framework/train/optim.py builds; both take lr, betas, eps and
+# weight_decay (Adam's as an L2 term, AdamW's decoupled), so one OptimConfig serves both.
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -134,8 +146,6 @@ def check_deepspeed(ds: DeepSpeedConfig) -> None:
 
 
 def check_optim(optim: OptimConfig, max_steps: int) -> None:
-    from framework.train.optim import OPTIMIZERS
-
     require(optim.name in OPTIMIZERS, "optim.name", optim.name, f"expected one of {tuple(OPTIMIZERS)}")
     require(optim.lr > 0, "optim.lr", optim.lr, "expected a positive learning rate")
     require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", optim.min_lr_ratio, "expected a value in [0, 1]")
@@ -148,3 +158,50 @@ def check_optim(optim: OptimConfig, max_steps: int) -> None:
         require(0 <= getattr(optim, key) < 1, f"optim.{key}", getattr(optim, key), "expected a value in [0, 1)")
     require(optim.eps > 0, "optim.eps", optim.eps, "expected a positive number")
     require(optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip, "expected 0 (off) or a positive norm")
+
+
+@dataclass
+class TrainRoot:
+    """The composed `conf/config.yaml`: what prep, training, export of a run, and a sweep (with `tune`) read."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # `tune=<preset>` selects a sweep (launch/tune.py); absent from training runs. Typed as TuneConfig by
+    # the sweep (framework/tune/plan.py), the one reader of it.
+    tune: Optional[Any] = optional_group()
+
+
+# `conf/config.yaml` names it first in its defaults: misspelt keys and wrong types fail at composition.
+register("config_schema", TrainRoot)
+
+TRAINING_GROUPS = ("model", "data", "deepspeed", "optim", "run")
+
+
+def validate(cfg: TrainRoot) -> TrainRoot:
+    """Check every training group's rules and the rules across groups; raises ConfigError naming the first bad key."""
+    check_run(cfg.run)
+    check_deepspeed(cfg.deepspeed)
+    check_optim(cfg.optim, cfg.run.max_steps)
+    check_data(cfg.data)
+    check_model_config(cfg.model, cfg.data.seq_len)
+    return cfg
+
+
+def to_train_root(cfg: DictConfig) -> TrainRoot:
+    """A composed DictConfig as the typed, validated TrainRoot (the `tune` node checked by the sweep, not here)."""
+    return validate(typed(TrainRoot, cfg, ""))
+
+
+# launch/prep.py and launch/train.py: conf/config.yaml → TrainRoot.
+TRAIN = Job("config", load=to_train_root)
+
+
+def training_overrides(overrides: Sequence[str]) -> List[str]:
+    """The overrides among a command line that configure training (not `tune*`, not `hydra.*`)."""
+    def group(o: str) -> str:
+        return o.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
+
+    return [o for o in overrides if group(o) not in ("tune", "hydra")]

@@ -31,7 +31,7 @@ from framework.data.shards import MASK_COLUMN, SEGMENTS_COLUMN
 from framework.data.stream import ShardReader, TrainBatches, split_blocks, target_tokens
 from framework.evaluate import loss_sums, metrics
 from framework.model import build_model, flops_per_token, peak_tflops, torch_dtype, trainable_params
-from framework.schema import Config
+from framework.train.config import TrainRoot
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
 from framework.train.metrics import MetricsLogger, peak_memory_gb, quiet_worker_logs, say
@@ -40,7 +40,7 @@ from framework.train.plan import TrainPlan
 from framework.train.session import Session
 
 
-def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, load_universal: bool = False) -> Dict[str, Any]:
+def deepspeed_config(cfg: TrainRoot, world_size: int, use_gpu: bool, load_universal: bool = False) -> Dict[str, Any]:
     """DeepSpeed's JSON config from `conf/deepspeed/*` and the batch settings in `conf/run/*`."""
     run, ds = cfg.run, cfg.deepspeed
     dtype = torch_dtype(run.precision, use_gpu)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, List
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from framework.train.config import OptimConfig
-
-# optim.name → the torch optimizer; both take lr, betas, eps and weight_decay (Adam's as an L2 term,
-# AdamW's decoupled), so one OptimConfig serves both.
-OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+from framework.train.config import OPTIMIZERS, OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -26,7 +22,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     """`optim.name`'s optimizer over the model's trainable parameters."""
-    return OPTIMIZERS[optim.name](
+    return getattr(torch.optim, OPTIMIZERS[optim.name])(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
     )
 

@@ -19,7 +19,7 @@ from framework import storage
 from framework.config import ConfigError, absolute
 from framework.data.sampler import evaluation_rows
 from framework.data.shards import read_manifest
-from framework.schema import Config, validate
+from framework.train.config import TrainRoot, validate
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
 from framework.train.config import RunConfig
@@ -27,7 +27,7 @@ from framework.train.config import RunConfig
 
 @dataclass
 class TrainPlan:
-    config: Config  # validated, local paths absolute
+    config: TrainRoot  # validated, local paths absolute
     manifest: Dict[str, Any]
     model_config: Any  # the transformers config, sized to the shards' tokenizer
     eval_rows: np.ndarray  # validation rows every evaluation measures (framework/data/sampler.py)
@@ -46,7 +46,7 @@ class TrainPlan:
         return storage.join(self.data_dir, self.manifest["tokenizer"])
 
 
-def resolve_paths(cfg: Config) -> Config:
+def resolve_paths(cfg: TrainRoot) -> TrainRoot:
     """Absolute local paths: Ray workers do not run in the driver's directory."""
     run = replace(cfg.run, storage_path=absolute(cfg.run.storage_path))
     data = replace(cfg.data, output_dir=absolute(cfg.data.output_dir))
@@ -54,7 +54,7 @@ def resolve_paths(cfg: Config) -> Config:
     return replace(cfg, run=run, data=data, model=model)
 
 
-def check_shards(cfg: Config, manifest: Dict[str, Any]) -> None:
+def check_shards(cfg: TrainRoot, manifest: Dict[str, Any]) -> None:
     """The shards must match the config, hold a global batch, and hold the evaluation set asked for."""
     run, data = cfg.run, cfg.data
     if manifest["seq_len"] != data.seq_len:
@@ -72,7 +72,7 @@ def check_shards(cfg: Config, manifest: Dict[str, Any]) -> None:
         )
 
 
-def model_config_for(cfg: Config, manifest: Dict[str, Any]) -> tuple:
+def model_config_for(cfg: TrainRoot, manifest: Dict[str, Any]) -> tuple:
     """The transformers config of the model, sized to the shards' tokenizer (vocabulary, special tokens), and the probe ids."""
     from transformers import AutoTokenizer
 
@@ -92,7 +92,7 @@ def model_config_for(cfg: Config, manifest: Dict[str, Any]) -> tuple:
     return config, probe_ids(tokenizer, config)
 
 
-def check_resume(cfg: Config, manifest: Dict[str, Any], run_dir: str) -> tuple[Optional[str], Optional[TrainState]]:
+def check_resume(cfg: TrainRoot, manifest: Dict[str, Any], run_dir: str) -> tuple[Optional[str], Optional[TrainState]]:
     """The checkpoint a run of this name resumes, and its state; refuses one trained with other settings or other shards."""
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is None:
@@ -114,12 +114,12 @@ def check_resume(cfg: Config, manifest: Dict[str, Any], run_dir: str) -> tuple[O
     return latest, state
 
 
-def log_dir(cfg: Config) -> str:
+def log_dir(cfg: TrainRoot) -> str:
     """TensorBoard events and metrics.jsonl: `logs/` beside the run's checkpoints, on local or object storage."""
     return storage.join(cfg.run.storage_path, cfg.run.name, "logs")
 
 
-def make_plan(cfg: Config) -> TrainPlan:
+def make_plan(cfg: TrainRoot) -> TrainPlan:
     """Everything a training run of `cfg` needs, read and checked once; raises ConfigError before any cluster work."""
     cfg = resolve_paths(validate(cfg))
     manifest = read_manifest(cfg.data.output_dir)

@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from framework import storage
 from framework.cluster import connect
 from framework.config import RunError
-from framework.schema import Config
+from framework.train.config import TrainRoot
 from framework.train.checkpoint import mark_complete
 from framework.train.plan import TrainPlan, make_plan, node_resources, size_workers
 
@@ -136,7 +136,7 @@ def fit(plan: TrainPlan, resources: Dict[str, float], callbacks: Optional[List[A
             os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous
 
 
-def run(cfg: Config) -> ray.train.Result:
+def train(cfg: TrainRoot) -> ray.train.Result:
     """Train `cfg` to run.max_steps (resuming a run of the same name) and return Ray Train's Result."""
     plan = make_plan(cfg)  # everything that can be checked without a cluster is, before one is started or joined
     c = plan.config
@@ -156,10 +156,10 @@ def run(cfg: Config) -> ray.train.Result:
     return result
 
 
-def run_bare(cfg: Config) -> Tuple[TrainPlan, List[Dict[str, Any]]]:
+def run_bare(cfg: TrainRoot) -> Tuple[TrainPlan, List[Dict[str, Any]]]:
     """Train `cfg` in this one process on a bare session (no Ray Train; run.num_workers must be 1); gives its plan and reports.
 
-    The benchmark's baseline (framework/train/bench.py): the same loop, data path and checkpoints.
+    The benchmark's baseline (framework/bench/train.py): the same loop, data path and checkpoints.
     """
     from framework.train.loop import train
     from framework.train.session import LocalSession

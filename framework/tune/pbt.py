@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from framework.config import require
-from framework.schema import Config
 from framework.train import checkpoint
 from framework.train.plan import TrainPlan
-from framework.tune.config import TuneConfig
 from framework.tune.space import Param
-
-if TYPE_CHECKING:
-    from framework.tune.plan import Sweep
+from framework.tune.sweep import Sweep
 
 # What a clone really trains with after resuming another trial's checkpoint: the values
 # apply_optim_settings sets on the restored engine, and the schedule's shape.
@@ -36,8 +32,9 @@ EXPLORABLE = (
 )
 
 
-def check_pbt(tune: TuneConfig, base: Config, params: Mapping[str, Param]) -> None:
+def check_pbt(sweep: Sweep) -> None:
     """PBT's rules; raises ConfigError naming the first bad `tune.*` key."""
+    tune, base, params = sweep.tune, sweep.base, sweep.params
     p = tune.pbt
     require(tune.search == "random", "tune.search", tune.search, "PBT draws its own population; use tune.search=random")
     interval = base.run.checkpoint_interval
@@ -74,7 +71,7 @@ class KeepInRanges:
         return config
 
 
-def scheduler(sweep: "Sweep") -> Any:
+def scheduler(sweep: Sweep) -> Any:
     """Tune's PopulationBasedTraining over the space's sampled keys."""
     from ray.tune.schedulers import PopulationBasedTraining
 

@@ -1,7 +1,7 @@
 """The checked sweep, planned once in the driver before any trial: its settings, its space, and every corner planned as a run.
 
 A sweep is the training config (the command line's overrides of `conf/config.yaml`) plus the `tune`
-group. Two steps, as for training (`framework.schema.check`, then `framework.train.plan.make_plan`):
+group. Two steps, as for training (`framework.train.config.to_train_root`, then `framework.train.plan.make_plan`):
 
   `check_sweep`     the config alone: the tune node typed, the space parsed (framework/tune/space.py),
                     the rules of its search and scheduler, and every corner of the space applied to the
@@ -21,148 +21,27 @@ no trial composes anything itself.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework import storage
-from framework.config import CONF_DIR, ConfigError, absolute, compose, one_line, require, typed, with_default_groups
-from framework.schema import Config, load_config, to_config, training_overrides, validate
-from framework.train.plan import TrainPlan, make_plan, resolve_paths
-from framework.tune import pbt
+from framework.config import ConfigError, Job, absolute, one_line, require, typed
+from framework.train.config import TRAIN, TrainRoot, to_train_root, training_overrides
+from framework.train.plan import make_plan, resolve_paths
+from framework.tune.algorithms import SCHEDULERS, SEARCHES
 from framework.tune.config import TuneConfig
-from framework.tune.space import Param, format_value, parse_space, plain
+from framework.tune.space import Param, format_value, parse_space
 from framework.tune.space import corners as space_corners
+from framework.tune.sweep import GroupChoice, Sweep, SweepPlan, option_error, rejection, apply_values, config_groups
 
-# launch/tune.py selects this preset unless the command line picks one (hydra_entry's default_groups).
-DEFAULT_GROUPS = ["tune=asha"]
 # What the training loop reports at every evaluation (framework/train/loop.py).
 METRICS = ("val_loss", "val_perplexity", "train_loss")
-SEARCHES = ("random", "grid", "optuna")
-SCHEDULERS = ("fifo", "asha", "pbt")
 # Trials share one set of prepared shards, and the sweep names, stores and places their runs.
 OWNED_KEYS = ("data", "run.name", "run.storage_path", "run.ray_address", "tune", "hydra")
 # The run name a corner is planned under: no run of that name exists, so it resumes nothing.
 CORNER_RUN = "corner-check"
-
-# Which option of each config group the space names a trial takes: ((key, option), ...), () for none.
-GroupChoice = Tuple[Tuple[str, str], ...]
-
-
-@dataclass
-class Sweep:
-    """A sweep checked against the config alone (`check_sweep`)."""
-
-    tune: TuneConfig  # typed; storage_path and output_dir absolute
-    params: Dict[str, Param]
-    # The command line's training overrides; None in launch/tune.py's first check (see the module docstring).
-    base_overrides: Optional[List[str]]
-    base: Config  # the command line's training config: validated, local paths absolute, no tune node
-    # The composed training config of every combination of the space's config-group options.
-    bases: Dict[GroupChoice, Config]
-    corners: List[Tuple[str, Config]]  # every corner of the space: the words its errors start with, its config
-
-    @property
-    def sweep_dir(self) -> str:
-        """Every trial's Train run, Tune's experiment (tune/) and sweep.json: <tune.storage_path>/<tune.name>."""
-        return storage.join(self.tune.storage_path, self.tune.name)
-
-    @property
-    def experiment_dir(self) -> str:
-        return storage.join(self.sweep_dir, "tune")
-
-    @property
-    def group_keys(self) -> List[str]:
-        return [key for key, param in self.params.items() if param.name in config_groups()]
-
-    @property
-    def trial_count(self) -> int:
-        """Trials the sweep runs: num_samples, times the grid's size under grid search."""
-        grid = math.prod(len(p.values) for p in self.params.values() if p.listed) if self.tune.search == "grid" else 1
-        return grid * self.tune.num_samples
-
-    @property
-    def last_step(self) -> int:
-        """The most steps any trial trains (run.max_steps may itself be swept)."""
-        return max(config.run.max_steps for config in [self.base, *(c for _, c in self.corners)])
-
-    def fingerprint(self) -> Dict[str, Any]:
-        """What decides a sweep's trials; a sweep resumed under the same name must not differ in any of it."""
-        t = self.tune
-        return {
-            "base_overrides": self.base_overrides,
-            "space": {key: param.text for key, param in self.params.items()},
-            "search": t.search, "scheduler": t.scheduler, "metric": t.metric, "mode": t.mode,
-            "num_samples": t.num_samples, "seed": t.seed,
-        }
-
-    def named(self, config: Config, name: str) -> Config:
-        """`config` as the Train run `<tune.name>/<name>` under the sweep's storage."""
-        return replace(config, run=replace(config.run, name=f"{self.tune.name}/{name}", storage_path=self.tune.storage_path))
-
-    def trial_config(self, values: Mapping[str, Any], name: str) -> Config:
-        """The training config of the trial `name` with the values Tune chose for it."""
-        return self.named(apply_values(self, {key: plain(value) for key, value in values.items()}), name)
-
-    def uri(self, path: str) -> str:
-        """A checkpoint's path as Ray reports it (inside its filesystem) as a URI of the sweep's storage."""
-        root = self.tune.storage_path
-        return f"{root.split('://', 1)[0]}://{path}" if "://" in root and "://" not in path else path
-
-
-@dataclass
-class SweepPlan(Sweep):
-    """A sweep planned against the prepared shards (`make_sweep_plan`): what the runner and every trial read."""
-
-    base_plan: TrainPlan  # the command line's own config, planned as a run
-    corner_plans: List[Tuple[str, TrainPlan]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Config groups and applying a trial's values
-
-@functools.lru_cache(maxsize=None)
-def config_groups() -> frozenset:
-    """The config groups of conf/ (a space key naming one swaps its option)."""
-    return frozenset(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-
-
-def _option_error(group: str, option: Any) -> Optional[str]:
-    if (CONF_DIR / group / f"{option}.yaml").is_file():
-        return None
-    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-    return f"'{option}' is not an option of the config group {group} ({', '.join(options)})"
-
-
-def apply_values(sweep: Sweep, values: Mapping[str, Any]) -> Config:
-    """The training config of a trial with these values, validated: its config-group options' composed
-    config (the base without base overrides: only their existence was checked), the other values applied
-    as Hydra applies an override (struct mode: a key the schema lacks needs `+`)."""
-    groups = sweep.group_keys
-    choice = tuple((key, format_value(values[key])) for key in groups if key in values)
-    config = sweep.bases.get(choice, sweep.base)
-    tree = OmegaConf.structured(config)
-    for key, value in values.items():
-        if key in groups:
-            continue
-        adds = key.startswith("+")
-        OmegaConf.set_struct(tree, not adds)
-        OmegaConf.update(tree, key.lstrip("+"), value, merge=True)
-    OmegaConf.set_struct(tree, True)
-    return validate(OmegaConf.to_object(tree))
-
-
-def _reason(exc: Exception) -> str:
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-        return f"not a key of the training config ({one_line(exc)})"
-    return one_line(exc)
-
 
 # ---------------------------------------------------------------------------------------------
 # Checks
@@ -179,42 +58,24 @@ def check_space(params: Mapping[str, Param]) -> None:
         if param.name in groups:
             require(param.kind != "interval", f"tune.space.{key}", param.text, "a config group takes option names: choice(a, b)")
             for option in param.values:
-                error = _option_error(param.name, option)
+                error = option_error(param.name, option)
                 if error:
                     raise ConfigError(f"tune.space.{key}: {param.text} gives {format_value(option)}: {error}")
 
 
-def check_tune(tune: TuneConfig, base: Config, params: Mapping[str, Param]) -> None:
+def check_tune(sweep: Sweep) -> None:
     """The rules of a sweep's settings, search and scheduler; raises ConfigError naming the first bad `tune.*` key."""
+    tune = sweep.tune
     require(bool(tune.name) and "/" not in tune.name, "tune.name", tune.name, "expected a name without '/'")
-    require(tune.search in SEARCHES, "tune.search", tune.search, f"expected one of {SEARCHES}")
-    require(tune.scheduler in SCHEDULERS, "tune.scheduler", tune.scheduler, f"expected one of {SCHEDULERS}")
+    search, scheduler = SEARCHES.get(tune.search), SCHEDULERS.get(tune.scheduler)
     require(tune.metric in METRICS, "tune.metric", tune.metric, f"expected a metric the training loop reports: {METRICS}")
     require(tune.mode in ("min", "max"), "tune.mode", tune.mode, "expected min or max")
     require(tune.num_samples >= 1, "tune.num_samples", tune.num_samples, "expected at least 1")
     require(tune.max_concurrent_trials >= 1, "tune.max_concurrent_trials", tune.max_concurrent_trials, "expected at least 1")
     require(tune.verbose in (0, 1, 2), "tune.verbose", tune.verbose, "expected 0, 1 or 2")
     require("://" not in tune.output_dir, "tune.output_dir", tune.output_dir, "expected a local directory")
-    sampled = [p for p in params.values() if p.sampled]
-    if tune.search == "grid":
-        for p in sampled:
-            require(p.listed, f"tune.space.{p.key}", p.text, "grid search takes lists of values: choice(a, b, ...) or range(start, stop, step)")
-    if tune.search == "optuna":
-        for p in sampled:
-            require(
-                all(isinstance(v, (str, int, float, bool)) for v in p.values), f"tune.space.{p.key}", p.text,
-                "Optuna chooses among numbers, strings and booleans",
-            )
-    if tune.scheduler == "asha":
-        asha = tune.asha
-        require(asha.grace_period >= 1, "tune.asha.grace_period", asha.grace_period, "expected at least 1 step")
-        require(
-            asha.grace_period < base.run.max_steps, "tune.asha.grace_period", asha.grace_period,
-            f"expected fewer steps than run.max_steps={base.run.max_steps}, or no trial can be stopped early",
-        )
-        require(asha.reduction_factor >= 2, "tune.asha.reduction_factor", asha.reduction_factor, "expected at least 2")
-    if tune.scheduler == "pbt":
-        pbt.check_pbt(tune, base, params)
+    search.check(sweep)
+    scheduler.check(sweep)
 
 
 def to_tune_config(cfg: DictConfig) -> TuneConfig:
@@ -229,19 +90,19 @@ def to_tune_config(cfg: DictConfig) -> TuneConfig:
     return replace(tune, storage_path=absolute(tune.storage_path), output_dir=absolute(tune.output_dir))
 
 
-def _compose_bases(sweep_params: Mapping[str, Param], groups: Sequence[str], base_overrides: List[str]) -> Dict[GroupChoice, Config]:
+def _compose_bases(sweep_params: Mapping[str, Param], groups: Sequence[str], base_overrides: List[str]) -> Dict[GroupChoice, TrainRoot]:
     """The training config of every combination of the config-group options the space names, composed as its trials are."""
-    bases: Dict[GroupChoice, Config] = {}
+    bases: Dict[GroupChoice, TrainRoot] = {}
     for combination in itertools.product(*[[(key, v) for v in sweep_params[key].values] for key in groups]):
         overrides = [sweep_params[key].override(v) for key, v in combination]
         try:
-            config = load_config(base_overrides + overrides)
+            config = TRAIN.from_overrides(base_overrides + overrides)
         except Exception as exc:  # noqa: BLE001 - every rejection ends as one line naming the option
             key, value = combination[0]
             words = f"tune.space.{key}: {sweep_params[key].text} gives {format_value(value)}" if len(combination) == 1 else (
                 "tune.space: the trial " + " ".join(overrides)
             )
-            raise ConfigError(f"{words}: {_reason(exc)}") from None
+            raise ConfigError(f"{words}: {rejection(exc)}") from None
         bases[tuple((key, format_value(v)) for key, v in combination)] = replace(resolve_paths(config), tune=None)
     return bases
 
@@ -254,24 +115,19 @@ def check_sweep(cfg: DictConfig, base_overrides: Optional[List[str]] = None) -> 
     value `validate` rejects). `base_overrides` are the command line's training overrides.
     """
     tune = to_tune_config(cfg)
-    base = replace(resolve_paths(to_config(cfg)), tune=None)
+    base = replace(resolve_paths(to_train_root(cfg)), tune=None)
     params = parse_space(tune.space)
     check_space(params)
-    check_tune(tune, base, params)
     sweep = Sweep(tune, params, None if base_overrides is None else list(base_overrides), base, {}, [])
+    check_tune(sweep)
     if base_overrides is not None and sweep.group_keys:
         sweep.bases = _compose_bases(params, sweep.group_keys, sweep.base_overrides)
     for words, values in space_corners(params):
         try:
             sweep.corners.append((words, apply_values(sweep, values)))
         except Exception as exc:  # noqa: BLE001 - every rejection ends as one line naming the key
-            raise ConfigError(f"{words}: {_reason(exc)}") from None
+            raise ConfigError(f"{words}: {rejection(exc)}") from None
     return sweep
-
-
-def check(cfg: DictConfig) -> None:
-    """launch/tune.py's check before Hydra runs the job, and `launch/submit.py tune`'s: `check_sweep` without the overrides."""
-    check_sweep(cfg)
 
 
 def make_sweep_plan(cfg: DictConfig, base_overrides: List[str]) -> SweepPlan:
@@ -299,11 +155,10 @@ def plan_sweep(overrides: Sequence[str] = ()) -> SweepPlan:
     return make_sweep_plan(*_compose(overrides))
 
 
-def _compose(overrides: Sequence[str]) -> Tuple[DictConfig, List[str]]:
-    overrides = with_default_groups(list(overrides), DEFAULT_GROUPS)
+def _compose(overrides: Sequence[str]) -> tuple[DictConfig, List[str]]:
     try:
-        return compose(overrides), training_overrides(overrides)
-    except Exception as exc:  # noqa: BLE001 - composition errors become the one line hydra_entry prints
+        return SWEEP.compose(overrides), training_overrides(overrides)
+    except Exception as exc:  # noqa: BLE001 - composition errors become the one line the entry point prints
         raise ConfigError(one_line(exc)) from None
 
 
@@ -312,3 +167,9 @@ def plan_from_hydra(cfg: DictConfig) -> SweepPlan:
     from hydra.core.hydra_config import HydraConfig
 
     return make_sweep_plan(cfg, training_overrides(list(HydraConfig.get().overrides.task)))
+
+
+# launch/tune.py: conf/config.yaml with a `tune` preset (tune=asha unless the command line picks one) →
+# the planned sweep. Before Hydra starts the job (and in `launch/submit.py tune`'s preflight) the
+# composition is checked without the command line's overrides at hand (`check_sweep`).
+SWEEP = Job("config", load=plan_from_hydra, check=check_sweep, default_groups=("tune=asha",))

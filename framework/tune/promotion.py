@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import pandas as pd
 
 from framework import storage
-from framework.tune.plan import Sweep
+from framework.tune.sweep import Sweep
 from framework.tune.results import best_trial
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import pandas as pd
 
 from framework.config import last_line
-from framework.tune.plan import Sweep
+from framework.tune.sweep import Sweep
 from framework.tune.space import format_value, trial_overrides
 
 # A trial's status in the table. UNFINISHED: the driver was interrupted before the trial ended (a

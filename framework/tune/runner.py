@@ -20,9 +20,9 @@ from framework import storage
 from framework.cluster import connect
 from framework.config import ConfigError
 from framework.train.plan import node_resources, size_workers
-from framework.tune import pbt, placement, promotion
-from framework.tune import results as report
-from framework.tune.plan import Sweep, SweepPlan
+from framework.tune import placement, promotion, results
+from framework.tune.algorithms import SCHEDULERS, SEARCHES
+from framework.tune.sweep import Sweep, SweepPlan
 from framework.tune.trial import DRIVER_RESOURCES, train_trial
 
 
@@ -59,35 +59,6 @@ def unfinished_trials(experiment: str) -> List[str]:
     return [trial.trial_id for trial in tune.ExperimentAnalysis(experiment).trials if trial.status not in done]
 
 
-def search_algorithm(sweep: Sweep) -> Any:
-    """Random and grid search: Tune's variant generator (which limits concurrency itself); Optuna: its TPE sampler."""
-    t = sweep.tune
-    if t.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        return ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=t.max_concurrent_trials)
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
-
-
-def scheduler(sweep: Sweep) -> Any:
-    """Tune's scheduler for tune.scheduler: ASHA on `step`, PBT (framework/tune/pbt.py) or FIFO."""
-    t = sweep.tune
-    if t.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        # One past the last step: a trial that reaches run.max_steps ends by itself, cleanly, rather
-        # than being stopped by ASHA at its final report.
-        return ASHAScheduler(time_attr="step", max_t=sweep.last_step + 1, grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
-    if t.scheduler == "pbt":
-        return pbt.scheduler(sweep)
-    from ray.tune.schedulers import FIFOScheduler
-
-    return FIFOScheduler()
-
-
 def param_space(sweep: Sweep) -> Dict[str, Any]:
     """The Tuner's param_space: each key's Ray Tune domain (grid axes as grid_search), pinned values as they are."""
     return {key: param.domain(grid=sweep.tune.search == "grid") for key, param in sweep.params.items()}
@@ -106,8 +77,8 @@ def build_tuner(sweep: SweepPlan, nodes: List[Dict[str, Any]], janitor: Any) -> 
         tune_config=tune.TuneConfig(
             metric=t.metric,
             mode=t.mode,
-            search_alg=search_algorithm(sweep),
-            scheduler=scheduler(sweep),
+            search_alg=SEARCHES.get(sweep.tune.search).build(sweep),
+            scheduler=SCHEDULERS.get(sweep.tune.scheduler).build(sweep),
             num_samples=t.num_samples,
             trial_name_creator=lambda trial: trial.trial_id,
             trial_dirname_creator=lambda trial: trial.trial_id,
@@ -144,14 +115,14 @@ def check_resume(sweep: Sweep) -> bool:
     return resumed
 
 
-def publish(sweep: Sweep, trials: List[report.TrialOutcome], table: pd.DataFrame) -> Optional[Dict[str, Any]]:
+def publish(sweep: Sweep, trials: List[results.TrialOutcome], table: pd.DataFrame) -> Optional[Dict[str, Any]]:
     """Write the table, history and plots into tune.output_dir, print the table, promote the best trial."""
     t, out = sweep.tune, sweep.tune.output_dir
     os.makedirs(out, exist_ok=True)
-    report.save_tables(table, report.history_table(trials, t.metric), out)
-    report.plot_curves(trials, table, sweep, os.path.join(out, "curves.png"))
-    report.plot_params(table, sweep, os.path.join(out, "params.png"))
-    report.print_table(table, sweep)
+    results.save_tables(table, results.history_table(trials, t.metric), out)
+    results.plot_curves(trials, table, sweep, os.path.join(out, "curves.png"))
+    results.plot_params(table, sweep, os.path.join(out, "params.png"))
+    results.print_table(table, sweep)
     best = promotion.promote(table, sweep, out) if t.promote else None
     if "://" in sweep.sweep_dir:
         mirror(out, storage.join(sweep.sweep_dir, PUBLISHED), best)
@@ -170,7 +141,7 @@ def mirror(output_dir: str, uri: str, best: Optional[Dict[str, Any]]) -> None:
     print(f"tune: results, plots, best/ and best.json copied to {uri}", flush=True)
 
 
-def run(sweep: SweepPlan) -> SweepResult:
+def run_sweep(sweep: SweepPlan) -> SweepResult:
     """Run (or resume) the sweep to the end, then write the table and plots and promote the best trial.
 
     Fails before Ray builds any trial when a corner of the space does not fit the cluster. An
@@ -196,8 +167,8 @@ def run(sweep: SweepPlan) -> SweepResult:
     wall = time.perf_counter() - start
 
     unfinished = unfinished_trials(sweep.experiment_dir)
-    trials = report.outcomes(grid, unfinished)
-    table = report.results_table(trials, sweep)
+    trials = results.outcomes(grid, unfinished)
+    table = results.results_table(trials, sweep)
     if unfinished:
         # A partial sweep is not a result: no table, plots or best.json that could pass for the sweep's.
         finished = len(table) - len(unfinished)

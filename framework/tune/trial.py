@@ -21,7 +21,7 @@ from framework.train.plan import make_plan, size_workers
 from framework.train.trainer import fit
 from framework.tune import pbt
 from framework.tune.placement import RegisterPlacementGroup
-from framework.tune.plan import SweepPlan
+from framework.tune.sweep import SweepPlan
 
 # What the Tune actor that only drives a trial's Train run holds: no CPU (every CPU goes to Train
 # workers), but its process's memory, since Tune refuses an empty request.

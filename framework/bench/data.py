@@ -19,14 +19,14 @@ and near the end of an epoch (their ratio ≈ 1: a resume reads nothing before i
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
 from omegaconf import MISSING, DictConfig
 
+from framework.bench.common import BENCHMARKS, Benchmark, write_figures
+from framework.cluster import machine
 from framework.config import ConfigError, absolute, typed
 
 
@@ -56,14 +56,14 @@ def to_bench_config(cfg: DictConfig) -> DataBenchConfig:
 
 
 def check(cfg: DictConfig) -> None:
-    from framework.schema import load_config
+    from framework.train.config import TRAIN
 
     bench = to_bench_config(cfg)
     for key in ("global_batch_size", "cpus", "shuffle_window", "prefetch_steps"):
         if getattr(bench, key) < 1:
             raise ConfigError(f"bench.{key}={getattr(bench, key)}: expected at least 1")
     try:
-        load_config(bench.data_overrides)
+        TRAIN.from_overrides(bench.data_overrides)
     except ConfigError as exc:
         raise ConfigError(f"bench.data_overrides: {exc}") from None
 
@@ -74,9 +74,9 @@ def consumer_tokens_per_s(consumer: ConsumerConfig, vocab_size: int) -> float:
     from transformers import AutoModelForCausalLM
 
     from framework.model import flops_per_token, hf_config
-    from framework.schema import load_config
+    from framework.train.config import TRAIN
 
-    model = load_config([f"model={consumer.model}"]).model
+    model = TRAIN.from_overrides([f"model={consumer.model}"]).model
     config = hf_config(model, vocab_size, {})
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config)
@@ -153,11 +153,11 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
     from framework.data.shards import read_manifest
-    from framework.schema import load_config
-    from framework.train.bench import ensure_shards
+    from framework.train.config import TRAIN
+    from framework.bench.train import ensure_shards
 
     bench = to_bench_config(cfg)
-    data_cfg = load_config(bench.data_overrides)
+    data_cfg = TRAIN.from_overrides(bench.data_overrides)
     data_dir = absolute(data_cfg.data.output_dir)
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
@@ -169,7 +169,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         ray.shutdown()
     consumer = consumer_tokens_per_s(bench.consumer, manifest["vocab_size"])
     figures.update({
-        "machine": f"{os.cpu_count()}-core CPU, one Ray task of {bench.cpus} CPU(s)",
+        "machine": f"{machine()}; one Ray task of {bench.cpus} CPU(s)",
         "data": data_dir,
         "seq_len": manifest["seq_len"],
         "train_rows": manifest["splits"]["train"]["rows"],
@@ -178,9 +178,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "framework_vs_pyarrow": figures["framework_tokens_per_s"] / figures["pyarrow_tokens_per_s"],
         "config": asdict(bench),
     })
-    os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
-    with open(absolute(bench.output), "w") as f:
-        json.dump(figures, f, indent=2)
+    write_figures(figures, bench.output)
     ray_data = f", Ray Data {figures['ray_data_tokens_per_s'] / 1e6:.2f}M" if "ray_data_tokens_per_s" in figures else ""
     print(
         f"bench data: framework {figures['framework_tokens_per_s'] / 1e6:.2f}M tokens/s per worker "
@@ -191,3 +189,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         flush=True,
     )
     return figures
+
+
+BENCHMARKS.register("data")(Benchmark(check, run))

@@ -1,7 +1,7 @@
 """Compression benchmark: every method's size, perplexity and decode speed against the fp32 source, in one run:
 `python launch/bench.py bench=compress`.
 
-Two sources, each compressed with every preset in `bench.presets` (framework/compress.py does the work):
+Two sources, each compressed with every preset in `bench.presets` (framework/compress/ does the work):
 (a) a random-weight Llama of SmolLM2-135M's shape (the serving benchmark's, `conf/bench/serve.yaml: random_model`):
     size and decode tokens/s only, since the perplexity of random weights means nothing;
 (b) the tiny model trained on the stdlib shards (`bench.trained.overrides`: trained and exported first unless
@@ -12,7 +12,6 @@ Decode tokens/s run through the serving engine on this machine, the same prompts
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
+from framework.bench.common import BENCHMARKS, Benchmark, folder_params, write_figures
+from framework.cluster import machine
 from framework.config import ConfigError, absolute, compose, typed
 
 
@@ -48,7 +49,7 @@ def to_bench_config(cfg: DictConfig) -> CompressBenchConfig:
 
 
 def compress_config(bench: CompressBenchConfig, preset: str, model_path: str, output_dir: str) -> Any:
-    from framework.compress import to_compress_config
+    from framework.compress.config import to_compress_config
 
     return to_compress_config(compose([f"compress={preset}", *bench.overrides, f"compress.model_path={model_path}",
                                        f"compress.output_dir={output_dir}"], "compress"))
@@ -56,8 +57,8 @@ def compress_config(bench: CompressBenchConfig, preset: str, model_path: str, ou
 
 def check(cfg: DictConfig) -> None:
     """Checks for launch/bench.py before any work: the presets, the compress overrides, the training job."""
-    from framework.compress import check_values
-    from framework.schema import load_config
+    from framework.compress.config import check_values
+    from framework.train.config import TRAIN
 
     bench = to_bench_config(cfg)
     if not bench.presets:
@@ -75,7 +76,7 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"bench.random_model={bench.random_model}: conf/bench/{bench.random_model}.yaml has no random_model and model_dir")
     if bench.trained.model_path is None:
         try:
-            load_config(bench.trained.overrides)
+            TRAIN.from_overrides(bench.trained.overrides)
         except ConfigError as exc:
             raise ConfigError(f"bench.trained.overrides: {exc}") from None
 
@@ -85,7 +86,7 @@ def check(cfg: DictConfig) -> None:
 
 def random_model(bench: CompressBenchConfig) -> Path:
     """The serving benchmark's random-weight Llama folder, written first if it is not there."""
-    from framework.serve.bench import RandomModelConfig, random_model_folder
+    from framework.testing import RandomModelConfig, random_model_folder
 
     node = compose([f"bench={bench.random_model}"], "bench").bench
     folder = Path(absolute(node.model_dir))
@@ -97,10 +98,10 @@ def random_model(bench: CompressBenchConfig) -> Path:
 def trained_model(bench: CompressBenchConfig) -> str:
     """The trained tiny model's export: `trained.model_path`, or trained and exported here (once; reused after)."""
     from framework.export import EXPORT_MARKER, export_checkpoint
-    from framework.schema import load_config
-    from framework.train.bench import ensure_shards
+    from framework.train.config import TRAIN
+    from framework.bench.train import ensure_shards
     from framework.train.checkpoint import latest_checkpoint
-    from framework.train.trainer import run as train
+    from framework.train.trainer import train
 
     if bench.trained.model_path is not None:
         return bench.trained.model_path
@@ -110,7 +111,7 @@ def trained_model(bench: CompressBenchConfig) -> str:
         return export
     import ray
 
-    job = load_config([*bench.trained.overrides, "run.name=tiny", f"run.storage_path={root}"])
+    job = TRAIN.from_overrides([*bench.trained.overrides, "run.name=tiny", f"run.storage_path={root}"])
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
         ensure_shards(job)
@@ -120,22 +121,15 @@ def trained_model(bench: CompressBenchConfig) -> str:
     return export_checkpoint(latest_checkpoint(os.path.join(root, "tiny")), export)
 
 
-def _count_params(folder: Path) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    import torch
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
 def bench_random(bench: CompressBenchConfig, folder: Path) -> Dict[str, Any]:
     """Size and decode tokens/s of every preset on the random-weight model (no perplexity: no gate either)."""
-    from framework.compress import Figures, make_plan, quantise, time_decode, weights_bytes
-    from framework.export import _quiet_progress_bars
+    from framework.compress.measure import Figures, time_decode, weights_bytes
+    from framework.compress.plan import plan_compression
+    from framework.compress.job import quantise
+    from framework.hf_folder import quiet_progress_bars
 
     scratch = tempfile.mkdtemp(prefix="bench-compress-")
     figures: Dict[str, Any] = {}
@@ -143,8 +137,8 @@ def bench_random(bench: CompressBenchConfig, folder: Path) -> Dict[str, Any]:
         source: Optional[Figures] = None
         for preset in bench.presets:
             out = os.path.join(scratch, preset)
-            plan = make_plan(compress_config(bench, preset, str(folder), out), scored=False)
-            with _quiet_progress_bars():
+            plan = plan_compression(compress_config(bench, preset, str(folder), out), scored=False)
+            with quiet_progress_bars():
                 if source is None:
                     source = time_decode(folder, plan, Figures(weights_bytes(folder), float("nan"), float("nan"), 0))
                     figures["fp32"] = {"weights_bytes": source.weights_bytes, "tokens_per_s": round(source.tokens_per_s, 2)}
@@ -160,14 +154,16 @@ def bench_random(bench: CompressBenchConfig, folder: Path) -> Dict[str, Any]:
             shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"path": str(folder), "parameters": _count_params(folder), **figures}
+    return {"path": str(folder), "parameters": folder_params(folder), **figures}
 
 
 def bench_trained(bench: CompressBenchConfig, model_path: str) -> Dict[str, Any]:
     """Every preset through the whole compression (gate, report, folder) on the trained model."""
-    from framework.compress import compress, make_plan, measure_source
+    from framework.compress.job import compress
+    from framework.compress.plan import plan_compression
+    from framework.compress.measure import measure_source
 
-    plans = {p: make_plan(compress_config(bench, p, model_path, os.path.join(absolute(bench.output_dir), f"tiny-{p}")))
+    plans = {p: plan_compression(compress_config(bench, p, model_path, os.path.join(absolute(bench.output_dir), f"tiny-{p}")))
              for p in bench.presets}
     source = measure_source(plans[bench.presets[0]])
     figures: Dict[str, Any] = {"fp32": {"weights_bytes": source.weights_bytes, "perplexity": round(source.perplexity, 4),
@@ -183,14 +179,13 @@ def bench_trained(bench: CompressBenchConfig, model_path: str) -> Dict[str, Any]
             "tokens_per_s": r["decode"]["compressed_tokens_per_s"], "tokens_per_s_ratio": r["decode"]["ratio"],
         }
         rows = r["perplexity"]["rows"]
-    return {"path": model_path, "parameters": _count_params(Path(model_path)), "validation_rows": rows, **figures}
+    return {"path": model_path, "parameters": folder_params(Path(model_path)), "validation_rows": rows, **figures}
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Both sources, every preset; print the table, write `bench.output`; gives the figures."""
     import torch
 
-    from framework.compress import machine
 
     bench = to_bench_config(cfg)
     trained = trained_model(bench)  # first: training starts (and stops) its own Ray cluster
@@ -204,11 +199,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "trained": bench_trained(bench, trained),
         "config": asdict(bench),
     }
-    os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
-    with open(absolute(bench.output), "w") as f:
-        json.dump(result, f, indent=2)
+    out = write_figures(result, bench.output)
     print(_table(result, bench.presets))
-    print(f"written to {absolute(bench.output)}")
+    print(f"written to {out}")
     return result
 
 
@@ -225,3 +218,6 @@ def _table(r: Dict[str, Any], presets: List[str]) -> str:
                        f"identical" if key == "trained" else "")
             lines.append(f"  {preset:<13} size ×{p['size_ratio']}, decode tokens/s ×{p['tokens_per_s_ratio']}{quality}")
     return "\n".join(lines)
+
+
+BENCHMARKS.register("compress")(Benchmark(check, run))

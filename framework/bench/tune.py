@@ -24,6 +24,8 @@ from typing import Any, Dict, List
 
 from omegaconf import MISSING, DictConfig
 
+from framework.bench.common import BENCHMARKS, Benchmark, write_figures
+from framework.cluster import machine
 from framework.config import ConfigError, absolute, typed
 
 
@@ -88,25 +90,25 @@ def training_seconds(metrics_jsonl: str) -> float:
 def run(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
-    from framework.schema import load_config
-    from framework.train.trainer import run as train
+    from framework.train.config import TRAIN
+    from framework.train.trainer import train
     from framework.tune.plan import plan_sweep
-    from framework.tune.runner import run as sweep_run
+    from framework.tune.runner import run_sweep
 
     bench = to_bench_config(cfg)
     root = absolute(bench.storage_path)
     shutil.rmtree(root, ignore_errors=True)
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
-        sweep = plan_sweep(sweep_overrides(bench, "sweep"))
-        result = sweep_run(sweep)
+        plan = plan_sweep(sweep_overrides(bench, "sweep"))
+        result = run_sweep(plan)
         train_s = {
             row.trial: training_seconds(os.path.join(root, "sweep", row.trial, "logs", "metrics.jsonl"))
             for row in result.table.itertuples()
         }
         plain_s = None
         if bench.plain_run:
-            config = load_config([*bench.overrides, "run.name=plain", f"run.storage_path={root}"])
+            config = TRAIN.from_overrides([*bench.overrides, "run.name=plain", f"run.storage_path={root}"])
             start = time.perf_counter()
             train(config)
             plain_s = time.perf_counter() - start
@@ -115,10 +117,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     n = bench.max_concurrent_trials
     ideal = sum(train_s.values()) / n
     figures = {
-        "machine": f"{os.cpu_count()}-core CPU, local Ray cluster of {bench.num_cpus} CPUs",
+        "machine": f"{machine()}; local Ray cluster of {bench.num_cpus} CPUs",
         "trials": bench.trials,
         "max_concurrent_trials": n,
-        "steps": sweep.base.run.max_steps,
+        "steps": plan.base.run.max_steps,
         "wall_s": round(result.wall_s, 1),
         "train_s": {k: round(v, 2) for k, v in train_s.items()},
         "trial_wall_s": {row.trial: round(row.wall_s, 1) for row in result.table.itertuples()},
@@ -128,9 +130,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "over_plain": round(result.wall_s / (bench.trials * plain_s / n), 2) if plain_s else None,
         "config": asdict(bench),
     }
-    os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
-    with open(absolute(bench.output), "w") as f:
-        json.dump(figures, f, indent=2)
+    write_figures(figures, bench.output)
     print(
         f"bench tune: {bench.trials} trials × {figures['steps']} steps, {n} at a time: sweep {figures['wall_s']}s; "
         f"Σ training {sum(train_s.values()):.1f}s / {n} = {figures['ideal_s']}s → overhead ×{figures['overhead']}"
@@ -138,3 +138,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         flush=True,
     )
     return figures
+
+
+BENCHMARKS.register("tune")(Benchmark(check, run))

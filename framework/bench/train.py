@@ -34,8 +34,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
+from framework.bench.common import BENCHMARKS, Benchmark, write_figures
+from framework.cluster import machine
 from framework.config import ConfigError, absolute, typed
-from framework.schema import Config, load_config
+from framework.train.config import TrainRoot, TRAIN
 
 
 @dataclass
@@ -76,11 +78,11 @@ def to_bench_config(cfg: DictConfig) -> TrainBenchConfig:
     return typed(TrainBenchConfig, cfg.bench, "bench")
 
 
-def stage_config(bench: TrainBenchConfig, stage: int, name: str, extra: List[str] = ()) -> Config:
-    return load_config([*bench.overrides, f"deepspeed=zero{stage}", *extra, f"run.name={name}", f"run.storage_path={absolute(bench.storage_path)}"])
+def stage_config(bench: TrainBenchConfig, stage: int, name: str, extra: List[str] = ()) -> TrainRoot:
+    return TRAIN.from_overrides([*bench.overrides, f"deepspeed=zero{stage}", *extra, f"run.name={name}", f"run.storage_path={absolute(bench.storage_path)}"])
 
 
-def comparison_configs(bench: TrainBenchConfig) -> Dict[str, Dict[str, Config]]:
+def comparison_configs(bench: TrainBenchConfig) -> Dict[str, Dict[str, TrainRoot]]:
     """Every comparison row's training config, by comparison and row."""
     return {
         c.name: {row: stage_config(bench, bench.comparison_stage, f"{c.name}-{row}", [*c.overrides, *extra]) for row, extra in c.rows.items()}
@@ -140,7 +142,7 @@ def steady_figures(metrics_jsonl: str, warmup_steps: int) -> Dict[str, Optional[
     }
 
 
-def bare_run(cfg: Config) -> str:
+def bare_run(cfg: TrainRoot) -> str:
     """The training loop on a bare session in this process (a Ray task); gives its metrics.jsonl."""
     from framework.train.trainer import run_bare
 
@@ -190,18 +192,18 @@ def bare_task(resources: Dict[str, float]) -> Any:
     return ray.remote(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), max_calls=1)(bare_run)
 
 
-def ensure_shards(cfg: Config) -> None:
-    from framework.data.prepare import run as prepare
+def ensure_shards(cfg: TrainRoot) -> None:
+    from framework.data.prepare import prepare_shards
 
     if not os.path.exists(os.path.join(absolute(cfg.data.output_dir), "manifest.json")):
-        prepare(cfg)
+        prepare_shards(cfg.data, cfg.run.ray_address)
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
     from framework.train.plan import log_dir, node_resources, size_workers
-    from framework.train.trainer import run as train
+    from framework.train.trainer import train
 
     bench = to_bench_config(cfg)
     root = absolute(bench.storage_path)
@@ -230,7 +232,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             for upload in bench.checkpoint_uploads:
                 name = f"checkpoint-{place}-{upload}"
                 where = bucket if place == "s3" else root
-                job = load_config([*bench.overrides, *bench.checkpoint_overrides, f"deepspeed=zero{bench.stages[0]}",
+                job = TRAIN.from_overrides([*bench.overrides, *bench.checkpoint_overrides, f"deepspeed=zero{bench.stages[0]}",
                                    f"run.name={name}", f"run.storage_path={where}", f"run.checkpoint_upload={upload}"])
                 train(job)
                 checkpoints[f"{place} {upload}"] = checkpoint_figures(log_dir(job) + "/metrics.jsonl")
@@ -241,7 +243,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         s3.close()
 
     result = {
-        "machine": gpu_name() or f"{os.cpu_count()}-core CPU",
+        "machine": machine(),
         "model": first.model.name,
         "seq_len": first.data.seq_len,
         "precision": first.run.precision,
@@ -253,14 +255,12 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "comparison_stage": bench.comparison_stage,
         "config": asdict(bench),
     }
-    os.makedirs(os.path.dirname(absolute(bench.output)), exist_ok=True)
-    with open(absolute(bench.output), "w") as f:
-        json.dump(result, f, indent=2)
+    write_figures(result, bench.output)
     print_table(result)
     return result
 
 
-def compare(rows: Dict[str, Config], resources: Dict[str, float], warmup_steps: int) -> Dict[str, Any]:
+def compare(rows: Dict[str, TrainRoot], resources: Dict[str, float], warmup_steps: int) -> Dict[str, Any]:
     """Each row trained by the loop on a bare session (in a Ray task of one worker's resources), its figures,
     its model's trainable parameters, and its ratios to the first row."""
     import ray
@@ -293,12 +293,6 @@ def model_params(plan: Any) -> tuple:
         if plan.config.model.lora is not None:
             net = with_lora(net, plan.config.model.lora)
     return trainable_params(net)
-
-
-def gpu_name() -> Optional[str]:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def print_table(result: Dict[str, Any]) -> None:
@@ -335,3 +329,6 @@ def print_table(result: Dict[str, Any]) -> None:
             share = f"{f['trainable_params']:,} ({f['trainable_params'] / f['params']:.1%})"
             table.add_row(row, share, f"{f['tokens_per_s']:,.0f} (×{f['tokens_per_s_ratio']:.2f})", f"{f['peak_mem_gb']:.2f} (×{f['peak_mem_ratio']:.2f})")
         Console().print(table)
+
+
+BENCHMARKS.register("train")(Benchmark(check, run))

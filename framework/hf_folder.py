@@ -1,24 +1,35 @@
-"""The served model folder: find it (a folder, or a sweep's best.json naming one) and check it is whole.
+"""Hugging Face model folders: find one (a folder, or a sweep's best.json naming one), check it is whole, write one safely.
 
 The check is cheap (config, tokenizer, safetensors headers; no weights are read) so that a missing or
-corrupt export fails in one line before any Ray or Serve work starts. A quantised folder
+corrupt folder fails in one line before any Ray or Serve work starts. A quantised folder
 (launch/compress.py: torchao through transformers' TorchAoConfig) is the same safetensors folder, its
 quantised tensors flattened into plain ones and described in the files' metadata; the check also holds
 its config.json and its weights to one another: a `quantization_config` of torchao's needs torchao
 installed and weights that carry torchao's tensors, and a folder without one must carry none.
+
+Export and compress write folders by one set of rules (`check_output_dir`, `replace_dir`): written
+beside the target, moved into place when verified, and only over a folder that the same job wrote
+before (its marker file). No torch import here: serving's config check composes without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
-from framework.config import ConfigError
+from framework.config import ConfigError, require
+
+# The dtype names every job's config takes (export.dtype, compress.dtype, serve.dtype); framework/model.py maps them to torch's.
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# The quantisation this project writes (framework/compress.py) and loads: config.json's quant_method.
+# The quantisation this project writes (framework/compress/) and loads: config.json's quant_method.
 TORCHAO = "torchao"
 
 
@@ -59,10 +70,13 @@ def model_context(folder: Path) -> int:
     return context_length(AutoConfig.from_pretrained(folder, local_files_only=True))
 
 
-def context_length(config: object) -> int:
-    """A transformers config's context length (framework/model.py: max_positions), else 2048."""
-    from framework.model import max_positions
+def max_positions(config: object) -> Optional[int]:
+    """A transformers config's context length (Llama-style max_position_embeddings, GPT-2's n_positions), if it has one."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
+
+def context_length(config: object) -> int:
+    """A transformers config's context length (`max_positions`), else 2048."""
     return int(max_positions(config) or 2048)
 
 
@@ -147,3 +161,60 @@ def quantised_tensors(metadata: Optional[Dict[str, str]]) -> int:
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a folder
+
+def check_output_dir(output_dir: str, checkpoint: str, key: str, marker: str, made_by: str, source: str) -> None:
+    """`output_dir` must be new, empty, or an earlier `made_by` (its `marker`), and outside `checkpoint` (`source`).
+
+    Export and compress write their folders by these rules, each with its own key and marker: nothing
+    of the user's is ever replaced."""
+    require("://" not in output_dir, key, output_dir, "expected a local directory")
+    require(not os.path.isfile(output_dir), key, output_dir, "is a file; expected a directory to write the model folder to")
+    if "://" not in checkpoint:
+        out, inside = os.path.abspath(output_dir), os.path.abspath(checkpoint)
+        require(os.path.commonpath([out, inside]) not in (out, inside), key, output_dir, f"overlaps {source} {checkpoint}; choose a directory outside it")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        require(
+            os.path.isfile(os.path.join(output_dir, marker)), key, output_dir,
+            f"exists and holds something other than an earlier {made_by} (no {marker}); nothing there is replaced: choose a new or empty directory",
+        )
+
+
+def share_permissions(folder: str) -> None:
+    """Ordinary permissions (as the umask allows) for the folder, its subfolders and files: mkdtemp and safetensors make them private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' per-shard progress bars add nothing to a job's one line; restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def replace_dir(staged: str, output_dir: str) -> None:
+    """Move the verified folder into place: renames on one filesystem; the folder it replaces is deleted only after the move."""
+    old = None
+    if os.path.exists(output_dir):
+        old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(output_dir, old)
+    os.rename(staged, output_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

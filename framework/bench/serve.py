@@ -15,7 +15,6 @@ import json
 import math
 import socket
 import statistics
-import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,24 +22,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig
 
+from framework.bench.common import BENCHMARKS, Benchmark, folder_params, write_figures
+from framework.cluster import machine
 from framework.config import ConfigError, absolute, typed
-
-
-@dataclass
-class RandomModelConfig:
-    """A random-weight Llama and a byte-level BPE trained on stdlib sources, for when no export is at hand."""
-
-    vocab_size: int = MISSING
-    hidden_size: int = MISSING
-    intermediate_size: int = MISSING
-    num_hidden_layers: int = MISSING
-    num_attention_heads: int = MISSING
-    num_key_value_heads: int = MISSING
-    tie_word_embeddings: bool = MISSING
-    context: int = MISSING
-    # Megabytes of stdlib source the BPE is trained on (enough text to reach vocab_size merges).
-    corpus_mb: float = MISSING
-    seed: int = MISSING
+from framework.data.sources import stdlib_prompts
+from framework.testing import RandomModelConfig, random_model_folder
 
 
 @dataclass
@@ -102,59 +88,6 @@ def check(cfg: DictConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The model and the requests
-
-def _stdlib_sources(megabytes: float) -> List[str]:
-    """Stdlib .py files (top level, then one level down) up to `megabytes`, skipping any that are not UTF-8."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py")) + sorted(p for p in stdlib.glob("*/*.py") if "site-packages" not in p.parts)
-    chosen, size = [], 0
-    for path in files:
-        try:
-            path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        chosen.append(str(path))
-        size += path.stat().st_size
-        if size >= megabytes * 1e6:
-            break
-    return chosen
-
-
-def random_model_folder(out: Path, model: RandomModelConfig) -> Path:
-    """Write a Hugging Face folder (safetensors, tokenizer, generation config) holding a random Llama."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    bpe.train(_stdlib_sources(model.corpus_mb), trainers.BpeTrainer(
-        vocab_size=model.vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    ))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(model.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
-        num_hidden_layers=model.num_hidden_layers, num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_key_value_heads, tie_word_embeddings=model.tie_word_embeddings,
-        max_position_embeddings=model.context, bos_token_id=eos, eos_token_id=eos,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos).save_pretrained(out)
-    return out
-
-
-def bench_prompts(count: int) -> List[str]:
-    """`count` prompts of varied length: consecutive stdlib source lines."""
-    lines = [line for line in (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text().splitlines()
-             if line.strip()]
-    return ["\n".join(lines[i * 3 % len(lines) : i * 3 % len(lines) + 1 + i % 4]) for i in range(count)]
-
 
 # ---------------------------------------------------------------------------------------------
 # Plain transformers, one request at a time
@@ -322,7 +255,7 @@ def _percentile(values: List[float], q: float) -> float:
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Run both sides, print the comparison, write it to `bench.output` as JSON; gives the figures."""
-    from framework.serve.folder import check_model_folder, resolve_model_path
+    from framework.hf_folder import check_model_folder, resolve_model_path
 
     bench = to_bench_config(cfg)
     if bench.model_path:
@@ -332,7 +265,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         if not (folder / "config.json").is_file():
             random_model_folder(folder, bench.random_model)
     check_model_folder(folder)
-    prompts = bench_prompts(max(bench.load.requests, bench.head_of_line.long_requests + 1))
+    prompts = stdlib_prompts(max(bench.load.requests, bench.head_of_line.long_requests + 1))
     load_prompts = prompts[: bench.load.requests]
 
     baseline, baseline_s = run_transformers(folder, load_prompts, bench.load.max_tokens, bench.torch_threads)
@@ -341,7 +274,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     base_tps = sum(t.tokens for t in baseline) / baseline_s
     served_tps = sum(t.tokens for t in load) / served["load_seconds"]
     result = {
-        "model": {"path": str(folder), "parameters": _count_params(folder)},
+        "machine": machine(),
+        "model": {"path": str(folder), "parameters": folder_params(folder)},
         "torch_threads": bench.torch_threads, "cluster_cpus": bench.num_cpus,
         "head_of_line": {**asdict(bench.head_of_line), **served["head_of_line"]},
         "load": {
@@ -360,22 +294,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         },
         "serve": {k: v for k, v in serve_cfg.items() if k not in ("model_path", "host", "port", "api_key_env")},
     }
-    out = Path(absolute(bench.output))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_figures(result, bench.output)
     print(_report(result))
     print(f"written to {out}")
     return result
-
-
-def _count_params(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
-    return total
 
 
 def _report(r: Dict[str, Any]) -> str:
@@ -390,3 +312,6 @@ def _report(r: Dict[str, Any]) -> str:
         f"{load['throughput_ratio']}x (identical texts {load['identical_texts']}/{load['requests']})",
         f"(iii) time to first token under that load: p50 {srv['ttft_p50_s']} s, p99 {srv['ttft_p99_s']} s",
     ])
+
+
+BENCHMARKS.register("serve")(Benchmark(check, run))

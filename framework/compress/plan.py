@@ -1,0 +1,145 @@
+"""A compression planned before any weights are read: the source folder, the output folder, the shards, the engine's batching."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from framework.compress.config import CompressConfig, check_values, to_compress_config
+from framework.config import ConfigError, Job, absolute, require
+from framework.model import PROBE_TEXT
+
+# What a compression writes into its folder: where the folder came from and what it costs; an output_dir
+# holding it may be replaced by a new compression, one without it is not ours to delete.
+COMPRESS_MARKER = "compress_report.json"
+
+
+@dataclass
+class CompressPlan:
+    """Everything a compression needs, checked before any weights are read."""
+
+    compress: CompressConfig
+    source: Path
+    output_dir: str
+    data_dir: Optional[str]  # None only for a benchmark's random-weight model, whose perplexity means nothing
+    batching: Any  # framework.serve.engine.Batching
+    linear_layers: int  # the layers torchao will quantise
+
+
+def quantisable_layers(source: Path) -> List[Tuple[str, int]]:
+    """(name, input features) of every layer torchao would quantise: the model's `torch.nn.Linear` modules but its
+    output embedding (transformers keeps that in full precision), found on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    output = model.get_output_embeddings()
+    return [(name, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not output]
+
+
+def check_layers(c: CompressConfig, source: Path) -> int:
+    """The method must find layers it can take in the source's architecture; gives their number."""
+    layers = quantisable_layers(source)
+    require(bool(layers), "compress.method", c.method,
+            f"{source} ({_architecture(source)}) has no torch.nn.Linear layers for torchao to quantise (GPT-2's blocks, say, "
+            f"are transformers' Conv1D)")
+    for name, inputs in layers if c.group_size is not None else []:
+        require(inputs % c.group_size == 0, "compress.group_size", c.group_size,
+                f"does not divide the {inputs} inputs of {name} in {source}")
+    return len(layers)
+
+
+def _architecture(source: Path) -> str:
+    config = json.loads((source / "config.json").read_text())
+    return ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
+
+
+def default_compress_dir(model_path: str, name: str) -> str:
+    """outputs/compressed/<the source folder's name (a best.json: its sweep's)>-<preset name>."""
+    from framework.hf_folder import default_model_id
+
+    return os.path.join("outputs", "compressed", f"{default_model_id(model_path)}-{name}")
+
+
+def training_shards(source: Path) -> Optional[str]:
+    """The shards the source was trained on, when its export.json names a checkpoint that is still there; else None."""
+    from framework import storage
+    from framework.data.shards import MANIFEST, fingerprint
+    from framework.export import EXPORT_MARKER
+    from framework.train import checkpoint as ckpt
+
+    try:
+        checkpoint = json.loads((source / EXPORT_MARKER).read_text())["checkpoint"]
+        data_dir = ckpt.read_config(checkpoint).data.output_dir
+        trained_on = ckpt.read_state(checkpoint).data_fingerprint
+        manifest = storage.read_json(storage.join(data_dir, MANIFEST))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # The same path re-prepared with other data (or another tokenizer) is not what the model trained on.
+    return data_dir if not trained_on or fingerprint(manifest) == trained_on else None
+
+
+def check_data_dir(c: CompressConfig, source: Path) -> str:
+    """The prepared shards perplexity is measured on: there, and tokenised as the source model tokenises."""
+    from transformers import AutoTokenizer
+
+    from framework import storage
+    from framework.data.shards import MANIFEST, TOKENIZER_DIR
+
+    key = "compress.data_dir"
+    data_dir = c.data_dir
+    if data_dir is None:
+        data_dir = training_shards(source)
+        require(data_dir is not None, key, None,
+                f"{source} does not lead to the shards it was trained on (no export.json naming a checkpoint that is "
+                f"still there, with its shards unchanged); name the prepared shards to score on, e.g. {key}=data/stdlib")
+    data_dir = absolute(data_dir)
+    require(storage.exists(storage.join(data_dir, MANIFEST)), key, data_dir, f"no {MANIFEST} there; run `python launch/prep.py` first")
+    shards = AutoTokenizer.from_pretrained(storage.join(data_dir, TOKENIZER_DIR), local_files_only=True)
+    model = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    require(shards(PROBE_TEXT)["input_ids"] == model(PROBE_TEXT)["input_ids"], key, data_dir,
+            f"these shards were tokenised with another tokenizer than {source}'s: its perplexity on them means nothing")
+    return data_dir
+
+
+def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
+    """Check everything a compression can check before reading weights; raises ConfigError naming the first bad key.
+
+    `scored=False` (a benchmark's random-weight model) leaves out the shards and so the perplexity."""
+    from framework.hf_folder import check_output_dir
+    from framework.serve.config import compose_serve_config
+    from framework.serve.engine import Batching
+    from framework.hf_folder import TORCHAO, check_model_folder, resolve_model_path
+
+    check_values(c)
+    key = "compress.model_path"
+    source = resolve_model_path(c.model_path, key)
+    check_model_folder(source, key)
+    quantised = json.loads((source / "config.json").read_text()).get("quantization_config")
+    require(quantised is None, key, c.model_path,
+            f"is quantised already ({(quantised or {}).get('quant_method', TORCHAO)}); compress its full-precision source")
+    layers = check_layers(c, source)
+    output_dir = c.output_dir or default_compress_dir(c.model_path, c.name)
+    check_output_dir(output_dir, str(source), "compress.output_dir", COMPRESS_MARKER, "compression", "the source folder")
+    data_dir = check_data_dir(c, source) if scored else None
+    try:
+        serve = compose_serve_config({"preset": c.serve_preset, "model_path": str(source)})
+    except ConfigError as exc:
+        raise ConfigError(f"compress.serve_preset={c.serve_preset}: {exc}") from None
+    batching = Batching(serve.max_sequences, serve.max_batch_tokens, serve.kv_cache_blocks, serve.kv_block_size)
+    return CompressPlan(c, source, os.path.abspath(output_dir), data_dir, batching, layers)
+
+
+def load_compress(cfg: DictConfig) -> CompressPlan:
+    """`launch/compress.py`'s plan: schema, values, the machine, the source, the shards (no weights read)."""
+    return plan_compression(to_compress_config(cfg))
+
+
+COMPRESS = Job("compress", load=load_compress)
