@@ -23,7 +23,14 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from framework.config import CONF_DIR, ConfigError, Job, RunError, one_line, with_default_groups
+from framework.config import (
+    CONF_DIR,
+    ConfigError,
+    Job,
+    RunError,
+    one_line,
+    with_default_groups,
+)
 
 
 def entry(job: Job) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:

@@ -17,8 +17,11 @@ import argparse
 import re
 import sys
 
-from framework import submit
 from framework.config import ConfigError
+from framework.submit.client import connect, describe_end, exit_code, follow, format_jobs, stop
+from framework.submit.jobs import JOB_KINDS, JobTimeout, SubmitError
+from framework.submit.preflight import preflight
+from framework.submit.submission import submit
 
 
 def parse_args(argv):
@@ -27,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--token-file", help="file holding the cluster's auth token (default: as Ray looks it up)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for kind in submit.JOB_KINDS:
+    for kind in JOB_KINDS:
         job = commands.add_parser(kind, help=f"run launch/{kind}.py on the cluster; then follow its logs")
         job.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
         job.add_argument("--timeout", type=float, help="stop the job if it is still running after this many seconds")
@@ -45,7 +48,7 @@ def parse_args(argv):
     logs.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
     # Runs on the cluster, as the small job that submitting starts before the real one.
     check = commands.add_parser("preflight", help="(runs on the cluster) check a job's config and storage")
-    check.add_argument("kind", choices=submit.JOB_KINDS)
+    check.add_argument("kind", choices=JOB_KINDS)
     check.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if getattr(args, "overrides", None) and args.overrides[0] == "--":
@@ -55,13 +58,13 @@ def parse_args(argv):
 
 def run(args) -> int:
     if args.command == "preflight":
-        problems = submit.preflight(args.kind, args.overrides)
+        problems = preflight(args.kind, args.overrides)
         print("\n".join(problems) or "preflight: config and storage are fine")
         return 3 if problems else 0
 
-    client = submit.connect(args.address, args.token_file)
-    if args.command in submit.JOB_KINDS:
-        job_id = submit.submit(
+    client = connect(args.address, args.token_file)
+    if args.command in JOB_KINDS:
+        job_id = submit(
             client, args.command, args.overrides, python=args.python, preflight=not args.no_preflight
         )
         print(f"submit: submitted {job_id}", file=sys.stderr)
@@ -69,17 +72,17 @@ def run(args) -> int:
         if args.no_wait:
             print(job_id)
             return 0
-        return finish(client, submit.follow(client, job_id, args.timeout))
+        return finish(client, follow(client, job_id, args.timeout))
     if args.command == "list":
-        print(submit.format_jobs(client.list_jobs()))
+        print(format_jobs(client.list_jobs()))
         return 0
     if args.command == "logs" and args.follow:
-        return finish(client, submit.follow(client, args.submission_id))
+        return finish(client, follow(client, args.submission_id))
     if args.command == "logs":
         print(client.get_job_logs(args.submission_id), end="")
         return 0
     if args.command == "stop":
-        return finish(client, submit.stop(client, args.submission_id), ok_statuses=("STOPPED", "SUCCEEDED", "FAILED"))
+        return finish(client, stop(client, args.submission_id), ok_statuses=("STOPPED", "SUCCEEDED", "FAILED"))
     info = client.get_job_info(args.submission_id)
     # `status` of a job still running is not a failure; of a finished one, it is the job's own.
     return finish(client, info, ok_statuses=("SUCCEEDED",) if info.status.is_terminal() else (str(info.status),))
@@ -87,17 +90,17 @@ def run(args) -> int:
 
 def finish(client, info, ok_statuses=("SUCCEEDED",)) -> int:
     logs = client.get_job_logs(info.submission_id) if info.status == "FAILED" else ""
-    print(submit.describe_end(info, logs), file=sys.stderr)
-    return 0 if str(info.status) in ok_statuses else submit.exit_code(info)
+    print(describe_end(info, logs), file=sys.stderr)
+    return 0 if str(info.status) in ok_statuses else exit_code(info)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
-    except (ConfigError, submit.SubmitError) as exc:
+    except (ConfigError, SubmitError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 124 if isinstance(exc, submit.JobTimeout) else 2
+        return 124 if isinstance(exc, JobTimeout) else 2
     except KeyboardInterrupt:
         job = getattr(args, "submission_id", None) or "the job"
         print(f"\nsubmit: detached; {job} keeps running (see `list`, `logs --follow`, `stop`)", file=sys.stderr)

@@ -710,16 +710,16 @@ def test_rayjob_stages_run_in_order_on_the_cluster_and_stop_at_the_first_failure
 
 @each("RayJob")
 def test_rayjob_stages_compose_into_valid_configs(name, obj):
-    from framework import submit
+    from framework.submit import jobs
 
     for kind, overrides in _stages(name):
         if not (ROOT / "launch" / f"{kind}.py").is_file():
             pytest.skip(f"launch/{kind}.py does not exist yet; its overrides are checked once it does")
-        cfg = submit.compose_job(kind, list(overrides))  # the launch script's own config_name and check
-        for key, path in submit.shared_storage(kind, cfg).items():
+        cfg = jobs.compose_job(kind, list(overrides))  # the launch script's own config_name and check
+        for key, path in jobs.shared_storage(kind, cfg).items():
             assert path.startswith(SHARED_MOUNT + "/") or "://" in path, f"{name} {kind}: {key}={path} is not shared storage"
     # Both stages read and write the same shards.
-    [prep_dir, run_dir] = [submit.compose_job(k, list(o), check=False).data.output_dir for k, o in _stages(name)]
+    [prep_dir, run_dir] = [jobs.compose_job(k, list(o), check=False).data.output_dir for k, o in _stages(name)]
     assert prep_dir == run_dir, name
 
 
@@ -730,11 +730,11 @@ FIXED = [(n, o) for n, o in of_kind("RayJob") if not o["spec"]["rayClusterSpec"]
 def test_fixed_clusters_hold_exactly_the_gpus_their_run_uses(name, obj):
     from omegaconf import OmegaConf
 
-    from framework import submit
+    from framework.submit import jobs
 
     spec = obj["spec"]["rayClusterSpec"]
     kind, overrides = _stages(name)[-1]
-    cfg = submit.compose_job(kind, list(overrides), check=False)
+    cfg = jobs.compose_job(kind, list(overrides), check=False)
     trials = OmegaConf.select(cfg, "tune.max_concurrent_trials", default=1)
     wanted = trials * cfg.run.num_workers * cfg.run.gpus_per_worker
     present = sum(g["replicas"] * _gpus(g) for g in _worker_groups(spec))
@@ -784,7 +784,7 @@ def test_rayservice_serves_the_promoted_checkpoint_with_autoscaling(name, obj):
 def test_rayservice_args_compose_into_a_valid_serve_config(name, obj):
     from ray.serve.deployment import Deployment
 
-    from framework import submit
+    from framework.submit import jobs
 
     if not (ROOT / "launch" / "serve.py").is_file():
         pytest.skip("launch/serve.py does not exist yet; the serve args are checked once it does")
@@ -795,7 +795,7 @@ def test_rayservice_args_compose_into_a_valid_serve_config(name, obj):
     args = dict(app["args"])
     # build_app's args are a conf/serve preset plus serve.* keys: the overrides launch/serve.py takes.
     overrides = [f"serve={args.pop('preset', 'default')}", *(f"serve.{k}={v}" for k, v in args.items())]
-    cfg = submit.load_entry("serve").job.compose(overrides)
+    cfg = jobs.load_entry("serve").job.compose(overrides)
     # The model folder itself exists only on the cluster's volume, so the check stops short of it.
     serve_cfg = validate_serve(to_serve_config(cfg))
     assert 1 <= serve_cfg.min_replicas < serve_cfg.max_replicas, f"{name}: Serve autoscaling"

@@ -400,14 +400,14 @@ def test_a_bad_search_space_fails_before_any_trial_with_one_line(tmp_path):
 def test_launch_tune_composes_config_yaml_with_the_asha_preset_unless_one_is_picked():
     import importlib.util
 
-    from framework import submit
+    from framework.submit import jobs
 
     spec = importlib.util.spec_from_file_location("launch_tune", ROOT / "launch" / "tune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (module.main.job.config_name, module.main.job.default_groups) == ("config", ("tune=asha",))
-    assert submit.compose_job("tune", ["experiment=smoke"]).tune.scheduler == "asha"
-    assert submit.compose_job("tune", ["tune=pbt", "experiment=smoke"]).tune.scheduler == "pbt"
+    assert jobs.compose_job("tune", ["experiment=smoke"]).tune.scheduler == "asha"
+    assert jobs.compose_job("tune", ["tune=pbt", "experiment=smoke"]).tune.scheduler == "pbt"
 
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "tune").glob("*.yaml"))

@@ -8,8 +8,8 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import MISSING, DictConfig
 
-from framework.config import register, require, typed
 from framework.compress.methods import DEVICES, METHODS, torchao_version
+from framework.config import register, require, typed
 from framework.hf_folder import DTYPE_NAMES
 
 

@@ -12,7 +12,13 @@ from typing import Any, Dict, Optional
 import torch
 
 from framework.cluster import machine
-from framework.compress.measure import Figures, agreement, score, set_threads, time_decode
+from framework.compress.measure import (
+    Figures,
+    agreement,
+    score,
+    set_threads,
+    time_decode,
+)
 from framework.compress.methods import METHODS, torchao_version
 from framework.compress.plan import COMPRESS_MARKER, CompressPlan
 from framework.config import RunError
@@ -26,9 +32,8 @@ class CompressError(RunError):
 def quantise(plan: CompressPlan, staged: str) -> int:
     """Load the source with the method's TorchAoConfig, save it (and its tokenizer) to `staged`; gives how many
     weights came out quantised."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
-
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
     from framework.hf_folder import quantised_tensors
 

@@ -113,10 +113,14 @@ def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
     """Check everything a compression can check before reading weights; raises ConfigError naming the first bad key.
 
     `scored=False` (a benchmark's random-weight model) leaves out the shards and so the perplexity."""
-    from framework.hf_folder import check_output_dir
+    from framework.hf_folder import (
+        TORCHAO,
+        check_model_folder,
+        check_output_dir,
+        resolve_model_path,
+    )
     from framework.serve.config import compose_serve_config
     from framework.serve.engine import Batching
-    from framework.hf_folder import TORCHAO, check_model_folder, resolve_model_path
 
     check_values(c)
     key = "compress.model_path"
