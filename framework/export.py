@@ -124,7 +124,7 @@ def resolve_checkpoint(value: str, runs_dir: Optional[str] = None) -> str:
     return path
 
 
-def default_output_dir(checkpoint: str) -> str:
+def default_export_dir(checkpoint: str) -> str:
     """outputs/export/<run name>, the run being the checkpoint's parent directory."""
     path = checkpoint.split("?", 1)[0].rstrip("/")  # a URI's query (an endpoint) is no part of the name
     return os.path.join("outputs", "export", path.rsplit("/", 2)[-2])
@@ -135,7 +135,7 @@ def validate_export(export: ExportConfig) -> Tuple[str, str]:
     require(export.dtype in DTYPE_NAMES, "export.dtype", export.dtype, f"expected one of {DTYPE_NAMES}")
     require(_shard_size_ok(export.max_shard_size), "export.max_shard_size", export.max_shard_size, "expected a size such as 5GB or 500MB")
     checkpoint = resolve_checkpoint(export.checkpoint, export.runs_dir)
-    output_dir = export.output_dir or default_output_dir(checkpoint)
+    output_dir = export.output_dir or default_export_dir(checkpoint)
     check_output_dir(output_dir, checkpoint, "export.output_dir", EXPORT_MARKER, "export", "the checkpoint")
     check_base(checkpoint, export.adapter)
     return checkpoint, output_dir

@@ -167,3 +167,19 @@ def test_benchmark_presets_compose_and_pass_their_checks(preset):
     from framework.bench import BENCH
 
     BENCH.from_overrides([f"bench={preset}"])
+
+
+def test_a_benchmark_clears_only_storage_a_benchmark_made(tmp_path):
+    from pathlib import Path
+
+    from framework.bench.common import SCRATCH_MARKER, fresh_storage
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=rf"^bench.storage_path={mine}: exists and holds something a benchmark did not write \(no {SCRATCH_MARKER}\)"):
+        fresh_storage(str(mine))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    scratch = fresh_storage(str(tmp_path / "scratch"))
+    (Path(scratch) / "leftover-run").mkdir()
+    assert fresh_storage(scratch) == scratch and sorted(p.name for p in Path(scratch).iterdir()) == [SCRATCH_MARKER]

@@ -11,7 +11,11 @@ from typing import Any, Callable, Dict
 
 from omegaconf import DictConfig
 
-from framework.config import Job, Registry, absolute
+from framework.config import Job, Registry, absolute, require
+
+# What a benchmark writes into the folder its runs go to (bench.storage_path): a folder holding it may be
+# cleared by the next run of a benchmark; any other non-empty folder is not the benchmark's to delete.
+SCRATCH_MARKER = ".framework-bench"
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,21 @@ def folder_params(folder: Path) -> int:
         with safe_open(str(file), framework="pt") as handle:
             total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
     return total
+
+
+def fresh_storage(path: str, key: str = "bench.storage_path") -> str:
+    """`path` emptied for a benchmark's runs (a leftover run of the same name would resume, not train); gives it absolute.
+
+    Only a folder an earlier benchmark made (its marker) is cleared; any other non-empty one is refused in one line.
+    """
+    import shutil
+
+    root = absolute(path)
+    require("://" not in root, key, path, "expected a local directory")
+    if os.path.isdir(root) and os.listdir(root):
+        require(os.path.isfile(os.path.join(root, SCRATCH_MARKER)), key, path,
+                f"exists and holds something a benchmark did not write (no {SCRATCH_MARKER}); choose a new or empty directory")
+        shutil.rmtree(root)
+    os.makedirs(root, exist_ok=True)
+    Path(root, SCRATCH_MARKER).touch()
+    return root

@@ -27,14 +27,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
-from framework.bench.common import BENCHMARKS, Benchmark, write_figures
+from framework.bench.common import BENCHMARKS, Benchmark, fresh_storage, write_figures
 from framework.cluster import machine
 from framework.config import ConfigError, absolute, typed
 from framework.train.config import TrainRoot, TRAIN
@@ -206,8 +205,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     from framework.train.trainer import train
 
     bench = to_bench_config(cfg)
-    root = absolute(bench.storage_path)
-    shutil.rmtree(root, ignore_errors=True)  # a leftover run of the same name would resume, not train
+    root = fresh_storage(bench.storage_path)  # a leftover run of the same name would resume, not train
     stages: Dict[str, Any] = {}
     checkpoints: Dict[str, Any] = {}
     comparisons: Dict[str, Any] = {}

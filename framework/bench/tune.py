@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List
 
 from omegaconf import MISSING, DictConfig
 
-from framework.bench.common import BENCHMARKS, Benchmark, write_figures
+from framework.bench.common import BENCHMARKS, Benchmark, fresh_storage, write_figures
 from framework.cluster import machine
 from framework.config import ConfigError, absolute, typed
 
@@ -96,8 +95,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     from framework.tune.runner import run_sweep
 
     bench = to_bench_config(cfg)
-    root = absolute(bench.storage_path)
-    shutil.rmtree(root, ignore_errors=True)
+    root = fresh_storage(bench.storage_path)
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
         plan = plan_sweep(sweep_overrides(bench, "sweep"))
