@@ -33,7 +33,7 @@ from transformers import (
 from transformers.generation.continuous_batching import RequestStatus
 
 from framework.model import pad_token_id
-from framework.model import torch_dtype as model_dtype
+from framework.model import torch_dtype
 from framework.hf_folder import context_length
 from framework.serve.prompts import PromptEncoder
 from framework.serve.sampling import SLOT, SamplerList, SamplingParams, SequenceSampler, SequenceState, TokenLogprob, top_logprobs
@@ -253,9 +253,9 @@ def _put(queue: asyncio.Queue, index: int, output: object) -> None:
 def load_engine(folder: Path, batching: Batching, dtype: str = "auto", device: Optional[str] = None) -> Engine:
     """Load a Hugging Face model folder onto `device` (default: cuda when there is one) in `dtype`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = model_dtype(dtype, device.startswith("cuda"))
+    weights_dtype = torch_dtype(dtype, device.startswith("cuda"))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=weights_dtype, local_files_only=True).to(device).eval()
     try:
         generation = GenerationConfig.from_pretrained(folder, local_files_only=True)
     except OSError:  # no generation_config.json: the model config's own ids

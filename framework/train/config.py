@@ -177,8 +177,6 @@ class TrainRoot:
 # `conf/config.yaml` names it first in its defaults: misspelt keys and wrong types fail at composition.
 register("config_schema", TrainRoot)
 
-TRAINING_GROUPS = ("model", "data", "deepspeed", "optim", "run")
-
 
 def validate(cfg: TrainRoot) -> TrainRoot:
     """Check every training group's rules and the rules across groups; raises ConfigError naming the first bad key."""

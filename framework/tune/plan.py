@@ -32,9 +32,8 @@ from framework.train.config import TRAIN, TrainRoot, to_train_root, training_ove
 from framework.train.plan import make_plan, resolve_paths
 from framework.tune.algorithms import SCHEDULERS, SEARCHES
 from framework.tune.config import TuneConfig
-from framework.tune.space import Param, format_value, parse_space
-from framework.tune.space import corners as space_corners
-from framework.tune.sweep import GroupChoice, Sweep, SweepPlan, option_error, rejection, apply_values, config_groups
+from framework.tune.space import Param, format_value, parse_space, space_corners
+from framework.tune.sweep import GroupChoice, Sweep, SweepPlan, apply_values, config_groups, option_error, rejection
 
 # What the training loop reports at every evaluation (framework/train/loop.py).
 METRICS = ("val_loss", "val_perplexity", "train_loss")

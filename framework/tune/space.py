@@ -150,7 +150,7 @@ def trial_overrides(params: Mapping[str, Param], values: Mapping[str, Any]) -> L
     return [param.override(values[key]) for key, param in params.items()]
 
 
-def corners(params: Mapping[str, Param]) -> List[Tuple[str, Dict[str, Any]]]:
+def space_corners(params: Mapping[str, Param]) -> List[Tuple[str, Dict[str, Any]]]:
     """The trials a check tries, each with the words its error starts with: every sampled key's values
     (an interval's ends) alone, then all first and all last values together; pinned keys in all of them."""
     pinned = {key: p.values[0] for key, p in params.items() if not p.sampled}
