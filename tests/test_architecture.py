@@ -38,3 +38,16 @@ def test_an_upward_import_breaks_the_layers_and_a_cycle_breaks_the_acyclic_contr
     assert "framework.model -> framework.bench.common" in result.stdout
     assert "No cycles are allowed in framework.tune." in result.stdout
     assert "3 kept, 2 broken" in result.stdout
+
+
+def test_composing_a_serve_config_imports_no_torch():
+    """Serving's config holds names, not torch dtypes: composing and typing it stays light (a RayService's args, submit)."""
+    code = (
+        "import sys\n"
+        "from framework.serve.config import SERVE, to_serve_config, validate_serve\n"
+        "validate_serve(to_serve_config(SERVE.compose(['serve.model_path=/models/m'])))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
