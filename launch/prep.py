@@ -3,9 +3,10 @@
 from omegaconf import DictConfig
 
 from framework.config import hydra_entry
+from framework.data.prepare import check_prep
 
 
-@hydra_entry()
+@hydra_entry(check=check_prep)
 def main(cfg: DictConfig) -> None:
     from framework.data.prepare import run
 

@@ -10,13 +10,16 @@ and the same input always gives byte-identical shards. The tokenizer is trained 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import tempfile
 import time
 from typing import Any, Dict, List
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from framework import storage
@@ -33,7 +36,13 @@ from framework.data.sources import (
 )
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from framework.model import pad_token_id
-from framework.schema import Config
+from framework.schema import Config, to_config
+
+# What prep writes into data.output_dir before anything else. A folder holding it (or a manifest prep wrote,
+# from before the marker) may be prepared again; any other non-empty folder is not prep's to write into.
+PREP_MARKER = "prep.json"
+# The names of the shards prep writes (`_write`): the only files clear_previous deletes in a split folder.
+SHARD_PATTERN = "part-*.parquet"
 
 
 def split_of(key: bytes, val_fraction: float) -> str:
@@ -144,15 +153,49 @@ def train_texts(files: List[SourceFile], data: DataConfig):  # noqa: ANN201 - a 
                     yield text
 
 
-def clear_previous(output_dir: str) -> None:
-    """Remove an earlier prep's manifest and shards from `output_dir`, so a failed prep leaves nothing a run could train on."""
-    if not storage.exists(storage.join(output_dir, MANIFEST)):
-        return
+def _is_prep_manifest(uri: str) -> bool:
+    """Whether `uri` is a manifest prep wrote (a folder prepared before prep left its marker): prep's own fields."""
+    try:
+        manifest = storage.read_json(uri)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"format", "fingerprint", "splits", "tokenizer_sha256"} <= manifest.keys()
+
+
+def check_output_dir(output_dir: str) -> None:
+    """`data.output_dir` must be new, empty, or an earlier prep's (its PREP_MARKER, or a manifest prep wrote):
+    a corpus a user keeps there is never written into or deleted."""
     fs, path = storage.resolve(output_dir)
-    fs.delete_file(f"{path}/{MANIFEST}")
-    for name in (*SPLITS, TOKENIZER_DIR):
-        if storage.exists(storage.join(output_dir, name)):
-            fs.delete_dir(f"{path}/{name}")
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        raise ConfigError(f"data.output_dir={output_dir}: is a file; expected a directory to write the shards to")
+    if kind == pafs.FileType.NotFound or not fs.get_file_info(pafs.FileSelector(path)):
+        return
+    if not (storage.exists(storage.join(output_dir, PREP_MARKER)) or _is_prep_manifest(storage.join(output_dir, MANIFEST))):
+        raise ConfigError(
+            f"data.output_dir={output_dir}: exists and holds something other than an earlier prep (no {PREP_MARKER} and no "
+            f"{MANIFEST} written by prep); nothing there is replaced: choose a new or empty directory"
+        )
+
+
+def check_prep(cfg: DictConfig) -> None:
+    """The check of `launch/prep.py`: the training tree, and an output directory prep may write into (before any work)."""
+    check_output_dir(absolute(to_config(cfg).data.output_dir))
+
+
+def clear_previous(output_dir: str) -> None:
+    """Remove an earlier prep's manifest, shards and tokenizer from `output_dir` (its files alone, by name), so a
+    failed prep leaves nothing a run could train on."""
+    fs, path = storage.resolve(output_dir)
+    if storage.exists(storage.join(output_dir, MANIFEST)):
+        fs.delete_file(f"{path}/{MANIFEST}")
+    for split in SPLITS:
+        if storage.exists(storage.join(output_dir, split)):
+            for shard in fs.get_file_info(pafs.FileSelector(f"{path}/{split}")):
+                if fnmatch.fnmatch(shard.base_name, SHARD_PATTERN):
+                    fs.delete_file(shard.path)
+    if storage.exists(storage.join(output_dir, TOKENIZER_DIR)):
+        fs.delete_dir(f"{path}/{TOKENIZER_DIR}")
 
 
 def run(cfg: Config) -> Dict[str, Any]:
@@ -160,9 +203,11 @@ def run(cfg: Config) -> Dict[str, Any]:
     data = cfg.data
     output_dir = absolute(data.output_dir)
     started = time.time()
+    check_output_dir(output_dir)
     files = list_source_files(data.sources)
     shas = [storage.file_sha256(f.path) for f in files]
     print(f"prep: {len(files)} source files → {output_dir}")
+    storage.write_json(storage.join(output_dir, PREP_MARKER), {"written_by": "launch/prep.py"})
     clear_previous(output_dir)
 
     tokenizer = load_tokenizer(data.tokenizer.path) if data.tokenizer.path else train_bpe_tokenizer(train_texts(files, data), data.tokenizer)
