@@ -258,6 +258,19 @@ def test_rerunning_a_run_name_with_other_settings_fails_before_ray(prepared_data
     assert list(ray_tmp.iterdir()) == [], "a Ray session was started for a run that cannot resume"
 
 
+@pytest.mark.parametrize("key, value, saved", [("run.seed", 7, 0), ("run.shuffle_window", 3, 8)])
+def test_a_resume_with_another_sample_order_is_refused_by_key(prepared_data, run_storage, trained_runs, key, value, saved):
+    """The seed and the shuffle window decide the rows of every step: zero1 resumed under others would train some
+    rows of the epoch twice and skip others."""
+    from framework.train.plan import make_plan
+
+    with pytest.raises(ConfigError) as refused:
+        make_plan(load_config(run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero1", **{key: value})))
+    assert str(refused.value) == (
+        f"{key}={value}: run zero1 resumes checkpoint_00000020, trained with {key}={saved}; keep the run's settings or start a new run.name"
+    )
+
+
 def test_reprepared_shards_are_refused_and_the_same_shards_elsewhere_resume(prepared_data, run_storage, trained_runs, tmp_path, ray_session):
     """A run's checkpoints record the shards' fingerprint (tokenizer and every shard's content, not their path)."""
     from conftest import prep_overrides
