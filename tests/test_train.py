@@ -203,12 +203,12 @@ def another_ray_instance() -> Iterator[None]:
     try:
         yield
     finally:
-        # That instance alone, as `ray stop` stops every instance: its processes are the ones started with its
-        # temp dir; SIGTERM, then SIGKILL for those still there after `ray stop`'s grace period (GCS and raylet stay).
+        # That instance alone (`ray stop` stops every instance): its processes are the ones started with its temp
+        # dir; SIGTERM, then SIGKILL for those still there (its GCS and raylet outlive a SIGTERM).
         others = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
         for process in others:
             process.terminate()
-        for process in psutil.wait_procs(others, timeout=16)[1]:
+        for process in psutil.wait_procs(others, timeout=5)[1]:
             process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
