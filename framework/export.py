@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+import pyarrow.fs as pafs
 import torch
 from omegaconf import MISSING, DictConfig
 
@@ -137,8 +138,41 @@ def validate_export(export: ExportConfig) -> Tuple[str, str]:
     checkpoint = resolve_checkpoint(export.checkpoint, export.runs_dir)
     output_dir = export.output_dir or default_export_dir(checkpoint)
     check_output_dir(output_dir, checkpoint, "export.output_dir", EXPORT_MARKER, "export", "the checkpoint")
+    check_not_a_base(output_dir, checkpoint, export.runs_dir)
     check_base(checkpoint, export.adapter)
     return checkpoint, output_dir
+
+
+def recorded_bases(runs_dir: str) -> Iterator[Tuple[str, str]]:
+    """(checkpoint, its model.pretrained_path) for every checkpoint of every run under `runs_dir` built from a model folder."""
+    from omegaconf import OmegaConf
+
+    fs, path = storage.resolve(runs_dir)
+    for run in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if run.type != pafs.FileType.Directory:
+            continue
+        run_dir = storage.join(runs_dir, run.base_name)
+        for name in ckpt.checkpoint_names(run_dir):
+            config = storage.join(run_dir, name, ckpt.CONFIG)
+            if storage.exists(config):
+                base = OmegaConf.select(OmegaConf.create(storage.read_text(config)), "model.pretrained_path")
+                if base:
+                    yield storage.join(run_dir, name), base
+
+
+def check_not_a_base(output_dir: str, checkpoint: str, runs_dir: Optional[str]) -> None:
+    """`output_dir` must not hold the base (model.pretrained_path) of a run beside the checkpoint or under `runs_dir`:
+    an earlier export there would be replaced, and a LoRA run on it would resume and export on another base."""
+    path, _, query = checkpoint.partition("?")
+    beside = path.rstrip("/").rsplit("/", 2)[0] + (f"?{query}" if query else "")  # the runs directory holding the checkpoint's run
+    out = os.path.realpath(output_dir)
+    for root in dict.fromkeys([beside, *([absolute(runs_dir)] if runs_dir else [])]):
+        for recorded, base in recorded_bases(root):
+            require(
+                os.path.commonpath([out, os.path.realpath(base)]) != out, "export.output_dir", output_dir,
+                f"holds model.pretrained_path={base}, the base of checkpoint {recorded}: replaced, that run would resume and "
+                f"export on another base; choose another directory",
+            )
 
 
 def check_base(checkpoint: str, adapter: bool) -> None:

@@ -1,10 +1,10 @@
 """Prepare token shards: `python launch/prep.py [data=stdlib] [data.seq_len=512] ...`"""
 
 from framework.cli import entry
-from framework.train.config import TRAIN, TrainRoot
+from framework.train.config import PREP, TrainRoot
 
 
-@entry(TRAIN)
+@entry(PREP)
 def main(root: TrainRoot) -> None:
     from framework.data.prepare import prepare_shards
 

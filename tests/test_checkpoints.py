@@ -140,6 +140,30 @@ def test_a_sweep_on_object_storage_publishes_its_results_there(s3, s3_data, tmp_
         assert _bucket(s3).get_file_info(f"{BUCKET}/sweeps/s3-sweep/published/{name}").size > 0, name
 
 
+def test_promoting_a_trial_from_object_storage_records_its_checkpoint_uri(s3, trained_checkpoints, prepared_data, tmp_path, monkeypatch):
+    """A sweep on s3:// promotes its best trial straight from the bucket: export.json names the checkpoint there,
+    not a temporary download gone since, so launch/compress.py finds the shards the model was trained on."""
+    import pandas as pd
+
+    from framework import storage
+    from framework.compress.plan import training_shards
+    from framework.tune.plan import load_sweep
+    from framework.tune.promotion import promote
+    from framework.tune.results import TrialOutcome, results_table
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    uri = f"s3://{BUCKET}/sweeps/promoted/trial/checkpoint_00000020"
+    storage.upload_dir(trained_checkpoints[1], uri)
+    sweep = load_sweep(["tune=grid", "~tune/space", '+tune.space.optim.lr="choice(1e-3)"', "run.max_steps=20", "optim.warmup_steps=2"])
+    history = pd.DataFrame({"step": [20], "val_loss": [2.0], "checkpoint_path": [uri]})
+    best = promote(results_table([TrialOutcome("trial", {"optim.lr": 1e-3}, history, None)], sweep), sweep, str(tmp_path))
+    assert best["checkpoint"] == uri
+    exported = json.loads((tmp_path / "best" / "export.json").read_text())
+    assert (exported["checkpoint"], exported["step"]) == (uri, 20)
+    assert training_shards(tmp_path / "best") == prepared_data
+
+
 def test_changed_optimizer_settings_take_effect_on_resume(prepared_data, run_storage, trained_runs, ray_session):
     """The run resumes zero1's step-10 checkpoint with another peak LR and weight decay: its schedule follows the new
     peak from the first step (the checkpoint's own LR would otherwise win), and the same settings from scratch agree."""

@@ -134,6 +134,32 @@ def test_failed_verification_leaves_the_earlier_export_in_place(trained_checkpoi
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no partial folder left behind
 
 
+def test_export_refuses_to_replace_the_base_a_run_was_trained_on(trained_checkpoints, exports, tmp_path):
+    """A LoRA run's model.pretrained_path may be an earlier export: exporting over it, from a run beside that run or
+    from anywhere while that run is under export.runs_dir, is refused by key, and the base stays as it was."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from framework.export import EXPORT
+
+    base, runs = tmp_path / "base", tmp_path / "runs"
+    shutil.copytree(exports[1], base)
+    on_base = runs / "on-base" / "checkpoint_00000020"
+    shutil.copytree(trained_checkpoints[1], on_base)
+    saved = OmegaConf.load(on_base / "config.yaml")
+    saved.model.pretrained_path = str(base)  # what a run started with model.pretrained_path=<base> records
+    OmegaConf.save(saved, on_base / "config.yaml")
+    shutil.copytree(trained_checkpoints[3], runs / "other" / "checkpoint_00000020")
+    before = {name: (base / name).read_bytes() for name in os.listdir(base) if (base / name).is_file()}
+    refused = re.escape(f"export.output_dir={base}: holds model.pretrained_path={base}, the base of checkpoint {on_base}: ")
+    with pytest.raises(ConfigError, match="^" + refused):
+        export_checkpoint(str(runs / "other"), str(base))
+    with pytest.raises(ConfigError, match="^" + refused):
+        EXPORT.from_overrides([f"export.checkpoint={trained_checkpoints[3]}", f"export.output_dir={base}", f"export.runs_dir={runs}"])
+    assert {name: (base / name).read_bytes() for name in os.listdir(base) if (base / name).is_file()} == before
+
+
 @pytest.mark.parametrize("make", ["not_a_checkpoint", "missing"])
 def test_not_a_checkpoint_fails_in_one_line(tmp_path, make):
     path = tmp_path / "somewhere"

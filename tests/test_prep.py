@@ -197,3 +197,43 @@ def test_an_empty_split_fails_prep_in_one_line_and_leaves_no_manifest(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ConfigError: data.val_fraction=0.05: the validation split is empty (train: 1 documents"), last
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_prep_refuses_a_folder_it_did_not_write_before_any_work_and_deletes_nothing(tmp_path):
+    """A corpus a user keeps in data/<name>/train beside a manifest of their own is not an earlier prep."""
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "corpus.txt").write_text("the user's own text\n")
+    (out / "manifest.json").write_text(json.dumps({"name": "my corpus"}))
+    result = launch("prep.py", "data.sources.0.path=" + sorted(glob.glob(SMALL_CORPUS))[0], "data.tokenizer.vocab_size=300",
+                    "data.seq_len=32", f"data.output_dir={out}", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ConfigError: data.output_dir={out}: exists and holds something other than an earlier prep"), last
+    assert "prep:" not in result.stdout  # refused by the config check: no source read, no tokenizer, no cluster
+    assert (out / "train" / "corpus.txt").read_text() == "the user's own text\n"
+    assert json.loads((out / "manifest.json").read_text()) == {"name": "my corpus"}
+    assert sorted(os.listdir(out)) == ["manifest.json", "train"]
+
+
+@pytest.mark.slow
+def test_a_folder_prep_wrote_is_prepared_again_and_only_prep_files_are_replaced(tmp_path, ray_session):
+    """Marked by prep, or (from before the marker) holding a manifest prep wrote: prepared again; a file someone
+    else put there survives, a stale shard of the earlier prep does not."""
+    sources = tmp_path / "src"
+    sources.mkdir()
+    for path in sorted(glob.glob(SMALL_CORPUS))[:10]:
+        (sources / os.path.basename(path)).write_text(open(path).read())
+    out = tmp_path / "out"
+    overrides = [f"data.sources.0.path={sources}/*.py", "data.tokenizer.vocab_size=300", "data.seq_len=32", "data.val_fraction=0.3",
+                 f"data.output_dir={out}"]
+    first = prepare_shards(TRAIN.from_overrides(overrides).data)
+    assert (out / "prep.json").is_file()
+    (out / "train" / "part-00099.parquet").write_bytes(b"a stale shard")
+    (out / "train" / "notes.txt").write_text("kept")
+    assert prepare_shards(TRAIN.from_overrides(overrides).data)["fingerprint"] == first["fingerprint"]
+    assert not (out / "train" / "part-00099.parquet").exists() and (out / "train" / "notes.txt").read_text() == "kept"
+    (out / "prep.json").unlink()  # a folder prepared before prep left its marker: its manifest says it is prep's
+    assert prepare_shards(TRAIN.from_overrides(overrides).data)["fingerprint"] == first["fingerprint"]
+    assert (out / "prep.json").is_file()

@@ -1,6 +1,7 @@
 """Training the tiny model with 2 Ray Train workers under DeepSpeed ZeRO 1, 2 and 3: the same rows and losses
 on any worker count, resume on another worker count, after a kill, and the checks before any cluster work."""
 
+import contextlib
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -185,11 +187,39 @@ def _past_first_checkpoint(run_dir: str) -> bool:
     return registered and any(json.loads(line)["step"] >= 13 for line in open(metrics))
 
 
+@contextlib.contextmanager
+def another_ray_instance() -> Iterator[None]:
+    """A second Ray instance on this host while the block runs (a serve, another user's sweep), started by `ray start`."""
+    import tempfile
+
+    import psutil
+
+    from conftest import free_port
+
+    temp_dir = tempfile.mkdtemp(prefix="other-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={free_port()}",
+                    f"--temp-dir={temp_dir}", "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield
+    finally:
+        # That instance alone (`ray stop` stops every instance): its processes are the ones started with its temp
+        # dir; SIGTERM, then SIGKILL for those still there (its GCS and raylet outlive a SIGTERM).
+        others = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for process in others:
+            process.terminate()
+        for process in psutil.wait_procs(others, timeout=5)[1]:
+            process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def test_a_dead_worker_and_an_interrupted_driver_both_resume_on_the_same_curve(prepared_data, run_storage, trained_runs):
     """One run, two failures past its step-10 checkpoint (one Train run fewer than a test for each):
     a Train worker killed is restarted from the checkpoint by Ray Train (run.max_failures=1) and trains
     on; the driver, then interrupted like a Ctrl-C, is started again with the same command and resumes
-    from it. The run ends on the loss curve and the weights of the same run never interrupted."""
+    from it, beside a second Ray instance on the host: Ray's own helpers of the run (Ray Train's
+    PlacementGroupCleaner) address the run's cluster, not "the" local one. The run ends on the loss curve and
+    the weights of the same run never interrupted."""
     name = "resume"
     overrides = run_overrides(prepared_data, run_storage, name, deepspeed="zero2", **{"run.max_failures": 1})
     args = [sys.executable, str(ROOT / "launch" / "train.py"), *overrides]
@@ -205,10 +235,12 @@ def test_a_dead_worker_and_an_interrupted_driver_both_resume_on_the_same_curve(p
         first.wait_until(lambda: _trained_on_after_resuming(first.output), timeout_s=300)
         first.interrupt()
 
-    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    with another_ray_instance():
+        second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     output = second.stdout + second.stderr
     assert "at step 10" in output and "resumed from" in output, output[-3000:]
+    assert "Found multiple active Ray instances" not in output, output[-3000:]
 
     losses, steps = _losses(run_dir)
     assert steps == list(range(1, 21))
@@ -256,6 +288,19 @@ def test_rerunning_a_run_name_with_other_settings_fails_before_ray(prepared_data
         "keep the run's settings or start a new run.name"
     ], result.stderr
     assert list(ray_tmp.iterdir()) == [], "a Ray session was started for a run that cannot resume"
+
+
+@pytest.mark.parametrize("key, value, saved", [("run.seed", 7, 0), ("run.shuffle_window", 3, 8)])
+def test_a_resume_with_another_sample_order_is_refused_by_key(prepared_data, run_storage, trained_runs, key, value, saved):
+    """The seed and the shuffle window decide the rows of every step: zero1 resumed under others would train some
+    rows of the epoch twice and skip others."""
+    from framework.train.plan import make_plan
+
+    with pytest.raises(ConfigError) as refused:
+        make_plan(TRAIN.from_overrides(run_overrides(prepared_data, run_storage, "zero1", deepspeed="zero1", **{key: value})))
+    assert str(refused.value) == (
+        f"{key}={value}: run zero1 resumes checkpoint_00000020, trained with {key}={saved}; keep the run's settings or start a new run.name"
+    )
 
 
 def test_reprepared_shards_are_refused_and_the_same_shards_elsewhere_resume(prepared_data, run_storage, trained_runs, tmp_path, ray_session):

@@ -10,12 +10,14 @@ and the same input always gives byte-identical shards. The tokenizer is trained 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 from tqdm import tqdm
 
@@ -25,14 +27,15 @@ from framework.config import ConfigError, absolute
 from framework.data.chat import BAD_REASONS, BadRecord, ChatRenderer, bad_summary, chat_template, conversation_contents, conversation_text
 from framework.data.config import DataConfig, is_chat
 from framework.data.shards import (
-    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS, TOKENIZER_DIR, directory_sha256,
-    fingerprint, pack_conversations, pack_sequences, rows_to_table, stream_segment_starts, write_shard,
+    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, PREP_MARKER, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS, TOKENIZER_DIR,
+    check_prep_dir, directory_sha256, fingerprint, pack_conversations, pack_sequences, rows_to_table, stream_segment_starts, write_shard,
 )
 from framework.data.sources import (
     SourceFile, SourcePart, document_key, list_source_files, read_conversations, read_documents, split_source,
 )
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from framework.model import pad_token_id
+SHARD_PATTERN = "part-*.parquet"
 
 
 def split_of(key: bytes, val_fraction: float) -> str:
@@ -144,23 +147,29 @@ def train_texts(files: List[SourceFile], data: DataConfig):  # noqa: ANN201 - a 
 
 
 def clear_previous(output_dir: str) -> None:
-    """Remove an earlier prep's manifest and shards from `output_dir`, so a failed prep leaves nothing a run could train on."""
-    if not storage.exists(storage.join(output_dir, MANIFEST)):
-        return
+    """Remove an earlier prep's manifest, shards and tokenizer from `output_dir` (its files alone, by name), so a
+    failed prep leaves nothing a run could train on."""
     fs, path = storage.resolve(output_dir)
-    fs.delete_file(f"{path}/{MANIFEST}")
-    for name in (*SPLITS, TOKENIZER_DIR):
-        if storage.exists(storage.join(output_dir, name)):
-            fs.delete_dir(f"{path}/{name}")
+    if storage.exists(storage.join(output_dir, MANIFEST)):
+        fs.delete_file(f"{path}/{MANIFEST}")
+    for split in SPLITS:
+        if storage.exists(storage.join(output_dir, split)):
+            for shard in fs.get_file_info(pafs.FileSelector(f"{path}/{split}")):
+                if fnmatch.fnmatch(shard.base_name, SHARD_PATTERN):
+                    fs.delete_file(shard.path)
+    if storage.exists(storage.join(output_dir, TOKENIZER_DIR)):
+        fs.delete_dir(f"{path}/{TOKENIZER_DIR}")
 
 
 def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[str, Any]:
     """Prepare `data` into `data.output_dir` with Ray tasks on the cluster at `ray_address` (run.ray_address); returns the manifest."""
     output_dir = absolute(data.output_dir)
     started = time.time()
+    check_prep_dir(output_dir)
     files = list_source_files(data.sources)
     shas = [storage.file_sha256(f.path) for f in files]
     print(f"prep: {len(files)} source files → {output_dir}")
+    storage.write_json(storage.join(output_dir, PREP_MARKER), {"written_by": "launch/prep.py"})
     clear_previous(output_dir)
 
     tokenizer = load_tokenizer(data.tokenizer.path) if data.tokenizer.path else train_bpe_tokenizer(train_texts(files, data), data.tokenizer)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from framework import storage
@@ -33,6 +34,10 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "validation")
+# What prep writes into data.output_dir before anything else. A folder holding it (or a manifest prep wrote,
+# from before the marker) may be prepared again; any other non-empty folder is not prep's to write into.
+PREP_MARKER = "prep.json"
+# The names of the shards prep writes (`_write`): the only files clear_previous deletes in a split folder.
 COLUMN = "input_ids"
 MASK_COLUMN = "loss_mask"
 SEGMENTS_COLUMN = "segment_starts"
@@ -191,3 +196,31 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
 
 def shard_uris(data_dir: str, manifest: Dict[str, Any], split: str) -> List[str]:
     return [storage.join(data_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder prep writes into
+
+def _is_prep_manifest(uri: str) -> bool:
+    """Whether `uri` is a manifest prep wrote (a folder prepared before prep left its marker): prep's own fields."""
+    try:
+        manifest = storage.read_json(uri)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"format", "fingerprint", "splits", "tokenizer_sha256"} <= manifest.keys()
+
+
+def check_prep_dir(output_dir: str) -> None:
+    """`data.output_dir` must be new, empty, or an earlier prep's (its PREP_MARKER, or a manifest prep wrote):
+    a corpus a user keeps there is never written into or deleted."""
+    fs, path = storage.resolve(output_dir)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        raise ConfigError(f"data.output_dir={output_dir}: is a file; expected a directory to write the shards to")
+    if kind == pafs.FileType.NotFound or not fs.get_file_info(pafs.FileSelector(path)):
+        return
+    if not (storage.exists(storage.join(output_dir, PREP_MARKER)) or _is_prep_manifest(storage.join(output_dir, MANIFEST))):
+        raise ConfigError(
+            f"data.output_dir={output_dir}: exists and holds something other than an earlier prep (no {PREP_MARKER} and no "
+            f"{MANIFEST} written by prep); nothing there is replaced: choose a new or empty directory"
+        )

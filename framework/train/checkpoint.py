@@ -235,11 +235,14 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 # What a resumed run must share with the checkpoint it resumes: the model's shape, the ZeRO stage of
-# its optimizer state, and what a step means (the rows of a global batch). The worker count and the
-# micro-batch may change (the sample order and DeepSpeed's universal checkpoint are independent of
-# them), as may steps, learning rate and intervals; the shards are compared by fingerprint.
+# its optimizer state, what a step means (the rows of a global batch), and the sample order (the seed and
+# the shuffle window decide the rows of every step; the seed also makes a LoRA run's base when the model
+# is built from config). The worker count and the micro-batch may change (the sample order and
+# DeepSpeed's universal checkpoint are independent of them), as may steps, learning rate and intervals;
+# the shards are compared by fingerprint.
 RESUME_KEYS = (
     "model.arch", "model.hf_config", "model.pretrained_path", "model.lora", "data.seq_len", "deepspeed.stage", "run.global_batch_size",
+    "run.seed", "run.shuffle_window",
 )
 
 
@@ -249,6 +252,4 @@ def resume_conflicts(saved: TrainRoot, cfg: TrainRoot) -> List[Tuple[str, Any, A
         group, name = key.split(".")
         return getattr(getattr(c, group), name)
 
-    # A LoRA run on a model built from config has a base made from the seed: another seed, another base.
-    seeded_base = ("run.seed",) if cfg.model.lora is not None and cfg.model.pretrained_path is None else ()
-    return [(key, get(saved, key), get(cfg, key)) for key in RESUME_KEYS + seeded_base if get(saved, key) != get(cfg, key)]
+    return [(key, get(saved, key), get(cfg, key)) for key in RESUME_KEYS if get(saved, key) != get(cfg, key)]

@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig
 
-from framework.config import Job, optional_group, register, require, typed
+from framework.config import Job, absolute, optional_group, register, require, typed
 from framework.data.config import DataConfig, check_data
+from framework.data.shards import check_prep_dir
 from framework.model import ModelConfig, check_model_config
 
 # optim.name → the torch.optim class framework/train/optim.py builds; both take lr, betas, eps and
@@ -193,8 +194,16 @@ def to_train_root(cfg: DictConfig) -> TrainRoot:
     return validate(typed(TrainRoot, cfg, ""))
 
 
-# launch/prep.py and launch/train.py: conf/config.yaml → TrainRoot.
+def to_prep_root(cfg: DictConfig) -> TrainRoot:
+    """launch/prep.py's root: the training tree, and a data.output_dir prep may write into (new, empty, or an earlier prep's)."""
+    root = to_train_root(cfg)
+    check_prep_dir(absolute(root.data.output_dir))
+    return root
+
+
+# launch/train.py: conf/config.yaml → TrainRoot; launch/prep.py the same, with its output folder checked.
 TRAIN = Job("config", load=to_train_root)
+PREP = Job("config", load=to_prep_root)
 
 
 def training_overrides(overrides: Sequence[str]) -> List[str]:

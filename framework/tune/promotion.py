@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
 import pandas as pd
 
-from framework import storage
 from framework.tune.sweep import Sweep
 from framework.tune.results import best_trial
 
@@ -29,12 +27,9 @@ def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict
     if trial is None:
         return None
     best = table[table["trial"] == trial].iloc[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_dir = best["checkpoint"]
-        if "://" in checkpoint_dir:
-            storage.download_dir(checkpoint_dir, tmp)
-            checkpoint_dir = tmp
-        path = export_checkpoint(checkpoint_dir, os.path.join(output_dir, "best"))
+    # Straight from the checkpoint's URI (export downloads one on object storage itself), so that export.json
+    # records where the checkpoint lives, not a temporary copy: launch/compress.py finds the training shards there.
+    path = export_checkpoint(best["checkpoint"], os.path.join(output_dir, "best"))
     record = {
         "trial": str(best["trial"]),
         "metric": metric,
