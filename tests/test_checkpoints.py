@@ -1,4 +1,5 @@
-"""Checkpoints a user can trust: the lifecycle on a real S3-protocol server, resume that honours changed optimizer
+"""Checkpoints a user can trust: the lifecycle on a real S3-protocol server (a killed worker and an interrupted driver
+resumed on the uninterrupted run's curve), resume that honours changed optimizer
 settings, complete-or-ignored checkpoints, an export that checks what it reads, nothing unpickled, timeouts."""
 
 from __future__ import annotations
