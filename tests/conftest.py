@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -34,6 +37,13 @@ def _serve_ingress() -> None:
 
 
 _serve_ingress()
+
+# Ray Train's controller polls its workers every 2 s by default: that is when it takes a report (a worker that
+# reports again waits for it), notices a run's end or a dead worker. Every run here is a few seconds of steps, so
+# the poll's period was a visible share of each; polling more often changes nothing a test checks. Set here, at
+# collection time, so that every driver (this process and the `launch/*.py` ones it starts) passes it to its
+# controller, as Ray Train does with its RAY_TRAIN_* variables.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def run_overrides(data_dir: str, storage: str, name: str, **extra: object) -> List[str]:
@@ -253,3 +263,27 @@ class Interruptible:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@contextlib.contextmanager
+def another_ray_instance() -> Iterator[None]:
+    """A second Ray instance on this host while the block runs (a serve, another user's sweep), started by `ray start`."""
+    import tempfile
+
+    import psutil
+
+    temp_dir = tempfile.mkdtemp(prefix="other-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={free_port()}",
+                    f"--temp-dir={temp_dir}", "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield
+    finally:
+        # That instance alone (`ray stop` stops every instance): its processes are the ones started with its temp
+        # dir; SIGTERM, then SIGKILL for those still there (its GCS and raylet outlive a SIGTERM).
+        others = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for process in others:
+            process.terminate()
+        for process in psutil.wait_procs(others, timeout=5)[1]:
+            process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)

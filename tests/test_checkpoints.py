@@ -1,4 +1,5 @@
-"""Checkpoints a user can trust: the lifecycle on a real S3-protocol server, resume that honours changed optimizer
+"""Checkpoints a user can trust: the lifecycle on a real S3-protocol server (a killed worker and an interrupted driver
+resumed on the uninterrupted run's curve), resume that honours changed optimizer
 settings, complete-or-ignored checkpoints, an export that checks what it reads, nothing unpickled, timeouts."""
 
 from __future__ import annotations
@@ -8,14 +9,16 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import (
-    ROOT, SERVE_API_KEY, SERVE_KEY_ENV, SMALL_CORPUS, VAL_FRACTION, Interruptible, copy_run_until, free_port, greedy_reference, launch,
+    ROOT, SERVE_API_KEY, SERVE_KEY_ENV, SMALL_CORPUS, VAL_FRACTION, Interruptible, another_ray_instance, copy_run_until, free_port, greedy_reference, launch,
     run_overrides, train_bare,
 )
 from framework.config import ConfigError
@@ -72,31 +75,79 @@ def s3_data(s3):
     return data, prep
 
 
-def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path, ray_session):
-    """prep → train (checkpoint, interrupted, resumed) → metrics and TensorBoard events in the bucket → export from
-    the bucket → the exported folder served. The credentials come from the environment alone."""
+def _past_first_checkpoint(s3, output) -> bool:
+    """Whether Ray Train has registered the run's step-10 checkpoint, it is complete in the bucket, and training has
+    gone past it."""
     import pyarrow.fs as pafs
+
+    fs = _bucket(s3)
+    if fs.get_file_info(f"{BUCKET}/runs/s3-run/checkpoint_00000010/COMPLETE").type != pafs.FileType.File:
+        return False
+    snapshot = f"{BUCKET}/runs/s3-run/checkpoint_manager_snapshot.json"
+    registered = fs.get_file_info(snapshot).type == pafs.FileType.File and "checkpoint_00000010" in _read(s3, snapshot[len(BUCKET) + 1:])
+    return registered and any(re.search(r"step 1[3-9]/20", line) for line in list(output))
+
+
+def _trained_on_after_resuming(output) -> bool:
+    """Whether the run's output shows a resume from step 10 followed by a progress line past step 10."""
+    lines = list(output)
+    resumed = next((i for i, line in enumerate(lines) if "resumed from" in line and "at step 10" in line), None)
+    return resumed is not None and any(re.search(r"step 1[1-9]/20", line) for line in lines[resumed:])
+
+
+def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path, trained_runs, ray_session):
+    """prep → train (checkpoint, a worker killed, interrupted, resumed) → metrics and TensorBoard events in the bucket →
+    export from the bucket → the exported folder served. The credentials come from the environment alone.
+
+    One run, two failures past its step-10 checkpoint: a Train worker killed is restarted from the checkpoint by Ray
+    Train (run.max_failures=1) and trains on; the driver, then interrupted like a Ctrl-C, is started again with the same
+    command and resumes from it, beside a second Ray instance on the host. The run ends on the loss curve and the weights of the same run never interrupted
+    (the session's ZeRO-2 run on local storage: the bucket's shards are the same corpus prepared the same way)."""
+    import pyarrow.fs as pafs
+
+    from framework.train.checkpoint import latest_checkpoint
 
     env = {**os.environ, **s3}
     (data, prep), runs = s3_data, f"s3://{BUCKET}/runs"
     manifest = json.loads(_read(s3, "data/small/manifest.json"))
     assert manifest["splits"]["validation"]["rows"] > 0
 
-    args = [sys.executable, str(ROOT / "launch" / "train.py"), *run_overrides(data, runs, "s3-run", deepspeed="zero2")]
+    args = [sys.executable, str(ROOT / "launch" / "train.py"), *run_overrides(data, runs, "s3-run", deepspeed="zero2", **{"run.max_failures": 1})]
     fs = _bucket(s3)
     with Interruptible("train.py", *args[2:], env=s3) as first:
-        first.wait_until(lambda: fs.get_file_info(f"{BUCKET}/runs/s3-run/checkpoint_00000010/COMPLETE").type == pafs.FileType.File
-                         and any(re.search(r"step 1[5-9]/20", line) for line in list(first.output)), timeout_s=400)
+        first.wait_until(lambda: _past_first_checkpoint(s3, first.output), timeout_s=400)
+        # Every worker names its process as it starts (`rank 1 of 2: pid N`): the handle to kill rank 1 by.
+        pids = [int(m.group(1)) for line in list(first.output) if (m := re.search(r"rank 1 of 2: pid (\d+)", line))]
+        assert len(pids) == 1, first.text()[-3000:]
+        os.kill(pids[0], signal.SIGKILL)
+        # The restarted worker group resumes from checkpoint 10 (read from the bucket) and trains past it again.
+        first.wait_until(lambda: _trained_on_after_resuming(first.output), timeout_s=300)
         first.interrupt()
-    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Resumed beside a second Ray instance on the host: Ray's own helpers of the run (Ray Train's
+    # PlacementGroupCleaner) address the run's cluster, not "the" local one.
+    with another_ray_instance():
+        second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming checkpoint_00000010 (step 10)" in second.stdout, second.stdout[-2000:]
+    output = second.stdout + second.stderr
+    assert "at step 10" in output and "resumed from" in output, output[-3000:]
+    assert "Found multiple active Ray instances" not in output, output[-3000:]
 
     # Metrics and TensorBoard events live beside the checkpoints in the bucket, every step once.
-    steps = [json.loads(line)["step"] for line in _read(s3, "runs/s3-run/logs/metrics.jsonl").splitlines()]
-    assert steps == list(range(1, 21))
+    records = [json.loads(line) for line in _read(s3, "runs/s3-run/logs/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
     logs = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/s3-run/logs"))
     assert any("tfevents" in info.base_name and info.size > 0 for info in logs)
+    # The same loss curve and weights as the run never interrupted.
+    with open(os.path.join(trained_runs[2], "logs", "metrics.jsonl")) as f:
+        reference = {r["step"]: r["train/loss"] for r in map(json.loads, f)}
+    np.testing.assert_allclose([r["train/loss"] for r in records], [reference[s] for s in range(1, 21)], rtol=1e-4)
+    local = tmp_path / "checkpoint_00000020"
+    pafs.copy_files(f"{BUCKET}/runs/s3-run/checkpoint_00000020", str(local), source_filesystem=fs)
+    resumed, uninterrupted = _weights(str(local)), _weights(latest_checkpoint(trained_runs[2]))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, msg=key)
 
     out = tmp_path / "exported"
     export = launch("export.py", f"export.checkpoint={runs}/s3-run", f"export.output_dir={out}", env=s3)
@@ -123,6 +174,12 @@ def test_the_lifecycle_on_object_storage(s3, s3_data, tmp_path, ray_session):
     for info in fs.get_file_info(pafs.FileSelector(BUCKET, recursive=True)):
         if info.type == pafs.FileType.File and info.base_name.endswith((".json", ".yaml", ".jsonl")):
             assert secret not in _read(s3, info.path[len(BUCKET) + 1:]), info.path
+
+
+def _weights(checkpoint_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="deepspeed")
 
 
 def test_a_sweep_on_object_storage_publishes_its_results_there(s3, s3_data, tmp_path):

@@ -126,6 +126,12 @@ class LocalCluster:
             OMP_NUM_THREADS="1",
             # Rank 0's and rank 1's lines differ only in numbers: the tests read both.
             RAY_DEDUP_LOGS="0",
+            # A node killed here is a dead process: its health checks fail at once, so the GCS may declare it
+            # dead after 5 failed checks 1 s apart (Ray's defaults: 5 checks 3 s apart, 15 s a loss).
+            RAY_health_check_period_ms="1000",
+            # Ray Train's controller (in a job's driver, started by the node) polls its workers every 0.5 s, as in
+            # the other tests (conftest.py).
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
         )
         return env
 
@@ -386,8 +392,11 @@ def test_an_elastic_job_runs_on_both_nodes_goes_on_without_a_lost_node_and_grows
     overrides = train_overrides(shared, "elastic", 100000, **{
         "run.min_workers": 1, "run.max_failures": 4, "run.checkpoint_interval": 5, "run.log_interval": 1,
         "run.resize_check_s": 5, "run.resource_wait_s": 120,
+        # Every checkpoint kept: the first (step 5) is still there however far the run got before the test looks.
+        "run.keep_checkpoints": 1000,
     })
     follower, lines = _follow(cluster, ["train", "--timeout", "900", "--", *overrides])
+    job_id = None
     try:
         job_id = re.search(r"submit: submitted (\S+)", "".join(lines[_wait_for(follower, lines, r"submit: submitted")])).group(1)
         _wait_for(follower, lines, r"step 7/")
@@ -420,6 +429,8 @@ def test_an_elastic_job_runs_on_both_nodes_goes_on_without_a_lost_node_and_grows
     finally:
         if follower.poll() is None:
             follower.kill()
+            if job_id:  # a failed check: the job must not hold the nodes' CPUs through the next test
+                submit(cluster, "stop", job_id, timeout=120)
 
     # One record per step, none missing across the two restarts; the last checkpoint holds two workers' state.
     steps = sorted({json.loads(line)["step"] for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()})
