@@ -391,3 +391,17 @@ def test_reference_free_losses_train_without_a_reference(loss, base, preference_
     assert np.mean([losses[s] for s in range(10, 13)]) < np.mean([losses[s] for s in range(1, 4)]), losses
     accuracy = _by_step(run_dir, "val/rewards/accuracy")
     assert accuracy[12] >= accuracy[0] and reports[-1]["val_rewards_accuracy"] == accuracy[12]
+
+
+@pytest.mark.slow
+def test_a_dpo_checkpoint_exports_to_a_verified_folder_with_the_chat_template(dpo_run, base, tmp_path):
+    """Export (and so serving, which loads the folder) takes a DPO checkpoint as any other: the policy alone, no reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from framework.export import export_checkpoint
+
+    folder = export_checkpoint(dpo_run, str(tmp_path / "dpo"))
+    assert json.loads(open(os.path.join(folder, "export.json")).read())["max_logit_difference"] <= 1e-5
+    assert AutoTokenizer.from_pretrained(folder).chat_template == AutoTokenizer.from_pretrained(base).chat_template
+    exported = AutoModelForCausalLM.from_pretrained(folder)
+    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
