@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_run_until, train_bare
+from conftest import STDLIB, copy_run_until, tiny_chat_model, train_bare
 from framework.config import ConfigError
 from framework.train.config import TRAIN
 
@@ -52,24 +52,8 @@ def base(tmp_path_factory) -> str:
     """A local HF model folder: a random tiny Llama and a 1k BPE trained on the pairs' text and a little stdlib code."""
     import glob
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from conftest import STDLIB
-    from framework.data.config import TokenizerConfig
-    from framework.data.tokenizer import train_bpe_tokenizer
-
     folder = str(tmp_path_factory.mktemp("base") / "tiny-pref")
-    texts = [open(p).read() for p in sorted(glob.glob(f"{STDLIB}/[a-b]*.py"))[:6]] + [json.dumps(_pairs())]
-    tokenizer = train_bpe_tokenizer(texts, TokenizerConfig(path=None, vocab_size=1024, min_frequency=2))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_chat_model(folder, [open(p).read() for p in sorted(glob.glob(f"{STDLIB}/[a-b]*.py"))[:6]] + [json.dumps(_pairs())])
 
 
 @pytest.fixture(scope="module")
