@@ -350,15 +350,16 @@ def test_dpo_raises_validation_preference_accuracy_and_logs_every_metric(dpo_run
 
 
 @pytest.mark.slow
-def test_a_dpo_run_resumes_mid_epoch_to_the_same_losses(dpo_run, dpo_storage, base, preference_data, ray_session):
+def test_a_dpo_run_resumes_mid_epoch_on_another_worker_count_to_the_same_losses(dpo_run, dpo_storage, base, preference_data, ray_session):
+    """The 2-worker ZeRO-3 run cut after its step-10 checkpoint (mid-epoch), resumed on one worker (DeepSpeed's universal
+    conversion; the reference built again from the starting weights): the same rows, the same losses."""
     from framework.data.shards import read_manifest
-    from framework.train.trainer import train
 
     train_rows = read_manifest(preference_data)["splits"]["train"]["rows"]
     assert (10 * 8) % train_rows != 0  # step 10 ends inside an epoch
     target = os.path.join(dpo_storage, "dpo-resumed")
     copy_run_until(dpo_run, 10, target)
-    train(TRAIN.from_overrides(dpo_overrides(base, preference_data, dpo_storage, "dpo-resumed")))
+    train_bare(ray_session, TRAIN.from_overrides(dpo_overrides(base, preference_data, dpo_storage, "dpo-resumed", **{"run.num_workers": 1})))
     for key in ("train/loss", "train/rewards/margin"):
         got, want = _by_step(target, key), _by_step(dpo_run, key)
         np.testing.assert_allclose([got[s] for s in range(11, 21)], [want[s] for s in range(11, 21)], rtol=1e-4, atol=1e-6)
@@ -378,10 +379,12 @@ def test_reference_free_losses_train_without_a_reference(loss, base, preference_
 
 
 @pytest.mark.slow
-def test_a_dpo_checkpoint_exports_to_a_verified_folder_with_the_chat_template(dpo_run, base, tmp_path):
-    """Export (and so serving, which loads the folder) takes a DPO checkpoint as any other: the policy alone, no reference."""
+def test_a_dpo_checkpoint_exports_to_a_verified_folder_with_the_chat_template(dpo_run, base, preference_data, tmp_path):
+    """Export (and so serving, which loads the folder) takes a DPO checkpoint as any other: the policy alone, no reference.
+    A folder's token loss on preference shards is refused in one line (compression's gate measures it on other shards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from framework.evaluate import evaluate_folder
     from framework.export import export_checkpoint
 
     folder = export_checkpoint(dpo_run, str(tmp_path / "dpo"))
@@ -389,3 +392,5 @@ def test_a_dpo_checkpoint_exports_to_a_verified_folder_with_the_chat_template(dp
     assert AutoTokenizer.from_pretrained(folder).chat_template == AutoTokenizer.from_pretrained(base).chat_template
     exported = AutoModelForCausalLM.from_pretrained(folder)
     assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    with pytest.raises(ConfigError, match="holds preference pairs"):
+        evaluate_folder(folder, preference_data, None, micro_batch=4)
