@@ -252,9 +252,9 @@ def test_the_recipes_compose_and_a_sweep_can_aim_at_validation_accuracy(base, pa
         cfg = TRAIN.from_overrides([f"experiment={recipe}", f"model.pretrained_path={base}", f"data.sources.0.path='{pairs_file}'"])
         assert (cfg.post.loss, cfg.model.lora is not None, cfg.data.name, cfg.deepspeed.stage) == ("dpo", lora, "preference", 3)
     sweep = load_sweep(["experiment=dpo", f"model.pretrained_path={base}", f"data.sources.0.path='{pairs_file}'", "tune=grid",
-                        "tune.metric=val_rewards_accuracy", "tune.mode=max",
-                        "+tune.space={post.beta: 'choice(0.1, 0.5)', optim.lr: 'choice(1e-5, 1e-4)', post.loss: 'choice(dpo, simpo)'}"])
-    assert sweep.tune.metric == "val_rewards_accuracy" and len(sweep.corners) >= 2
+                        "tune.metric=val_rewards_accuracy", "tune.mode=max", "~tune/space", '+tune.space.post.beta="choice(0.1, 0.5)"',
+                        '+tune.space.optim.lr="choice(1e-5, 1e-4)"', '+tune.space.post.loss="choice(dpo, simpo)"'])
+    assert sweep.tune.metric == "val_rewards_accuracy" and set(sweep.params) == {"post.beta", "optim.lr", "post.loss"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[
     for split in SPLITS:
         s = manifest["splits"][split]
         targets = f", {s['target_tokens']:,} of them targets" if "target_tokens" in s else ""
-        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} documents")
+        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} {'pairs' if is_preference(data) else 'documents'}")
     if manifest["empty_documents"]:
         print(f"prep: {manifest['empty_documents']} empty documents skipped")
     if "bad_records" in manifest:
