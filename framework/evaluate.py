@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from framework.config import ConfigError
 from framework.data.stream import Batch, ShardReader, eval_batches, target_tokens
 
 
@@ -45,9 +46,14 @@ def evaluate_folder(folder: str, data_dir: str, eval_rows: Optional[int], micro_
     from transformers import AutoModelForCausalLM
 
     from framework.data.sampler import evaluation_rows
-    from framework.data.shards import read_manifest
+    from framework.data.shards import PAIRS_COLUMN, read_manifest
 
     manifest = read_manifest(data_dir)
+    if PAIRS_COLUMN in manifest["columns"]:
+        raise ConfigError(
+            f"{data_dir}: holds preference pairs; a folder's token loss is measured on text or chat shards (a preference "
+            "loss needs the run's reference: its metrics are the training run's val/rewards/*)"
+        )
     rows = evaluation_rows(manifest["splits"]["validation"]["rows"], eval_rows, manifest["seed"])
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or "auto").to(device).eval()
     reader = ShardReader(data_dir, manifest, "validation", cache_groups=4)

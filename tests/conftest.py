@@ -209,6 +209,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tiny_chat_model(folder: str, texts: List[str]) -> str:
+    """A local HF model folder for fine-tuning tests: a random tiny Llama (seed 0) and the framework's 1k byte-level BPE
+    (ChatML template) trained on `texts`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from framework.data.config import TokenizerConfig
+    from framework.data.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, TokenizerConfig(path=None, vocab_size=1024, min_frequency=2))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def greedy_reference(folder, prompt: str, max_new_tokens: int) -> str:
     """What plain `transformers` greedy generation gives for `folder` and `prompt`: what a served folder must answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -13,7 +13,7 @@ from framework.train.config import TrainRoot, TRAIN
 
 # The values a user must give: the presets leave them `???` on purpose.
 MANDATORY = {"model.pretrained_path", "data.sources[0].path", "data.tokenizer.path"}
-GROUPS = ("model", "model/lora", "data", "deepspeed", "optim", "run", "tune", "experiment")
+GROUPS = ("model", "model/lora", "data", "deepspeed", "optim", "run", "tune", "post", "experiment")
 
 
 def _options(group):
@@ -36,7 +36,7 @@ def test_schemas_hold_types_not_values():
     assert list(schema_defaults(LoraConfig)) == []  # model.lora: an Optional node, not walked from TrainRoot
     assert list(schema_defaults(CompressConfig)) == []
     assert {f.name for f in dataclasses.fields(SourceConfig) if f.default is not dataclasses.MISSING and f.name != "path"} == {
-        "format", "field", "split_on", "split_regex", "prompt", "completion"
+        "format", "field", "split_on", "split_regex", "prompt", "completion", "chosen", "rejected"
     }
 
 
@@ -62,7 +62,7 @@ def _unset(cfg, node=None, path=""):
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_preset_sets_every_value(group, option):
     """Each option of each group composes over the defaults with no value left unset but the mandatory ones."""
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}"] + (["data=preference"] if group == "post" else []))  # a preference loss needs pairs
     assert _unset(cfg) <= MANDATORY, _unset(cfg)
     if not _unset(cfg):
         from framework.train.config import to_train_root

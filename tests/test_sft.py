@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STDLIB, train_bare
+from conftest import ROOT, STDLIB, tiny_chat_model, train_bare
 from framework.config import ConfigError
 from framework.train.config import TRAIN
 
@@ -35,23 +35,8 @@ END = "<|im_end|>"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
     """A local HF model folder: a random tiny Llama and a 1k BPE trained on stdlib code and the chat file's text."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from framework.data.config import TokenizerConfig
-    from framework.data.tokenizer import train_bpe_tokenizer
-
     folder = str(tmp_path_factory.mktemp("base") / "tiny-chat")
-    texts = [open(p).read() for p in sorted(glob.glob(f"{STDLIB}/[a-c]*.py"))[:12]] + [CHAT.read_text()]
-    tokenizer = train_bpe_tokenizer(texts, TokenizerConfig(path=None, vocab_size=1024, min_frequency=2))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_chat_model(folder, [open(p).read() for p in sorted(glob.glob(f"{STDLIB}/[a-c]*.py"))[:12]] + [CHAT.read_text()])
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ every row is the training job plus the group's overrides plus its own, trained b
 session (no Ray Train: its cost is the stage rows' subject) under ZeRO-`bench.comparison_stage`. The
 CPU preset compares LoRA with full fine-tuning of the same model on the chat shards (SFT), and rows
 packed with document boundaries (positions restart, block-diagonal attention masks) with plain packing
-of the same text (`data.packing`: the same tokens in the same rows).
+of the same text (`data.packing`: the same tokens in the same rows), and preference tuning on tests/data/pairs.jsonl:
+SFT on prompt → chosen vs DPO with each reference (a frozen copy; LoRA with its adapters off) vs SimPO (none).
 """
 
 from __future__ import annotations

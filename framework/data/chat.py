@@ -19,6 +19,11 @@ The text is also rendered with the real contents, and the two must agree (conten
 trims them as Llama 3's does): a template that changes message text otherwise cannot have its tokens
 attributed to turns. Tool calls that a template renders from `tool_calls` are template text, not targets.
 
+A preference record (`data.sources.N.format=preference`, TRL's two shapes: `prompt`, `chosen` and `rejected` as
+text, or `prompt` a list of messages and `chosen`/`rejected` lists of assistant messages; the keys renamable) is a
+`Pair`: both conversations, prompt + chosen and prompt + rejected, are rendered as above with targets on the
+response's turns alone (never the prompt's, whatever it holds), and a pair is kept only whole (`render_pairs`).
+
 A record that is not a usable conversation is a `BadRecord` with one of BAD_REASONS; prep counts them per
 reason in the manifest and its progress line, with the first example's place, and never drops one silently.
 A conversation longer than `data.seq_len` is dropped (`data.overlong=drop`, the default: nothing is trained on
@@ -31,7 +36,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,12 +46,15 @@ from framework.data.config import DataConfig
 ROLES = ("system", "user", "assistant", "tool")
 BAD_REASONS = {
     "malformed": "not a JSON object, or messages that are not a list of {role, content} objects with text content",
-    "missing_field": "no messages (data.sources.N.field) or prompt/completion key (data.sources.N.prompt, .completion)",
+    "missing_field": "no messages (data.sources.N.field), prompt/completion key (data.sources.N.prompt, .completion) "
+                     "or chosen/rejected key (data.sources.N.chosen, .rejected)",
     "unknown_role": f"a message role other than {', '.join(ROLES)}",
     "no_assistant": "no assistant turn to train on",
     "template_refused": "the chat template raised an error for it (roles that do not alternate, say)",
     "template_mismatch": "the chat template drops, repeats or rewrites message text, so its tokens cannot be attributed to turns",
-    "too_long": "longer than data.seq_len (data.overlong=drop), or its first assistant turn does not fit (truncate)",
+    "too_long": "longer than data.seq_len (data.overlong=drop), or its first assistant turn does not fit (truncate); "
+                "a preference pair: its two conversations together longer than data.seq_len",
+    "identical_pair": "a preference pair whose chosen and rejected responses are the same (nothing to prefer)",
 }
 # Private-use characters: no template writes them, none trims or escapes them.
 _SENTINEL = "\ue000{}\ue001"
@@ -88,30 +96,70 @@ def conversation(record: Any, source: Any) -> List[Dict[str, Any]]:
         return [{"role": "user", "content": record[source.prompt]}, {"role": "assistant", "content": record[source.completion]}]
     if source.field not in record:
         raise BadRecord("missing_field", f"no {source.field!r} key")
-    raw = record[source.field]
+    messages = _messages(record[source.field], source.field)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no_assistant", "no assistant message")
+    return messages
+
+
+def _messages(raw: Any, key: str) -> List[Dict[str, Any]]:
+    """The messages under `key` of a record, checked: a non-empty list of {role, content} with known roles and text."""
     if not isinstance(raw, list) or not raw:
-        raise BadRecord("malformed", f"{source.field!r} is not a non-empty list of messages")
+        raise BadRecord("malformed", f"{key!r} is not a non-empty list of messages")
     messages = []
     for i, message in enumerate(raw):
-        where = f"message {i}"
+        where = f"{key!r} message {i}" if key else f"message {i}"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRecord("malformed", f"{where} is not an object with a role")
         if message["role"] not in ROLES:
             raise BadRecord("unknown_role", f"{where} has role {message['role']!r}")
         # Other keys (name, tool_calls, tool_call_id) go to the template as they are.
         messages.append({**message, "content": _text(message.get("content"), where)})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRecord("no_assistant", "no assistant message")
     return messages
 
 
-def conversation_text(messages: Sequence[Dict[str, Any]]) -> str:
-    """What a conversation is known by (its split, duplicates): its messages as canonical JSON, whatever the template."""
+@dataclass
+class Pair:
+    """A preference record: the prompt's messages, and the chosen and the rejected response's (assistant) messages."""
+
+    prompt: List[Dict[str, Any]]
+    chosen: List[Dict[str, Any]]
+    rejected: List[Dict[str, Any]]
+
+
+def preference_pair(record: Any, source: Any) -> Pair:
+    """The Pair of one record of a preference `source` (TRL's plain or conversational shape); raises BadRecord."""
+    if not isinstance(record, dict):
+        raise BadRecord("malformed", "not a JSON object")
+    for key in (source.prompt, source.chosen, source.rejected):
+        if key not in record:
+            raise BadRecord("missing_field", f"no {key!r} key")
+    prompt = record[source.prompt]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, source.prompt)
+    responses = []
+    for key in (source.chosen, source.rejected):
+        raw = record[key]
+        messages = [{"role": "assistant", "content": raw}] if isinstance(raw, str) else _messages(raw, key)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadRecord("no_assistant", f"{key!r} holds no assistant message")
+        responses.append(messages)
+    if responses[0] == responses[1]:
+        raise BadRecord("identical_pair", f"{source.chosen!r} and {source.rejected!r} are the same response")
+    return Pair(prompt, *responses)
+
+
+def conversation_text(messages: Union[Sequence[Dict[str, Any]], Pair]) -> str:
+    """What a conversation (or a preference pair) is known by (its split, duplicates): its messages as canonical JSON,
+    whatever the template."""
+    if isinstance(messages, Pair):
+        return json.dumps(vars(messages), sort_keys=True, ensure_ascii=False)
     return json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
 
 
-def conversation_contents(messages: Sequence[Dict[str, Any]]) -> str:
-    """The text of a conversation's messages, for training a tokenizer on chat sources."""
+def conversation_contents(messages: Union[Sequence[Dict[str, Any]], Pair]) -> str:
+    """The text of a conversation's messages (a pair's: all three parts), for training a tokenizer on chat sources."""
+    if isinstance(messages, Pair):
+        messages = messages.prompt + messages.chosen + messages.rejected
     return "\n".join(m["content"] for m in messages)
 
 
@@ -122,6 +170,7 @@ class Rendered:
     ids: np.ndarray
     mask: np.ndarray
     truncated: bool
+    second: Optional[int] = None  # a preference pair: where its rejected conversation starts
 
 
 def chat_template(tokenizer: Any, data: DataConfig) -> str:
@@ -181,8 +230,28 @@ class ChatRenderer:
                 return 0
         return 0
 
-    def render(self, conversations: Sequence[List[Dict[str, Any]]]) -> List[Union[Rendered, BadRecord]]:
-        """Each conversation rendered (its ids and loss mask), or the BadRecord saying why it cannot be."""
+    def render_pairs(self, pairs: Sequence[Pair]) -> List[Union[Rendered, BadRecord]]:
+        """Each preference pair as one document: prompt + chosen, then prompt + rejected, rendered as conversations with
+        targets on the response's turns alone; `mask` is 1 on the chosen response's targets, 2 on the rejected's, and
+        `second` where the rejected conversation starts (its own segment). A pair longer than a row is `too_long`."""
+        conversations = [c for p in pairs for c in (p.prompt + p.chosen, p.prompt + p.rejected)]
+        rendered = self.render(conversations, [len(p.prompt) for p in pairs for _ in range(2)])
+        out: List[Union[Rendered, BadRecord]] = []
+        for chosen, rejected in zip(rendered[0::2], rendered[1::2]):
+            bad = next((r for r in (chosen, rejected) if isinstance(r, BadRecord)), None)
+            if bad is None and len(chosen.ids) + len(rejected.ids) > self.seq_len:
+                bad = BadRecord("too_long", f"chosen + rejected: {len(chosen.ids)} + {len(rejected.ids)} tokens, data.seq_len={self.seq_len}")
+            if bad is not None:
+                out.append(bad)
+                continue
+            ids = np.concatenate([chosen.ids, rejected.ids])
+            mask = np.concatenate([chosen.mask, rejected.mask * 2]).astype(np.uint8)
+            out.append(Rendered(ids, mask, False, second=len(chosen.ids)))
+        return out
+
+    def render(self, conversations: Sequence[List[Dict[str, Any]]], targets_from: Optional[Sequence[int]] = None) -> List[Union[Rendered, BadRecord]]:
+        """Each conversation rendered (its ids and loss mask), or the BadRecord saying why it cannot be; with
+        `targets_from`, the assistant turns before that message of each conversation are not targets."""
         split: List[Union[tuple, BadRecord]] = []
         for messages in conversations:
             try:
@@ -195,14 +264,14 @@ class ChatRenderer:
         contents = self._tokenize([c for s in good for c in s[2]], split_special=True)
         out: List[Union[Rendered, BadRecord]] = []
         p = c = 0
-        for s, messages in zip(split, conversations):
+        for n, (s, messages) in enumerate(zip(split, conversations)):
             if isinstance(s, BadRecord):
                 out.append(s)
                 continue
             mine, texts = pieces[p : p + len(s[0])], contents[c : c + len(s[2])]
             p, c = p + len(s[0]), c + len(s[2])
             try:
-                out.append(self._assemble(messages, mine, s[1], texts))
+                out.append(self._assemble(messages, mine, s[1], texts, targets_from[n] if targets_from else 0))
             except BadRecord as bad:
                 out.append(bad)
         return out
@@ -213,14 +282,16 @@ class ChatRenderer:
         ids = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]
         return list(ids)
 
-    def _assemble(self, messages: List[Dict[str, Any]], pieces: List[List[int]], order: List[int], contents: List[List[int]]) -> Rendered:
+    def _assemble(self, messages: List[Dict[str, Any]], pieces: List[List[int]], order: List[int], contents: List[List[int]],
+                  first_target: int = 0) -> Rendered:
         ids: List[int] = list(pieces[0])
         spans: List[tuple] = []  # (start, end) of each assistant turn's targets: its content and end-of-turn token
         for i, piece in zip(order, pieces[1:]):
             start = len(ids)
             ids += contents[i]
-            end = len(ids) + (self._end_of_turn(piece) if messages[i]["role"] == "assistant" else 0)
-            if messages[i]["role"] == "assistant":
+            target = messages[i]["role"] == "assistant" and i >= first_target
+            end = len(ids) + (self._end_of_turn(piece) if target else 0)
+            if target:
                 spans.append((start, end))
             ids += piece
         length, truncated = len(ids), False
@@ -249,4 +320,4 @@ def bad_summary(bad: Dict[str, Dict[str, Any]]) -> str:
     return f"{total} bad record{'s' if total != 1 else ''}: {', '.join(parts)}" if total else "no bad records"
 
 
-__all__ = ["BAD_REASONS", "ROLES", "BadRecord", "ChatRenderer", "Rendered", "bad_summary", "chat_template", "conversation"]
+__all__ = ["BAD_REASONS", "ROLES", "BadRecord", "ChatRenderer", "Pair", "Rendered", "bad_summary", "chat_template", "conversation", "preference_pair"]

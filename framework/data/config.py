@@ -11,9 +11,12 @@ from omegaconf import MISSING
 
 from framework.config import require
 
-FORMATS = ("text", "jsonl", "parquet", "chat", "prompt_completion")
+FORMATS = ("text", "jsonl", "parquet", "chat", "prompt_completion", "preference")
 # Formats whose records are conversations, rendered with a chat template, with targets on the assistant's tokens.
-CHAT_FORMATS = ("chat", "prompt_completion")
+CHAT_FORMATS = ("chat", "prompt_completion", "preference")
+# Preference pairs (TRL's shape: a prompt, a chosen and a rejected response), for preference losses (experiment=dpo):
+# both responses rendered after the prompt, packed side by side in one row (framework/data/chat.py, shards.py).
+PREFERENCE_FORMATS = ("preference",)
 # How rows are packed: `plain` rows carry no document boundaries (documents attend to each other, positions run
 # on); `documents` rows store where each document starts: positions restart there and attention stays inside it.
 PACKING = ("plain", "documents")
@@ -32,12 +35,16 @@ class SourceConfig:
     # command line (`+data.sources.1={path: ...}`) has no YAML to take its other keys from, so
     # these item defaults are the schema's (tests/test_config.py names this exception).
     path: str = MISSING
-    format: str = "text"  # text | jsonl | parquet | chat | prompt_completion
+    format: str = "text"  # text | jsonl | parquet | chat | prompt_completion | preference
     # JSONL key or Parquet column holding the document text; chat: the JSONL key holding the messages.
     field: str = "text"
-    # prompt_completion only: the JSONL keys of the prompt (a user turn) and the completion (the assistant's answer).
+    # prompt_completion and preference: the JSONL key of the prompt (text: a user turn; preference: also a list of messages).
     prompt: str = "prompt"
+    # prompt_completion only: the JSONL key of the completion (the assistant's answer).
     completion: str = "completion"
+    # preference only: the JSONL keys of the preferred and the dispreferred response (text, or a list of assistant messages).
+    chosen: str = "chosen"
+    rejected: str = "rejected"
     # Text files only: where one document ends and the next begins (SPLIT_ON).
     split_on: str = "file"
     # With split_on=regex: a line matching it starts a new document (WikiText: '^ = [^=].* = $').
@@ -100,11 +107,17 @@ def check_data(data: DataConfig) -> None:
             f"a data set is either text or chat: data.sources.0.format={data.sources[0].format} "
             f"(chat formats: {', '.join(CHAT_FORMATS)}); prepare the two kinds under separate data.name",
         )
-        for name in ("prompt", "completion"):
+        require(
+            (source.format in PREFERENCE_FORMATS) == is_preference(data), f"{key}.format", source.format,
+            f"a data set is either preference pairs or conversations: data.sources.0.format={data.sources[0].format}; "
+            "prepare the two kinds under separate data.name",
+        )
+        for name, formats in (("prompt", ("prompt_completion", "preference")), ("completion", ("prompt_completion",)),
+                              ("chosen", PREFERENCE_FORMATS), ("rejected", PREFERENCE_FORMATS)):
             value = getattr(source, name)
             require(
-                source.format == "prompt_completion" or value == SOURCE_DEFAULTS[name], f"{key}.{name}", value,
-                "names a field of prompt_completion sources only (data.sources.N.format=prompt_completion)",
+                source.format in formats or value == SOURCE_DEFAULTS[name], f"{key}.{name}", value,
+                f"names a field of {' and '.join(formats)} sources only (data.sources.N.format)",
             )
         require(source.split_on in SPLIT_ON, f"{key}.split_on", source.split_on, f"expected one of {SPLIT_ON}")
         require(
@@ -128,6 +141,16 @@ def check_data(data: DataConfig) -> None:
             not (data.train_on_prompt and data.assistant_turns == "last"), "data.assistant_turns", data.assistant_turns,
             "data.train_on_prompt=true makes every token a target; choose the last assistant turn with train_on_prompt=false",
         )
+        if is_preference(data):
+            # A preference loss compares the two responses: their tokens alone are targets, and neither may be cut.
+            require(not data.train_on_prompt, "data.train_on_prompt", data.train_on_prompt,
+                    "preference pairs train on the responses alone: expected false (data=preference)")
+            require(data.overlong == "drop", "data.overlong", data.overlong,
+                    "a preference pair is never cut (a cut response is not the one judged): expected drop")
+            require(
+                data.packing == "documents", "data.packing", data.packing,
+                "preference pairs need data.packing=documents: the loss sums each response's log-probs by its segment",
+            )
     else:
         for name in ("train_on_prompt", "assistant_turns", "overlong"):
             value = getattr(data, name)
@@ -139,6 +162,11 @@ def check_data(data: DataConfig) -> None:
 
 
 SOURCE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SourceConfig)}
+
+
+def is_preference(data: DataConfig) -> bool:
+    """Whether the data set is preference pairs (a prompt, a chosen and a rejected response)."""
+    return bool(data.sources) and data.sources[0].format in PREFERENCE_FORMATS
 
 
 def is_chat(data: DataConfig) -> bool:

@@ -25,10 +25,11 @@ from framework import storage
 from framework.cluster import connect
 from framework.config import ConfigError, absolute
 from framework.data.chat import BAD_REASONS, BadRecord, ChatRenderer, bad_summary, chat_template, conversation_contents, conversation_text
-from framework.data.config import DataConfig, is_chat
+from framework.data.config import DataConfig, is_chat, is_preference
 from framework.data.shards import (
-    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, PREP_MARKER, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS, TOKENIZER_DIR,
-    check_prep_dir, directory_sha256, fingerprint, pack_conversations, pack_sequences, rows_to_table, stream_segment_starts, write_shard,
+    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, PAIRS_COLUMN, PREP_MARKER, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS,
+    TOKENIZER_DIR, check_prep_dir, directory_sha256, fingerprint, pack_conversations, pack_sequences, rows_to_table,
+    stream_segment_starts, write_shard,
 )
 from framework.data.sources import (
     SourceFile, SourcePart, document_key, list_source_files, read_conversations, read_documents, split_source,
@@ -76,7 +77,8 @@ def _write(task_index: int, split: str, rows: np.ndarray, mask: Any, starts: Any
     mask = mask[order] if mask is not None else None
     starts = [starts[i] for i in order] if starts is not None else None
     file = f"{split}/part-{task_index:05d}.parquet"
-    sha = write_shard(rows_to_table(rows, mask, starts), storage.join(output_dir, file)) if len(rows) else None
+    table = rows_to_table(rows, mask, starts, mask_column=PAIRS_COLUMN if is_preference(data) else MASK_COLUMN)
+    sha = write_shard(table, storage.join(output_dir, file)) if len(rows) else None
     return {"file": file, "rows": len(rows), "sha256": sha}
 
 
@@ -99,18 +101,20 @@ def _pack_chat(task_index: int, parts: List[SourcePart], tokenizer: Any, data: D
     renderer = ChatRenderer(tokenizer, data)
     counts: Dict[str, Any] = {}
     truncated = 0
+    render = renderer.render_pairs if is_preference(data) else renderer.render
     for split, docs in documents.items():
         docs.sort(key=lambda d: d[0])
         kept = []
-        for rendered, (_, _, where) in zip(renderer.render([messages for _, messages, _ in docs]), docs):
+        for rendered, (_, _, where) in zip(render([messages for _, messages, _ in docs]), docs):
             if isinstance(rendered, BadRecord):
                 count(BadRecord(rendered.reason, f"{rendered.detail} ({where})"))
             else:
-                kept.append((rendered.ids, rendered.mask))
+                # A preference pair: its rejected conversation is a second segment of the same document.
+                kept.append((rendered.ids, rendered.mask) if rendered.second is None else (rendered.ids, rendered.mask, rendered.second))
                 truncated += rendered.truncated
         rows, mask, starts, padding = pack_conversations(kept, data.seq_len, pad_token_id(tokenizer))
         counts[split] = _write(task_index, split, rows, mask, starts if data.packing == "documents" else None, data, output_dir)
-        counts[split].update(documents=len(kept), dropped_tokens=0, target_tokens=int(mask.sum()), padding_tokens=padding)
+        counts[split].update(documents=len(kept), dropped_tokens=0, target_tokens=int((mask > 0).sum()), padding_tokens=padding)
     counts.update(empty_documents=0, bad_records=bad, truncated_records=truncated)
     return counts
 
@@ -198,7 +202,7 @@ def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[
     for split in SPLITS:
         s = manifest["splits"][split]
         targets = f", {s['target_tokens']:,} of them targets" if "target_tokens" in s else ""
-        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} documents")
+        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} {'pairs' if is_preference(data) else 'documents'}")
     if manifest["empty_documents"]:
         print(f"prep: {manifest['empty_documents']} empty documents skipped")
     if "bad_records" in manifest:
@@ -250,7 +254,8 @@ def build_manifest(
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "seq_len": data.seq_len,
-        "columns": [COLUMN] + ([MASK_COLUMN] if chat else []) + ([SEGMENTS_COLUMN] if data.packing == "documents" else []),
+        "columns": [COLUMN] + ([(PAIRS_COLUMN if is_preference(data) else MASK_COLUMN)] if chat else [])
+                   + ([SEGMENTS_COLUMN] if data.packing == "documents" else []),
         "packing": data.packing,
         "row_group_rows": ROW_GROUP_ROWS,
         "val_fraction": data.val_fraction,
@@ -259,7 +264,8 @@ def build_manifest(
         "splits": splits,
         "sources": [
             {"path": f.path, "sha256": sha, "format": f.format, "field": f.field, "split_on": f.split_on, "bytes": os.path.getsize(f.path),
-             **({"prompt": f.prompt, "completion": f.completion} if f.format == "prompt_completion" else {})}
+             **({"prompt": f.prompt, "completion": f.completion} if f.format == "prompt_completion" else {}),
+             **({"prompt": f.prompt, "chosen": f.chosen, "rejected": f.rejected} if f.format == "preference" else {})}
             for f, sha in zip(files, shas)
         ],
     }

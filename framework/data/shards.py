@@ -1,7 +1,8 @@
 """Packed token shards: fixed-length sequences in Parquet, and the manifest that describes them.
 
 A shard holds `input_ids` (seq_len tokens per row) and, for data with targets (chat), `loss_mask`
-(1 where a token is a target); with `data.packing=documents`, `segment_starts`: where each segment of
+(1 where a token is a target), or for preference pairs `pair_mask` (1: a target of a chosen response, 2: of a
+rejected one; a pair's two conversations are adjacent segments of one row, chosen first); with `data.packing=documents`, `segment_starts`: where each segment of
 the row starts (0 first). A segment is a document (a conversation), the part of a document a row holds,
 or the row's padding; the model's positions restart at every segment start and attention stays inside
 each segment (framework/data/stream.py turns the starts into position ids). Rows are written in row
@@ -40,6 +41,8 @@ PREP_MARKER = "prep.json"
 # The names of the shards prep writes (`_write`): the only files clear_previous deletes in a split folder.
 COLUMN = "input_ids"
 MASK_COLUMN = "loss_mask"
+# Preference pairs: 1 on the chosen response's targets, 2 on the rejected's, 0 elsewhere (in place of loss_mask).
+PAIRS_COLUMN = "pair_mask"
 SEGMENTS_COLUMN = "segment_starts"
 ROW_GROUP_ROWS = 1024
 
@@ -75,6 +78,9 @@ def pack_conversations(
 ) -> tuple[np.ndarray, np.ndarray, List[np.ndarray], int]:
     """Pack whole (ids, loss mask) documents of at most `seq_len` tokens into rows, best-fit decreasing.
 
+    A document may carry a third item, where a second segment of it starts (a preference pair's rejected
+    conversation): the two stay together in one row, each its own segment.
+
     Each document goes into the fullest row it fits (a new row when none has room), longest first, ties in
     the given order; the rest of a row is padding (`pad_id`, not a target, a segment of its own). Gives
     (ids [rows, seq_len], loss mask, each row's segment starts, padding tokens).
@@ -104,9 +110,11 @@ def pack_conversations(
     for r, row in enumerate(members):
         at, row_starts = 0, []
         for i in row:
-            doc_ids, doc_mask = documents[i]
+            doc_ids, doc_mask = documents[i][:2]
             ids[r, at : at + len(doc_ids)], mask[r, at : at + len(doc_ids)] = doc_ids, doc_mask
             row_starts.append(at)
+            if len(documents[i]) > 2:
+                row_starts.append(at + documents[i][2])
             at += len(doc_ids)
         if at < seq_len:
             row_starts.append(at)  # the padding
@@ -119,12 +127,13 @@ def _fixed_lists(rows: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=type_), rows.shape[1])
 
 
-def rows_to_table(rows: np.ndarray, loss_mask: np.ndarray | None = None, segment_starts: List[np.ndarray] | None = None) -> pa.Table:
-    """A table of fixed-size lists (int32 ids, uint8 mask), which pyarrow reads back without copying, and
-    each row's segment starts as a list of int32."""
+def rows_to_table(rows: np.ndarray, loss_mask: np.ndarray | None = None, segment_starts: List[np.ndarray] | None = None,
+                  mask_column: str = MASK_COLUMN) -> pa.Table:
+    """A table of fixed-size lists (int32 ids, uint8 mask under `mask_column`), which pyarrow reads back without copying,
+    and each row's segment starts as a list of int32."""
     columns = {COLUMN: _fixed_lists(rows, pa.int32())}
     if loss_mask is not None:
-        columns[MASK_COLUMN] = _fixed_lists(loss_mask, pa.uint8())
+        columns[mask_column] = _fixed_lists(loss_mask, pa.uint8())
     if segment_starts is not None:
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in segment_starts])]).astype(np.int32)
         values = np.concatenate(segment_starts).astype(np.int32) if segment_starts else np.zeros(0, dtype=np.int32)

@@ -35,6 +35,8 @@ class SourceFile:
     split_regex: Optional[str] = None
     prompt: str = "prompt"
     completion: str = "completion"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
 
 def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
@@ -50,7 +52,8 @@ def list_source_files(sources: List[SourceConfig]) -> List[SourceFile]:
         for path in matches:
             path = os.path.abspath(path)
             files.setdefault(
-                path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex, source.prompt, source.completion)
+                path, SourceFile(path, source.format, source.field, source.split_on, source.split_regex, source.prompt, source.completion,
+                           source.chosen, source.rejected)
             )
     return [files[p] for p in sorted(files)]
 
@@ -207,18 +210,20 @@ def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
 
 
 def read_conversations(part: SourcePart) -> Iterator[Tuple[int, Any]]:
-    """Yield (byte offset, messages) for each record of a chat or prompt_completion slice; a record that is not a
+    """Yield (byte offset, messages) for each record of a chat or prompt_completion slice (a `chat.Pair` for each of a
+    preference slice); a record that is not a
     conversation yields a `chat.BadRecord` naming its reason instead (prep counts them; none is skipped silently)."""
-    from framework.data.chat import BadRecord, conversation
+    from framework.data.chat import BadRecord, conversation, preference_pair
 
     source = part.file
+    parse = preference_pair if source.format == "preference" else conversation
     for offset, record in _jsonl_records(part):
         where = f"{source.path} at byte {offset}"
         if isinstance(record, ValueError):
             yield offset, BadRecord("malformed", f"not a JSON line ({where})")
             continue
         try:
-            yield offset, conversation(record, source)
+            yield offset, parse(record, source)
         except BadRecord as bad:
             yield offset, BadRecord(bad.reason, f"{bad.detail} ({where})")
 

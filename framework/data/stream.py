@@ -23,7 +23,7 @@ import torch
 
 from framework import storage
 from framework.data.sampler import Blocks, SampleOrder, worker_slice
-from framework.data.shards import COLUMN, MASK_COLUMN, SEGMENTS_COLUMN, position_ids, shard_uris
+from framework.data.shards import COLUMN, MASK_COLUMN, PAIRS_COLUMN, SEGMENTS_COLUMN, position_ids, shard_uris
 
 # Labels the loss ignores (transformers' convention): tokens that are not targets.
 IGNORE_INDEX = -100
@@ -58,7 +58,7 @@ class ShardReader:
     def __init__(self, data_dir: str, manifest: Dict[str, Any], split: str, cache_groups: int) -> None:
         self.blocks = split_blocks(manifest, split)
         self.uris = shard_uris(data_dir, manifest, split)
-        self.columns = [c for c in (COLUMN, MASK_COLUMN, SEGMENTS_COLUMN) if c in manifest.get("columns", [COLUMN])]
+        self.columns = [c for c in (COLUMN, MASK_COLUMN, PAIRS_COLUMN, SEGMENTS_COLUMN) if c in manifest.get("columns", [COLUMN])]
         self.seq_len = manifest["seq_len"]
         per_group = manifest["row_group_rows"]
         # Block b → (shard, row group in the shard).
@@ -130,6 +130,9 @@ def to_batch(columns: Dict[str, np.ndarray]) -> Batch:
     if MASK_COLUMN in columns:
         labels[torch.from_numpy(columns[MASK_COLUMN] == 0)] = IGNORE_INDEX
     batch = {"input_ids": ids, "labels": labels}
+    if PAIRS_COLUMN in columns:  # preference pairs: which response each target belongs to (framework/train/objectives.py)
+        labels[torch.from_numpy(columns[PAIRS_COLUMN] == 0)] = IGNORE_INDEX
+        batch[PAIRS_COLUMN] = torch.from_numpy(columns[PAIRS_COLUMN].astype(np.int64))
     if POSITIONS in columns:
         positions = torch.from_numpy(columns[POSITIONS].astype(np.int64))
         labels[positions == 0] = IGNORE_INDEX

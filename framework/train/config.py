@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig
 
 from framework.config import Job, absolute, optional_group, register, require, typed
-from framework.data.config import DataConfig, check_data
+from framework.data.config import DataConfig, check_data, is_preference
 from framework.data.shards import check_prep_dir
 from framework.model import ModelConfig, check_model_config
 
@@ -162,6 +162,35 @@ def check_optim(optim: OptimConfig, max_steps: int) -> None:
 
 
 @dataclass
+class PostConfig:
+    """The `post` group (`conf/post/*`, experiment=dpo): preference tuning on preference pairs (data=preference), read by
+    framework/train/objectives.py. Absent (null) for pretraining and SFT."""
+
+    # A loss of framework/train/objectives.py's LOSSES: dpo | ipo (against a reference model) | simpo | orpo (none).
+    loss: str = MISSING
+    # DPO/IPO/SimPO's β (how far from the reference, or how sharp the margin); ORPO's λ (weight of the odds-ratio term).
+    beta: float = MISSING
+    # dpo, simpo: the assumed share of flipped labels ε (conservative DPO); 0: the plain loss.
+    label_smoothing: float = MISSING
+    # simpo: the target reward margin γ.
+    simpo_gamma: float = MISSING
+
+
+def check_post(post: PostConfig) -> None:
+    """The `post` rules a schema cannot express; raises ConfigError naming the first bad key."""
+    from framework.train.objectives import LOSSES
+
+    LOSSES.get(post.loss)
+    require(post.beta > 0, "post.beta", post.beta, "expected a positive number")
+    require(0 <= post.label_smoothing < 0.5, "post.label_smoothing", post.label_smoothing, "expected a value in [0, 0.5)")
+    require(
+        post.label_smoothing == 0 or post.loss in ("dpo", "simpo"), "post.label_smoothing", post.label_smoothing,
+        f"applies to the sigmoid losses (dpo, simpo) only; post.loss={post.loss} expects 0",
+    )
+    require(post.simpo_gamma >= 0, "post.simpo_gamma", post.simpo_gamma, "expected 0 or more")
+
+
+@dataclass
 class TrainRoot:
     """The composed `conf/config.yaml`: what prep, training, export of a run, and a sweep (with `tune`) read."""
 
@@ -173,6 +202,8 @@ class TrainRoot:
     # `tune=<preset>` selects a sweep (launch/tune.py); absent from training runs. Typed as TuneConfig by
     # the sweep (framework/tune/plan.py), the one reader of it.
     tune: Optional[Any] = optional_group()
+    # `post=dpo` (or experiment=dpo) trains on preference pairs with a preference loss; absent: the token loss.
+    post: Optional[PostConfig] = optional_group()
 
 
 # `conf/config.yaml` names it first in its defaults: misspelt keys and wrong types fail at composition.
@@ -186,6 +217,14 @@ def validate(cfg: TrainRoot) -> TrainRoot:
     check_optim(cfg.optim, cfg.run.max_steps)
     check_data(cfg.data)
     check_model_config(cfg.model, cfg.data.seq_len)
+    if cfg.post is not None:
+        check_post(cfg.post)
+    # (Pairs without a preference loss are refused by the training plan, from the shards: prep needs no `post`.)
+    require(
+        cfg.post is None or is_preference(cfg.data), "post", None if cfg.post is None else cfg.post.loss,
+        "a preference loss trains on preference pairs: expected data=preference (experiment=dpo sets both), "
+        f"not data.sources.0.format={cfg.data.sources[0].format if cfg.data.sources else None}",
+    )
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""The per-worker training loop, top to bottom: model (LoRA-wrapped or not) → engine → batches → step → log → evaluate → checkpoint.
+"""The per-worker training loop, top to bottom: model (LoRA-wrapped or not) → engine → objective → batches → step → log →
+evaluate → checkpoint.
 
 Whatever runs the loop enters only through a `Session` (framework/train/session.py): Ray Train's
 workers, or one bare process. DeepSpeed owns the optimizer step, gradient accumulation, clipping,
@@ -8,7 +9,9 @@ rows every step trains on.
 The loss of a step is the mean over every target token of its global batch, on any worker count:
 each micro-batch's summed token loss is divided by the step's target tokens over all workers
 (transformers' `num_items_in_batch`), times the workers × micro-batches DeepSpeed averages over, so
-1 worker × 4 micro-batches and 2 × 2 take the same gradient (up to float summation order).
+1 worker × 4 micro-batches and 2 × 2 take the same gradient (up to float summation order). What differs between
+pretraining/SFT and preference tuning is the objective (framework/train/objectives.py): a preference loss is the
+mean over the step's pairs in the same way, and brings its reference model.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import torch.distributed as dist
 from framework.config import RunError
 from framework.data.sampler import SampleOrder
 from framework.data.shards import MASK_COLUMN, SEGMENTS_COLUMN
-from framework.data.stream import ShardReader, TrainBatches, split_blocks, target_tokens
-from framework.evaluate import loss_sums, metrics
+from framework.data.stream import ShardReader, TrainBatches, split_blocks
 from framework.model import build_model, flops_per_token, peak_tflops, torch_dtype, trainable_params
 from framework.train.config import TrainRoot
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
 from framework.train.metrics import MetricsLogger, peak_memory_gb, quiet_worker_logs, say
+from framework.train.objectives import build_objective, report_key
 from framework.train.optim import apply_optim_settings, build_lr_schedule, build_optimizer, decay_flags
 from framework.train.plan import TrainPlan
 from framework.train.session import Session
@@ -142,6 +145,11 @@ def train(plan: TrainPlan, session: Session) -> None:
             if rank == 0:
                 say(f"resumed from {session.checkpoint_name()} at step {state.step}")
 
+    # The objective: the token loss, or a preference loss and its reference (a frozen copy, the adapters off, or none).
+    objective = build_objective(cfg, engine, plan.model_config, ds_config)
+    if cfg.post is not None and rank == 0:
+        say(f"preference loss {cfg.post.loss} (beta {cfg.post.beta}), reference: {objective.reference_kind}")
+
     accumulation = ds_config["gradient_accumulation_steps"]
     seq_len = manifest["seq_len"]
     global_tokens = run.global_batch_size * seq_len
@@ -164,14 +172,17 @@ def train(plan: TrainPlan, session: Session) -> None:
         # Nothing left to train: the run's final checkpoint is evaluated (on this worker count and
         # micro-batch) and reported, and its logs are left as they are.
         batches.close()
-        result = evaluate(engine, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)
+        result = evaluate(engine, objective, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)
         if rank == 0:
             say(f"run {run.name} is at step {state.step} of {run.max_steps}: evaluated its checkpoint: val {result['val/loss']:.6f}")
-        session.report({"step": state.step, "tokens": state.tokens, **{k.replace("/", "_"): v for k, v in result.items()}})
+        session.report({"step": state.step, "tokens": state.tokens, **{report_key(k): v for k, v in result.items()}})
         return
 
     logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps)
-    pending: List[torch.Tensor] = []  # per step: (summed token loss on this rank, the step's target tokens)
+    if state.step == 0 and objective.baseline_eval:
+        # A preference run's start, logged as step 0: what every later evaluation is read against.
+        logger.log([{"step": 0, **evaluate(engine, objective, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)}])
+    pending: List[torch.Tensor] = []  # per step: the objective's sums on this rank (token loss and target tokens, ...)
     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
     checkpoint_s: float | None = None  # how long the last save blocked training
 
@@ -185,34 +196,36 @@ def train(plan: TrainPlan, session: Session) -> None:
             waited = time.perf_counter()
             micro = batches.next()
             data_wait += time.perf_counter() - waited
-            targets = fixed_targets or all_reduced(float(sum(target_tokens(b) for b in micro)), device)
-            per_micro = targets / (world * accumulation)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            # What the step's loss is a mean over, on all workers: target tokens (SFT), or pairs (preference losses).
+            units = fixed_targets or all_reduced(float(sum(objective.units(b) for b in micro)), device)
+            per_micro = units / (world * accumulation)
+            sums = torch.zeros(objective.width, device=device, dtype=torch.float64)
             for batch in micro:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = engine(**batch, num_items_in_batch=per_micro).loss
+                loss, batch_sums = objective.loss(engine, batch, per_micro)
                 engine.backward(loss)
                 if own_grad_norm and engine.is_gradient_accumulation_boundary() and logs_at(state.step + 1, run):
                     grad_norm = gradient_norm(engine.module)  # ZeRO-0 has all-reduced them in backward
                 engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-                loss_sum += loss.detach().double() * per_micro
+                sums += batch_sums
             state.step += 1
             state.rows += run.global_batch_size
             state.tokens += global_tokens
-            pending.append(torch.stack([loss_sum, torch.tensor(targets, device=device, dtype=torch.float64)]))
+            pending.append(sums)
             interval_steps += 1
 
             checkpoint_now = state.step % run.checkpoint_interval == 0 or state.step == run.max_steps
             evaluate_now = state.step % run.eval_interval == 0 or checkpoint_now
             if logs_at(state.step, run):
-                sums = torch.stack(pending)[:, 0].contiguous()
+                totals = torch.stack(pending)
                 if world > 1:
-                    dist.all_reduce(sums)
-                losses = (sums / torch.stack(pending)[:, 1]).tolist()
+                    dist.all_reduce(totals)
                 if use_gpu:
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - interval_start
-                records: List[Dict[str, float]] = [{"step": state.step - len(pending) + i + 1, "train/loss": v} for i, v in enumerate(losses)]
+                records: List[Dict[str, float]] = [
+                    {"step": state.step - len(pending) + i + 1, **objective.metrics(row, "train")} for i, row in enumerate(totals)
+                ]
                 records[-1].update({
                     "train/lr": engine.get_lr()[0],
                     "train/grad_norm": float(grad_norm if own_grad_norm else engine.get_global_grad_norm()),
@@ -229,7 +242,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                     records[-1]["perf/mfu"] = step_flops * interval_steps / elapsed / (world * peak * 1e12)
                 last_eval: Dict[str, float] = {}
                 if evaluate_now:
-                    last_eval = evaluate(engine, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)
+                    last_eval = evaluate(engine, objective, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)
                     records[-1].update(last_eval)
                 logger.log(records)
                 pending, interval_steps, data_wait = [], 0, 0.0
@@ -237,7 +250,7 @@ def train(plan: TrainPlan, session: Session) -> None:
                 if evaluate_now:
                     # Every report carries fresh validation metrics, so Tune schedulers can act on any of them.
                     report = {"step": state.step, "tokens": state.tokens, "train_loss": records[-1]["train/loss"]}
-                    report.update({k.replace("/", "_"): v for k, v in last_eval.items()})
+                    report.update({report_key(k): v for k, v in last_eval.items()})
                     if checkpoint_now:
                         saving = time.perf_counter()
                         # An asynchronous upload reads the folder after report returns; the session removes it then.
@@ -273,11 +286,11 @@ def all_reduced(value: float, device: torch.device) -> float:
     return float(tensor)
 
 
-def evaluate(engine: Any, reader: ShardReader, rows: np.ndarray, micro_batch: int, rank: int, world: int, device: torch.device) -> Dict[str, float]:
-    """Mean token loss and perplexity over the whole evaluation set (`rows`), each row counted once, summed across workers."""
+def evaluate(engine: Any, objective: Any, reader: ShardReader, rows: np.ndarray, micro_batch: int, rank: int, world: int,
+             device: torch.device) -> Dict[str, float]:
+    """The objective's validation metrics over the whole evaluation set (`rows`), each row counted once, summed across
+    workers: mean token loss and perplexity, or the preference loss, rewards, margin and accuracy."""
     engine.eval()
-    totals = loss_sums(engine, reader, rows, rank, world, micro_batch, device)
-    if world > 1:
-        dist.all_reduce(totals)
+    result = objective.evaluate(engine, reader, rows, micro_batch, rank, world, device)
     engine.train()
-    return metrics(totals)
+    return result

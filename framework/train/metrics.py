@@ -122,6 +122,8 @@ def format_line(record: Dict[str, float], max_steps: int, eta_s: float) -> str:
         ("train/loss", "loss {:.4f}"),
         ("val/loss", "val {:.4f}"),
         ("val/perplexity", "val ppl {:.1f}"),
+        ("val/rewards/accuracy", "val acc {:.2f}"),
+        ("val/rewards/margin", "val margin {:.3f}"),
         ("train/lr", "lr {:.2e}"),
         ("train/grad_norm", "gnorm {:.3f}"),
         ("perf/tokens_per_s", "{:,.0f} tok/s"),

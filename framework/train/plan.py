@@ -18,7 +18,7 @@ import numpy as np
 from framework import storage
 from framework.config import ConfigError, absolute
 from framework.data.sampler import evaluation_rows
-from framework.data.shards import read_manifest
+from framework.data.shards import PAIRS_COLUMN, read_manifest
 from framework.train.config import TrainRoot, validate
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
@@ -61,6 +61,13 @@ def check_shards(cfg: TrainRoot, manifest: Dict[str, Any]) -> None:
         raise ConfigError(
             f"data.seq_len={data.seq_len}: the shards in {data.output_dir} were packed with "
             f"seq_len={manifest['seq_len']}; re-run prep or set data.seq_len={manifest['seq_len']}"
+        )
+    pairs = PAIRS_COLUMN in manifest["columns"]
+    if pairs != (cfg.post is not None):
+        raise ConfigError(
+            f"post={None if cfg.post is None else cfg.post.loss}: the shards in {data.output_dir} hold "
+            + ("preference pairs, which train with a preference loss: experiment=dpo or post=dpo" if pairs else
+               "no preference pairs; a preference loss trains on shards prepared with data=preference")
         )
     train_rows, val_rows = (manifest["splits"][s]["rows"] for s in ("train", "validation"))
     if train_rows < run.global_batch_size:

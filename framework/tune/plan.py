@@ -29,14 +29,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, Job, absolute, one_line, require, typed
 from framework.train.config import TRAIN, TrainRoot, to_train_root, training_overrides
+from framework.train.objectives import PREFERENCE_METRICS, report_key
 from framework.train.plan import make_plan, resolve_paths
 from framework.tune.algorithms import SCHEDULERS, SEARCHES
 from framework.tune.config import TuneConfig
 from framework.tune.space import Param, format_value, parse_space, space_corners
 from framework.tune.sweep import GroupChoice, Sweep, SweepPlan, apply_values, config_groups, option_error, rejection
 
-# What the training loop reports at every evaluation (framework/train/loop.py).
-METRICS = ("val_loss", "val_perplexity", "train_loss")
+# What the training loop reports at every evaluation (framework/train/loop.py): the token loss's, and a preference
+# loss's (framework/train/objectives.py: PREFERENCE_METRICS, one definition for training, validation and sweeps;
+# val_rewards_accuracy with tune.mode=max).
+METRICS = ("val_loss", "val_perplexity", "train_loss") + tuple(
+    report_key(f"val/{name}") for name in PREFERENCE_METRICS if name != "loss"
+)
 # Trials share one set of prepared shards, and the sweep names, stores and places their runs.
 OWNED_KEYS = ("data", "run.name", "run.storage_path", "run.ray_address", "tune", "hydra")
 # The run name a corner is planned under: no run of that name exists, so it resumes nothing.
