@@ -34,7 +34,7 @@ def loss_sums(forward: Callable[..., Any], reader: ShardReader, rows: np.ndarray
     return totals
 
 
-def metrics(totals: torch.Tensor) -> Dict[str, float]:
+def token_metrics(totals: torch.Tensor) -> Dict[str, float]:
     """Mean token loss and perplexity from summed (loss, tokens)."""
     loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
@@ -57,4 +57,4 @@ def evaluate_folder(folder: str, data_dir: str, eval_rows: Optional[int], micro_
     rows = evaluation_rows(manifest["splits"]["validation"]["rows"], eval_rows, manifest["seed"])
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or "auto").to(device).eval()
     reader = ShardReader(data_dir, manifest, "validation", cache_groups=4)
-    return metrics(loss_sums(model, reader, rows, 0, 1, micro_batch, torch.device(device)))
+    return token_metrics(loss_sums(model, reader, rows, 0, 1, micro_batch, torch.device(device)))

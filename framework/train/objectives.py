@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from framework.config import Registry
 from framework.data.shards import PAIRS_COLUMN
 from framework.data.stream import IGNORE_INDEX, POSITIONS, Batch, ShardReader, eval_batches, target_tokens
-from framework.evaluate import loss_sums, metrics as token_metrics
+from framework.evaluate import loss_sums, token_metrics
 
 # The metrics of a preference objective, logged as train/<name> every step and val/<name> at every evaluation, and
 # reported to Tune as val_<name with _ for /> (framework/tune/plan.py: METRICS lists them).
