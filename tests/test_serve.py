@@ -543,11 +543,14 @@ def test_serving_metrics_reach_the_prometheus_endpoint(server: str, no_eos: Dict
         assert _post(server, "/v1/completions", body).status_code == 200
     assert _post(server, "/v1/completions", {**body, "temperature": "hot"}).status_code == 400
     tokens = "ray_llm_generated_tokens_total"
+    histograms = ("time_to_first_token_seconds", "request_latency_seconds")
+    # Counters and histograms reach the endpoint in separate exports: wait until every one has moved.
     after = _scrape_until(lambda m: m.get(tokens, 0) >= before[tokens] + 24
-                          and m.get("ray_llm_refused_requests_total{reason=invalid_value}", 0) >= 1)
+                          and m.get("ray_llm_refused_requests_total{reason=invalid_value}", 0) >= 1
+                          and all(m.get(f"ray_llm_{h}_count", 0) >= before[f"ray_llm_{h}_count"] + 3 for h in histograms))
     assert after[tokens] - before[tokens] >= 24
     assert after["ray_llm_prompt_tokens_total"] > before["ray_llm_prompt_tokens_total"]
-    for histogram in ("time_to_first_token_seconds", "request_latency_seconds"):
+    for histogram in histograms:
         assert after[f"ray_llm_{histogram}_count"] >= before[f"ray_llm_{histogram}_count"] + 3
     assert after["ray_llm_inter_token_latency_seconds_count"] > before["ray_llm_inter_token_latency_seconds_count"]
     assert after["ray_llm_refused_requests_total{reason=invalid_value}"] >= 1
