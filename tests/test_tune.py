@@ -127,7 +127,10 @@ def test_an_interrupted_sweep_exits_130_and_publishes_nothing(sweep_run):
     assert interrupted["published"] == []
     # Tune's own ResultGrid calls the trial it was running TERMINATED; its saved state still has it to run.
     assert interrupted["unfinished"]
-    assert re.search(r"tune: sweep lr-grid interrupted \(1 of 4 trials finished\); run the same command to resume it", sweep_run["logs"]["first"])
+    # The signal comes once a second trial trains, so at least the first has finished and not all four
+    # have; how many more finished before it landed depends on the machine's load.
+    said = re.search(r"tune: sweep lr-grid interrupted \((\d) of 4 trials finished\); run the same command to resume it", sweep_run["logs"]["first"])
+    assert said and 1 <= int(said[1]) <= 3, sweep_run["logs"]["first"][-3000:]
 
 
 @pytest.mark.slow
