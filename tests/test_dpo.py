@@ -146,9 +146,10 @@ def test_the_dpo_family_equals_a_hand_computation_from_the_same_log_probs(seq_le
         losses, chosen, rejected = expected[loss]
         assert total.item() == pytest.approx(sum(losses) / 2, rel=1e-5), loss
         assert logged["train/loss"] == pytest.approx(np.mean(losses), rel=1e-5), loss
-        assert logged["train/rewards/chosen"] == pytest.approx(np.mean(chosen), rel=1e-5, abs=1e-7), loss
-        assert logged["train/rewards/rejected"] == pytest.approx(np.mean(rejected), rel=1e-5, abs=1e-7), loss
-        assert logged["train/rewards/margin"] == pytest.approx(np.mean(chosen) - np.mean(rejected), rel=1e-5, abs=1e-7), loss
+        # float32 sums in another order (other thread counts) move a reward of ~5e-3 by ~1e-7.
+        assert logged["train/rewards/chosen"] == pytest.approx(np.mean(chosen), rel=1e-5, abs=1e-6), loss
+        assert logged["train/rewards/rejected"] == pytest.approx(np.mean(rejected), rel=1e-5, abs=1e-6), loss
+        assert logged["train/rewards/margin"] == pytest.approx(np.mean(chosen) - np.mean(rejected), rel=1e-5, abs=1e-6), loss
         assert logged["train/rewards/accuracy"] == np.mean([c > r for c, r in zip(chosen, rejected)]), loss
         total.backward()  # the loss is differentiable through the per-segment sums
         assert policy.model.embed_tokens.weight.grad.abs().sum() > 0

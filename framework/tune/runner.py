@@ -169,7 +169,9 @@ def run_sweep(sweep: SweepPlan) -> SweepResult:
     unfinished = unfinished_trials(sweep.experiment_dir)
     trials = results.outcomes(grid, unfinished)
     table = results.results_table(trials, sweep)
-    if unfinished:
+    # Interrupted: a trial Tune saved as unfinished, or fewer trials than the sweep has (Ctrl-C between a trial's
+    # end and the search's next suggestion leaves nothing unfinished, only trials never made).
+    if unfinished or len(table) < sweep.trial_count:
         # A partial sweep is not a result: no table, plots or best.json that could pass for the sweep's.
         finished = len(table) - len(unfinished)
         print(f"tune: sweep {t.name} interrupted ({finished} of {sweep.trial_count} trials finished); run the same command to resume it", flush=True)
