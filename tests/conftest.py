@@ -200,6 +200,13 @@ def launch(script: str, *args: str, env: Dict[str, str] | None = None, timeout: 
     )
 
 
+# ChatML's template, for the tests that give a random model's tokenizer one (serving's prompt layout, batch generation).
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on now (for a Serve HTTP proxy)."""
     import socket
@@ -221,8 +228,8 @@ def tiny_chat_model(folder: str, texts: List[str]) -> str:
     tokenizer = train_bpe_tokenizer(texts, TokenizerConfig(path=None, vocab_size=1024, min_frequency=2))
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)

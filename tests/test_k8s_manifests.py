@@ -800,7 +800,10 @@ def test_rayservice_args_compose_into_a_valid_serve_config(name, obj):
     serve_cfg = validate_serve(to_serve_config(cfg))
     assert 1 <= serve_cfg.min_replicas < serve_cfg.max_replicas, f"{name}: Serve autoscaling"
     assert serve_cfg.api_key_env and serve_cfg.num_gpus == (1 if _is_gpu(name) else 0)
-    names = {d.name for d in vars(serve_app).values() if isinstance(d, Deployment)}
+    from framework.serve.llm import ENGINE_DEPLOYMENT
+
+    # The ingress (a Deployment in framework/serve/app.py) and Ray Serve LLM's engine deployment, "LLMServer:<name>".
+    names = {d.name for d in vars(serve_app).values() if isinstance(d, Deployment)} | {f"LLMServer:{ENGINE_DEPLOYMENT}"}
     assert {d["name"] for d in app.get("deployments", [])} <= names, f"{name}: deployments the app does not have"
 
 

@@ -1,8 +1,9 @@
-"""Serving behaviour on the real stack: Ray Serve on a local cluster, HTTP on localhost, the `openai` client.
+"""Serving behaviour on the real stack: Ray Serve LLM running vLLM's CPU build on a local cluster, HTTP on
+localhost, the `openai` client, lm-evaluation-harness.
 
 One application (the tiny model trained under ZeRO-3 by the shared fixture, exported, behind a sweep's
 best.json, with an API key and small queue limits) is deployed once for the module and shared by every
-test. Engine-level behaviour is in test_serve_engine.py.
+test: one vLLM engine start. Prompt layout and config checks that need no engine are in test_serve_prompts.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +37,7 @@ CONTEXT = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").hf_config.max_po
 # Small limits so that a burst of a few dozen requests overflows them. Requests wait in Serve's queue
 # while the router picks a replica, so the queue must hold the 4 concurrent requests a test sends.
 MAX_ONGOING, MAX_QUEUED, MAX_SEQUENCES = 4, 4, 4
+ADAPTERS = ("tiny-lora-a", "tiny-lora-b")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,29 @@ def served_model_dir(exports: Dict[int, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def adapters(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Tuple[Path, Path]]:
+    """Two LoRA adapters on the served folder (random, non-zero, different seeds): each id → (what serve.adapters
+    names, the adapter merged into a copy of the base). One is laid out as an export.adapter=true export."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    made = {}
+    for seed, name in enumerate(ADAPTERS):
+        root = tmp_path_factory.mktemp(name)
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(served_model_dir),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+        folder = root / "adapter" if seed == 1 else root  # the second as an export's adapter/ folder
+        model.save_pretrained(folder)
+        model.merge_and_unload().save_pretrained(root / "merged")
+        AutoTokenizer.from_pretrained(served_model_dir).save_pretrained(root / "merged")
+        made[name] = (root, root / "merged")
+    return made
+
+
+@pytest.fixture(scope="module")
+def server(served_model_dir: Path, adapters: Dict[str, Tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory):
     """Base URL of the application, deployed from a sweep-style best.json that points at the folder."""
     import ray
     from ray import serve
@@ -65,7 +90,8 @@ def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         "model_path": str(best), "host": "127.0.0.1", "port": free_port(),
         "api_key_env": KEY_ENV, "app_name": "test-serve", "min_replicas": 1, "max_replicas": 1,
         "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED, "max_sequences": MAX_SEQUENCES,
-        "default_max_tokens": 16, "max_request_bytes": MAX_REQUEST_BYTES, "metrics_interval_s": 0.5,
+        "default_max_tokens": 16, "max_request_bytes": MAX_REQUEST_BYTES,
+        "adapters": {name: str(folder) for name, (folder, _) in adapters.items()},
     })
     url = deploy(cfg)
     yield url
@@ -122,7 +148,7 @@ def _client(url: str):
 
 def test_openai_client_gets_completion_chat_and_stream(server: str, served_model_dir: Path) -> None:
     client = _client(server)
-    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME, *ADAPTERS]
 
     completion = client.completions.create(model=MODEL_NAME, prompt="def wrap(text):", max_tokens=12, temperature=0)
     choice = completion.choices[0]
@@ -187,6 +213,21 @@ def test_seeded_requests_repeat_and_greedy_matches_transformers_generate(server:
     assert sampled[0] == sampled[1]  # same seed, same text
     assert sampled[0][0] != sampled[0][1]  # choice i samples with seed + i
     assert sampled[0][0] != greedy[0]
+
+
+def test_each_adapter_is_its_own_model_and_answers_as_its_merged_export(server: str, adapters: Dict[str, Tuple[Path, Path]]) -> None:
+    """Multi-LoRA on one base: a request for an adapter's id gives the greedy text of that adapter merged into the base."""
+    client = _client(server)
+    prompt = "def wrap(text):"
+    base = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    texts = {}
+    for name, (_, merged) in adapters.items():
+        assert client.models.retrieve(name).id == name
+        texts[name] = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+        assert texts[name] == greedy_reference(merged, prompt, 12), name
+    assert len({base, *texts.values()}) == 3  # three models, three texts
+    chat = client.chat.completions.create(model=ADAPTERS[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    assert chat.model == ADAPTERS[0] and chat.usage.completion_tokens >= 1
 
 
 def _stop_inside(text: str) -> str:
@@ -299,7 +340,7 @@ def test_chat_logprobs_carry_top_logprobs(server: str) -> None:
     for token in content:
         assert len(token.top_logprobs) == 3
         assert token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-6)  # greedy
-        assert token.bytes == list(token.token.encode("utf-8"))
+        assert bytes(token.bytes).decode("utf-8", errors="replace") == token.token
 
 
 def test_logit_bias_and_penalties_change_the_greedy_text(server: str, served_model_dir: Path) -> None:
@@ -362,11 +403,13 @@ def test_only_the_health_route_is_open_without_the_key(server: str) -> None:
     assert route_path({"path": "/llmx/health"}, "/llm") == "/llmx/health"
 
 
-def test_health_check_runs_the_model_on_the_live_replica(server: str) -> None:
+def test_health_check_runs_on_the_live_engine(server: str) -> None:
     from ray import serve
 
-    # What Serve calls every few seconds, called the same way on the live replica.
-    assert serve.get_app_handle("test-serve").check_health.remote().result(timeout_s=60) is None
+    # What Serve calls every few seconds on the engine's replica (vLLM's own check), called the same way.
+    llm = serve.get_deployment_handle("LLMServer:engine", "test-serve")
+    assert llm.check_health.remote().result(timeout_s=60) is None
+    assert requests.get(server + "/health", timeout=30).json() == {"status": "ok", "model": MODEL_NAME}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,13 +434,11 @@ BAD_REQUESTS = [
     ("prompt longer than context", "/v1/completions", {"model": MODEL_NAME, "prompt": LONG_PROMPT}, API_KEY, 400, "prompt", "context_length_exceeded"),
     ("max_tokens beyond context", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": CONTEXT}, API_KEY, 400, "max_tokens", "context_length_exceeded"),
     ("token id outside vocabulary", "/v1/completions", {"model": MODEL_NAME, "prompt": [5, 10**6]}, API_KEY, 400, "prompt", None),
-    ("more sequences than run at once", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "n": MAX_SEQUENCES + 1}, API_KEY, 400, "n", None),
     ("empty stop string", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "stop": [""]}, API_KEY, 400, "stop", None),
     ("unsupported field", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, API_KEY, 400, "tools", "unsupported_parameter"),
     ("unsupported completion field", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "suffix": "b"}, API_KEY, 400, "suffix", "unsupported_parameter"),
     ("logprobs past 5", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "logprobs": 6}, API_KEY, 400, "logprobs", None),
     ("max_tokens 0 without echo", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": 0}, API_KEY, 400, "max_tokens", None),
-    ("echo with stream", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "echo": True, "stream": True}, API_KEY, 400, "echo", None),
     ("top_logprobs without logprobs", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, API_KEY, 400, "top_logprobs", None),
     ("logit_bias on no token", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "logit_bias": {"x": 1}}, API_KEY, 400, "logit_bias", None),
     ("logit_bias on a digit that is no integer", "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "logit_bias": {"\u00b2": 1}}, API_KEY, 400, "logit_bias", None),
@@ -433,9 +474,9 @@ def test_replica_keeps_serving_after_bad_input(server: str) -> None:
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def _stream_lines(url: str, body: Dict[str, Any], first_line: threading.Event, lines: List[str]) -> None:
-    with requests.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                       stream=True, timeout=120) as response:
+def _stream_lines(url: str, body: Dict[str, Any], first_line: threading.Event, lines: List[str], key: str | None = API_KEY) -> None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with requests.post(url + "/v1/completions", json=body, headers=headers, stream=True, timeout=120) as response:
         for line in response.iter_lines(decode_unicode=True):
             if line:
                 lines.append(line)
@@ -491,24 +532,29 @@ def test_burst_past_queue_limit_is_rejected_at_once_and_server_recovers(server: 
 
 
 def test_client_that_disconnects_stops_costing(server: str, no_eos: Dict[str, float]) -> None:
+    """The engine aborts a stream's request when its client goes: the request ends having generated far fewer
+    tokens than its max_tokens."""
     body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": CONTEXT // 2, "temperature": 0,
             "stream": True, "logit_bias": no_eos}  # no early end: it would decode all of max_tokens
-    before = requests.get(server + "/health", timeout=10).json()
+    # vLLM observes a request's generated tokens when it ends, aborted or not.
+    count, tokens = "ray_vllm_request_generation_tokens_count", "ray_vllm_request_generation_tokens_sum"
+    before = _scrape()
+    for _ in range(20):  # until every earlier request's end has been exported (Ray exports every few seconds)
+        time.sleep(6)
+        now = _scrape()
+        if now.get(count, 0) == before.get(count, 0):
+            break
+        before = now
     with requests.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
                        stream=True, timeout=60) as response:
         next(response.iter_lines())  # the first event: decoding has started
-    health = before
-    for _ in range(200):  # the replica sees the disconnect and the engine frees the sequence's blocks
-        health = requests.get(server + "/health", timeout=10).json()
-        if health["running"] == health["waiting"] == health["kv_blocks_used"] == 0:
-            break
-        time.sleep(0.05)
-    assert health["running"] == health["waiting"] == health["kv_blocks_used"] == 0, health
-    assert health["steps"] - before["steps"] < CONTEXT // 4  # it stopped long before its max_tokens
+    after = _scrape_until(lambda m: m.get(count, 0) >= before.get(count, 0) + 1)
+    assert after.get(count, 0) == before.get(count, 0) + 1
+    assert after[tokens] - before.get(tokens, 0) < CONTEXT // 4  # it ended long before its max_tokens
 
 
 def _scrape() -> Dict[str, float]:
-    """Ray's Prometheus endpoint on this node: every ray_llm_* and ray_serve_* sample summed over its labels
+    """Ray's Prometheus endpoint on this node: every ray_llm_*, ray_serve_* and ray_vllm* sample summed over its labels
     but `reason`, by name (and name{reason=...})."""
     import ray
     from prometheus_client.parser import text_string_to_metric_families
@@ -518,9 +564,9 @@ def _scrape() -> Dict[str, float]:
     totals: Dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(("ray_llm_", "ray_serve_")):
-                names = [sample.name] + ([f"{sample.name}{{reason={sample.labels['reason']}}}"]
-                                         if "reason" in sample.labels else [])
+            if sample.name.startswith(("ray_llm_", "ray_serve_", "ray_vllm")):
+                names = [sample.name] + [f"{sample.name}{{{label}={sample.labels[label]}}}"
+                                         for label in ("reason", "finished_reason") if label in sample.labels]
                 for name in names:
                     totals[name] = totals.get(name, 0.0) + sample.value
     return totals
@@ -535,28 +581,29 @@ def _scrape_until(check) -> Dict[str, float]:  # noqa: ANN001 - Ray exports appl
     return metrics
 
 
+# vLLM's engine metrics as Ray Serve LLM exports them (docs/serving.md lists them; k8s/grafana-dashboard.json charts them).
+ENGINE_HISTOGRAMS = ("ray_vllm_time_to_first_token_seconds", "ray_vllm_e2e_request_latency_seconds",
+                     "ray_vllm_inter_token_latency_seconds")
+
+
 def test_serving_metrics_reach_the_prometheus_endpoint(server: str, no_eos: Dict[str, float]) -> None:
     body = {"model": MODEL_NAME, "prompt": "import os", "max_tokens": 8, "temperature": 0, "logit_bias": no_eos}
     assert _post(server, "/v1/completions", body).status_code == 200
-    before = _scrape_until(lambda m: m.get("ray_llm_generated_tokens_total", 0) > 0)
+    tokens = "ray_vllm_generation_tokens_total"
+    before = _scrape_until(lambda m: m.get(tokens, 0) > 0 and all(f"{h}_count" in m for h in ENGINE_HISTOGRAMS))
     for _ in range(3):
         assert _post(server, "/v1/completions", body).status_code == 200
     assert _post(server, "/v1/completions", {**body, "temperature": "hot"}).status_code == 400
-    tokens = "ray_llm_generated_tokens_total"
-    histograms = ("time_to_first_token_seconds", "request_latency_seconds")
-    # Counters and histograms reach the endpoint in separate exports: wait until every one has moved.
     after = _scrape_until(lambda m: m.get(tokens, 0) >= before[tokens] + 24
                           and m.get("ray_llm_refused_requests_total{reason=invalid_value}", 0) >= 1
-                          and all(m.get(f"ray_llm_{h}_count", 0) >= before[f"ray_llm_{h}_count"] + 3 for h in histograms))
+                          and all(m.get(f"{h}_count", 0) >= before[f"{h}_count"] + 3 for h in ENGINE_HISTOGRAMS[:2]))
     assert after[tokens] - before[tokens] >= 24
-    assert after["ray_llm_prompt_tokens_total"] > before["ray_llm_prompt_tokens_total"]
-    for histogram in histograms:
-        assert after[f"ray_llm_{histogram}_count"] >= before[f"ray_llm_{histogram}_count"] + 3
-    assert after["ray_llm_inter_token_latency_seconds_count"] > before["ray_llm_inter_token_latency_seconds_count"]
+    assert after["ray_vllm_prompt_tokens_total"] > before["ray_vllm_prompt_tokens_total"]
+    for histogram in ENGINE_HISTOGRAMS[:2]:
+        assert after[f"{histogram}_count"] >= before[f"{histogram}_count"] + 3
+    assert after["ray_vllm_inter_token_latency_seconds_count"] > before["ray_vllm_inter_token_latency_seconds_count"]
     assert after["ray_llm_refused_requests_total{reason=invalid_value}"] >= 1
-    for gauge in ("running_sequences", "waiting_sequences", "kv_cache_blocks_used"):
-        assert f"ray_llm_{gauge}" in after, sorted(after)
-    assert after["ray_llm_kv_cache_blocks"] > 0
+    assert after["ray_vllm_request_success_total{finished_reason=length}"] >= before.get("ray_vllm_request_success_total{finished_reason=length}", 0) + 3
 
 
 def test_requests_without_the_key_are_refused_at_the_proxy_before_a_queue_place(server: str) -> None:
@@ -570,6 +617,49 @@ def test_requests_without_the_key_are_refused_at_the_proxy_before_a_queue_place(
     assert after.get(proxy, 0) - before.get(proxy, 0) >= 20
     # Every request without the key in this module met the proxy first: the replica's count stays at none.
     assert after.get(replica, 0) == 0 and "ray_llm_refused_requests_total" in after
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 0)], ids=["SIGTERM"])
+def test_a_signal_drains_the_requests_in_flight_then_exits_cleanly(served_model_dir: Path, no_eos: Dict[str, float],
+                                                                     signum: int, status: int) -> None:
+    """launch/serve.py as a user runs it: a stream in flight when the signal comes is served to its end, then Serve
+    shuts down and the command exits 0, without a stack dump."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "serve.py"), f"serve.model_path={served_model_dir}", "serve.host=127.0.0.1",
+         f"serve.port={port}", "serve.app_name=test-drain", "serve.max_replicas=1", "serve.drain_timeout_s=120"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(1)
+        started, lines = threading.Event(), []
+        body = {"model": served_model_dir.name, "prompt": "def f(x):", "max_tokens": 96, "temperature": 0, "stream": True,
+                "logit_bias": no_eos}
+        stream = threading.Thread(target=_stream_lines, args=(url, body, started, lines), kwargs={"key": None})
+        stream.start()
+        assert started.wait(120)
+        process.send_signal(signum)
+        stream.join(300)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == status, err[-3000:]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert "serve: stopped" in out
+    assert "SIGTERM received" not in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,20 +701,26 @@ def test_corrupt_model_folder_fails_with_the_file_named(served_model_dir: Path, 
     assert "best.json" in result.stderr and '"path"' in result.stderr
 
 
-def test_a_kv_cache_too_small_for_the_context_fails_in_one_line(served_model_dir: Path) -> None:
-    result = _launch(f"serve.model_path={served_model_dir}", "serve.kv_cache_blocks=2")
+def test_a_context_longer_than_the_model_fails_in_one_line(served_model_dir: Path) -> None:
+    result = _launch(f"serve.model_path={served_model_dir}", f"serve.max_model_len={CONTEXT + 1}")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith("ConfigError: serve.kv_cache_blocks=2:") and str(CONTEXT) in result.stderr
+    assert result.stderr.startswith(f"ConfigError: serve.max_model_len={CONTEXT + 1}:") and str(CONTEXT) in result.stderr
 
 
-def test_deployment_takes_resources_autoscaling_and_limits_from_config(served_model_dir: Path) -> None:
-    from framework.serve.app import config_from_args, deployment
+def test_the_engine_and_deployments_take_resources_autoscaling_and_limits_from_config(served_model_dir: Path) -> None:
+    from framework.serve.app import config_from_args
+    from framework.serve.llm import llm_config
 
-    cpu = deployment(config_from_args({"model_path": str(served_model_dir)}))
-    assert cpu.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    cpu_cfg = config_from_args({"model_path": str(served_model_dir), "kv_cache_gib": "3"})
+    cpu = llm_config(cpu_cfg, served_model_dir, "m")
+    assert cpu.accelerator_config.kind == "cpu" and cpu.placement_group_config == {"bundles": [{"CPU": 1.0}]}
+    assert cpu.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert (cpu.engine_kwargs["dtype"], cpu.engine_kwargs["max_num_seqs"], cpu.engine_kwargs["enforce_eager"]) == ("float32", 16, True)
     gpu_cfg = config_from_args({"preset": "gpu", "model_path": str(served_model_dir), "max_replicas": "6"})
-    gpu = deployment(gpu_cfg)
-    assert gpu.ray_actor_options["num_gpus"] == 1 and gpu_cfg.dtype == "auto"  # bf16 on the replica's GPU
-    assert (gpu.max_ongoing_requests, gpu.max_queued_requests) == (gpu_cfg.max_ongoing_requests, gpu_cfg.max_queued_requests)
-    autoscaling = gpu._deployment_config.autoscaling_config  # no public getter in Ray 2.60
-    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 6, 24)
+    gpu = llm_config(gpu_cfg, served_model_dir, "m")
+    assert gpu.placement_group_config == {"bundles": [{"CPU": 2.0, "GPU": 1.0}]} and gpu.engine_kwargs["dtype"] == "bfloat16"
+    assert gpu.engine_kwargs["gpu_memory_utilization"] == gpu_cfg.gpu_memory_utilization and gpu.runtime_env["env_vars"] == {}
+    autoscaling = gpu.deployment_config["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (1, 6, 24)
+    assert gpu.deployment_config["max_ongoing_requests"] == gpu_cfg.max_ongoing_requests
+    assert gpu.deployment_config["graceful_shutdown_timeout_s"] == gpu_cfg.drain_timeout_s

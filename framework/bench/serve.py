@@ -1,11 +1,13 @@
-"""Serving benchmark: the Serve application under load against plain `transformers` generate, in one run:
-`python launch/bench.py bench=serve`.
+"""Serving benchmark: our endpoint (launch/serve.py's application: Ray Serve LLM running vLLM) against vLLM's
+own OpenAI server on the same folder, engine arguments and CPUs, and against plain `transformers` generate,
+in one run: `python launch/bench.py bench=serve`.
 
-Three figures, every request greedy so that both sides produce the same tokens:
-(i) head of line: a short request's latency while `long_requests` long ones are decoding, ÷ its latency alone;
+Every request greedy, so that every side produces the same tokens:
+(i) head of line: a short request's latency while `long_requests` long ones are decoding, ÷ its latency alone
+    (goal ≤ 1.5×), with how many long requests were still decoding when it ended;
 (ii) output tokens/s with `clients` concurrent clients (each sends its next request when the last one
-ends), ÷ the same requests sent one at a time to `generate`;
-(iii) time to first token, p50/p99, under that load.
+    ends): ours ÷ vLLM's own server (goal ≥ 0.9×), and ÷ the same requests one at a time through `generate`;
+(iii) time to first token, p50/p99, under that load: ours ÷ vLLM's (goal p99 ≤ 1.2×).
 """
 
 from __future__ import annotations
@@ -52,11 +54,10 @@ class ServeBenchConfig:
     random_model: RandomModelConfig = field(default_factory=RandomModelConfig)
     head_of_line: HeadOfLineConfig = field(default_factory=HeadOfLineConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
-    # Torch threads for both sides (the replica and the plain-transformers baseline).
-    torch_threads: int = MISSING
     # CPUs of the local Ray cluster the benchmark starts.
     num_cpus: int = MISSING
-    # serve.* keys over conf/serve/default.yaml for the application under test.
+    # serve.* keys over conf/serve/default.yaml for the application under test; vLLM's own server gets the same
+    # engine arguments and serve.num_cpus threads, and so does the transformers baseline.
     serve: Dict[str, Any] = field(default_factory=dict)
     output: str = MISSING
 
@@ -70,7 +71,7 @@ def check(cfg: DictConfig) -> None:
     from framework.serve.app import compose_serve_config
 
     bench = to_bench_config(cfg)
-    counts = {"torch_threads": bench.torch_threads, "num_cpus": bench.num_cpus,
+    counts = {"num_cpus": bench.num_cpus,
               **{f"head_of_line.{k}": v for k, v in asdict(bench.head_of_line).items()},
               **{f"load.{k}": v for k, v in asdict(bench.load).items()}}
     for key, value in counts.items():
@@ -133,11 +134,6 @@ class Client:
     def __init__(self, session: Any, url: str, model: str) -> None:
         self.session, self.url, self.model = session, url, model
 
-    async def steps(self) -> int:
-        """Forward passes the replica's engine has run (its /health counter)."""
-        async with self.session.get(f"{self.url}/health") as response:
-            return (await response.json())["steps"]
-
     async def complete(self, prompt: str, max_tokens: int, started: Optional[asyncio.Event] = None) -> Timed:
         """One streamed request; `started` is set when its first token arrives."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -167,16 +163,12 @@ async def _head_of_line(client: Client, bench: ServeBenchConfig, prompts: List[s
     """The short request alone (median of 3), then behind `long_requests` requests that are decoding."""
     hol = bench.head_of_line
     short_prompt = prompts[0]
-    before = await client.steps()
     alone = [await client.complete(short_prompt, hol.short_tokens) for _ in range(3)]
-    steps_alone = (await client.steps() - before) / len(alone)
     started = [asyncio.Event() for _ in range(hol.long_requests)]
     longs = [asyncio.create_task(client.complete(prompts[1 + i], hol.long_tokens, started[i]))
              for i in range(hol.long_requests)]
     await asyncio.gather(*(event.wait() for event in started))  # every long request is decoding
-    before = await client.steps()
     behind = await client.complete(short_prompt, hol.short_tokens)
-    steps_behind = await client.steps() - before
     still_decoding = sum(not task.done() for task in longs)
     long_done = await asyncio.gather(*longs)
     alone_s = statistics.median(t.last_s for t in alone)
@@ -184,9 +176,6 @@ async def _head_of_line(client: Client, bench: ServeBenchConfig, prompts: List[s
         "short_alone_s": round(alone_s, 3),
         "short_behind_long_s": round(behind.last_s, 3),
         "ratio": round(behind.last_s / alone_s, 2),
-        # Forward passes while the short request ran: the same few either way when it joins the running decode.
-        "engine_steps_alone": steps_alone,
-        "engine_steps_behind": steps_behind,
         "long_requests_still_decoding_when_short_ended": still_decoding,
         "long_requests_s": round(max(t.last_s for t in long_done), 3),
     }
@@ -220,20 +209,27 @@ async def _serve_side(url: str, bench: ServeBenchConfig, prompts: List[str]) -> 
     return {"head_of_line": head_of_line, "load": load, "load_seconds": seconds}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_serve_config(folder: Path, bench: ServeBenchConfig, port: int) -> Any:
+    from framework.serve.config import compose_serve_config
+
+    return compose_serve_config({**bench.serve, "model_path": str(folder), "model_name": "bench", "host": "127.0.0.1",
+                                 "port": port, "app_name": "bench-serve", "api_key_env": None})
+
+
 def run_served(folder: Path, bench: ServeBenchConfig, prompts: List[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """The Serve application on a local cluster; both scenarios over HTTP; and the serve config it ran with."""
+    """Our application on a local cluster; both scenarios over HTTP; and the serve config it ran with."""
     import ray
     from ray import serve
 
-    from framework.serve.app import compose_serve_config, deploy
+    from framework.serve.app import deploy
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve_cfg = compose_serve_config({
-        **bench.serve, "model_path": str(folder), "model_name": "bench", "host": "127.0.0.1", "port": port,
-        "torch_threads": bench.torch_threads, "app_name": "bench-serve", "api_key_env": None,
-    })
+    serve_cfg = bench_serve_config(folder, bench, _free_port())
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     try:
@@ -243,6 +239,43 @@ def run_served(folder: Path, bench: ServeBenchConfig, prompts: List[str]) -> Tup
         serve.shutdown()
         ray.shutdown()
     return served, asdict(serve_cfg)
+
+
+def run_vllm_server(folder: Path, bench: ServeBenchConfig, prompts: List[str], log: Path) -> Dict[str, Any]:
+    """vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the same folder, engine
+    arguments and environment as our replica's engine; both scenarios over HTTP; stopped with SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from framework.serve.llm import engine_cli, engine_env
+
+    port = _free_port()
+    serve_cfg = bench_serve_config(folder, bench, port)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+               "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), *engine_cli(serve_cfg)]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **engine_env(serve_cfg)})
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited with {server.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server did not start in 900 s; see {log}")
+            time.sleep(2)
+        return asyncio.run(_serve_side(f"http://127.0.0.1:{port}", bench, prompts))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,29 +301,30 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     prompts = stdlib_prompts(max(bench.load.requests, bench.head_of_line.long_requests + 1))
     load_prompts = prompts[: bench.load.requests]
 
-    baseline, baseline_s = run_transformers(folder, load_prompts, bench.load.max_tokens, bench.torch_threads)
+    threads = max(int(bench.serve.get("num_cpus", 1)), 1)
+    baseline, baseline_s = run_transformers(folder, load_prompts, bench.load.max_tokens, threads)
     served, serve_cfg = run_served(folder, bench, prompts)
-    load = served["load"]
+    own = run_vllm_server(folder, bench, prompts, Path(absolute(bench.output)).with_suffix(".vllm.log"))
     base_tps = sum(t.tokens for t in baseline) / baseline_s
-    served_tps = sum(t.tokens for t in load) / served["load_seconds"]
+    sides = {name: _side(side) for name, side in (("serve", served), ("vllm_server", own))}
     result = {
         "machine": machine(),
         "model": {"path": str(folder), "parameters": folder_params(folder)},
-        "torch_threads": bench.torch_threads, "cluster_cpus": bench.num_cpus,
-        "head_of_line": {**asdict(bench.head_of_line), **served["head_of_line"]},
+        "engine_cpus": threads, "cluster_cpus": bench.num_cpus,
+        "head_of_line": {**asdict(bench.head_of_line), "serve": served["head_of_line"], "vllm_server": own["head_of_line"]},
         "load": {
             **asdict(bench.load),
             "transformers_one_at_a_time": {"tokens_per_s": round(base_tps, 1),
                                            "p50_latency_s": _percentile([t.last_s for t in baseline], 0.5)},
-            "serve": {
-                "tokens_per_s": round(served_tps, 1),
-                "ttft_p50_s": _percentile([t.first_s for t in load], 0.5),
-                "ttft_p99_s": _percentile([t.first_s for t in load], 0.99),
-                "p50_latency_s": _percentile([t.last_s for t in load], 0.5),
-                "p99_latency_s": _percentile([t.last_s for t in load], 0.99),
+            **sides,
+            "serve_vs_vllm_server": {
+                "tokens_per_s": round(sides["serve"]["tokens_per_s"] / sides["vllm_server"]["tokens_per_s"], 3),
+                "ttft_p50": round(sides["serve"]["ttft_p50_s"] / sides["vllm_server"]["ttft_p50_s"], 3),
+                "ttft_p99": round(sides["serve"]["ttft_p99_s"] / sides["vllm_server"]["ttft_p99_s"], 3),
             },
-            "throughput_ratio": round(served_tps / base_tps, 2),
-            "identical_texts": sum(a.text == b.text for a, b in zip(load, baseline)),
+            "serve_vs_transformers": round(sides["serve"]["tokens_per_s"] / base_tps, 2),
+            "identical_texts": {"serve": sum(a.text == b.text for a, b in zip(served["load"], baseline)),
+                                "vllm_server": sum(a.text == b.text for a, b in zip(own["load"], baseline))},
         },
         "serve": {k: v for k, v in serve_cfg.items() if k not in ("model_path", "host", "port", "api_key_env")},
     }
@@ -300,17 +334,27 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     return result
 
 
+def _side(side: Dict[str, Any]) -> Dict[str, Any]:
+    load = side["load"]
+    return {"tokens_per_s": round(sum(t.tokens for t in load) / side["load_seconds"], 1),
+            "ttft_p50_s": _percentile([t.first_s for t in load], 0.5), "ttft_p99_s": _percentile([t.first_s for t in load], 0.99),
+            "p50_latency_s": _percentile([t.last_s for t in load], 0.5), "p99_latency_s": _percentile([t.last_s for t in load], 0.99)}
+
+
 def _report(r: Dict[str, Any]) -> str:
     hol, load = r["head_of_line"], r["load"]
-    srv, base = load["serve"], load["transformers_one_at_a_time"]
+    ours, own, base, vs = load["serve"], load["vllm_server"], load["transformers_one_at_a_time"], load["serve_vs_vllm_server"]
     return "\n".join([
-        f"model: {r['model']['parameters'] / 1e6:.1f}M parameters, {r['torch_threads']} torch thread(s)",
-        f"(i)   {hol['short_tokens']}-token request: {hol['short_alone_s']} s alone, {hol['short_behind_long_s']} s "
-        f"behind {hol['long_requests']} decoding {hol['long_tokens']}-token requests: {hol['ratio']}x",
-        f"(ii)  {load['clients']} clients, {load['requests']} requests of {load['max_tokens']} tokens: "
-        f"{srv['tokens_per_s']} tokens/s against {base['tokens_per_s']} one at a time through generate: "
-        f"{load['throughput_ratio']}x (identical texts {load['identical_texts']}/{load['requests']})",
-        f"(iii) time to first token under that load: p50 {srv['ttft_p50_s']} s, p99 {srv['ttft_p99_s']} s",
+        f"model: {r['model']['parameters'] / 1e6:.1f}M parameters; engine on {r['engine_cpus']} CPU(s) for each side",
+        f"(i)   {hol['short_tokens']}-token request behind {hol['long_requests']} decoding {hol['long_tokens']}-token requests, "
+        f"÷ alone: ours {hol['serve']['ratio']}x ({hol['serve']['long_requests_still_decoding_when_short_ended']} still decoding "
+        f"when it ended), vLLM's server {hol['vllm_server']['ratio']}x",
+        f"(ii)  {load['clients']} clients, {load['requests']} requests of {load['max_tokens']} tokens: ours {ours['tokens_per_s']} "
+        f"tokens/s, vLLM's server {own['tokens_per_s']}: {vs['tokens_per_s']}x; one at a time through generate "
+        f"{base['tokens_per_s']}: {load['serve_vs_transformers']}x (identical texts: ours "
+        f"{load['identical_texts']['serve']}/{load['requests']}, vLLM's {load['identical_texts']['vllm_server']}/{load['requests']})",
+        f"(iii) time to first token under that load: ours p50 {ours['ttft_p50_s']} s / p99 {ours['ttft_p99_s']} s, vLLM's "
+        f"p50 {own['ttft_p50_s']} s / p99 {own['ttft_p99_s']} s: {vs['ttft_p50']}x / {vs['ttft_p99']}x",
     ])
 
 

@@ -17,8 +17,8 @@ Methods (`compress.method`; one preset each in conf/compress/):
 
 The report (`compress_report.json` in the folder, and a table printed) puts the folder beside its source:
 the weights' size on disk; validation perplexity on the prepared shards' evaluation set (the one training
-reports: framework/evaluate.py); greedy agreement on a fixed prompt set; decode tokens/s through the serving
-engine (framework/serve/engine.py: the same prompts, batching and threads for both). A method whose
+reports: framework/evaluate.py); greedy agreement on a fixed prompt set; decode tokens/s of one greedy batch
+through transformers' generate (the same prompts and threads for both). A method whose
 perplexity rises past `compress.max_ppl_increase` (a ratio) fails in one line naming the figures.
 
 The folder follows export's rules (framework/export.py): written beside `output_dir`, moved into place only

@@ -36,7 +36,6 @@ class CompressConfig:
     prompts: int = MISSING
     max_tokens: int = MISSING
     torch_threads: Optional[int] = MISSING  # null: torch's default
-    serve_preset: str = MISSING  # conf/serve/<preset>: the engine's batching and KV cache for the timing
 
 
 @dataclass

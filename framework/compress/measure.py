@@ -1,9 +1,7 @@
-"""Measuring a folder: its size, its perplexity on the evaluation set, its greedy decoding through the serving engine."""
+"""Measuring a folder: its size, its perplexity on the evaluation set, its greedy decoding (transformers' generate)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -57,44 +55,34 @@ def fixed_prompts(count: int) -> List[str]:
     return stdlib_prompts(count)
 
 
-def greedy_params(engine: Any, max_tokens: int) -> Any:
-    """Greedy decoding of exactly `max_tokens` tokens (end of sequence suppressed), each token's id kept (logprobs=0)."""
-    from framework.serve.sampling import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, logprobs=0,
-                          logit_bias={eos: -100.0 for eos in engine.eos_ids})
-
-
-async def _greedy(engine: Any, prompts: List[List[int]], max_tokens: int) -> Tuple[List[List[int]], float]:
-    """Every prompt decoded at once through the engine; the continuations and the seconds from submitting them to the last token."""
-    from framework.serve.engine import Sequence
-
-    async def one(ids: List[int], tokens: int) -> List[int]:
-        out: List[int] = []
-        async for deltas in engine.generate([Sequence(ids, greedy_params(engine, tokens))]):
-            for delta in deltas:
-                out.extend(lp.token for lp in delta.logprobs)
-        return out
-
-    await one(prompts[0], 2)  # warm-up: the first step pays for lazy initialisation
-    start = time.perf_counter()
-    tokens = await asyncio.gather(*(one(ids, max_tokens) for ids in prompts))
-    return list(tokens), time.perf_counter() - start
+def _greedy(model: Any, tokenizer: Any, prompts: List[str], max_tokens: int, device: str) -> Tuple[List[List[int]], float]:
+    """Every prompt decoded greedily at once (one left-padded batch, end of sequence suppressed, exactly `max_tokens`
+    tokens each); the continuations and the seconds from the first step to the last token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    eos = model.generation_config.eos_token_id
+    settings = dict(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
+                    suppress_tokens=[eos] if isinstance(eos, int) else list(eos or []))
+    with torch.no_grad():
+        model.generate(**tokenizer(prompts[:1], return_tensors="pt").to(device), **{**settings, "max_new_tokens": 2,
+                                                                                     "min_new_tokens": 2})  # warm-up
+        start = time.perf_counter()
+        out = model.generate(**batch, **settings)
+        seconds = time.perf_counter() - start
+    width = batch["input_ids"].shape[1]
+    return [row[width:].tolist() for row in out], seconds
 
 
 def time_decode(folder: Path, plan: CompressPlan, figures: Figures) -> Figures:
-    """Fill `figures` with the fixed prompts' greedy continuations through the serving engine on `folder`, and their time."""
-    from framework.serve.engine import load_engine
+    """Fill `figures` with the fixed prompts' greedy continuations from `folder` (transformers' generate, one batch), and their time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     c = plan.compress
-    # The engine's start-up notes (paged cache sizes, no flash attention on CPU) say nothing about the figures.
-    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
-    engine = load_engine(folder, plan.batching, c.dtype, c.device)
-    try:
-        prompts = [engine.prompts.encode(p) for p in fixed_prompts(c.prompts)]
-        figures.tokens, figures.decode_seconds = asyncio.run(_greedy(engine, prompts, c.max_tokens))
-    finally:
-        engine.shutdown()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[c.dtype]).to(c.device).eval()
+    figures.tokens, figures.decode_seconds = _greedy(model, tokenizer, fixed_prompts(c.prompts), c.max_tokens, c.device)
     return figures
 
 

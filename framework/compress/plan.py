@@ -1,4 +1,4 @@
-"""A compression planned before any weights are read: the source folder, the output folder, the shards, the engine's batching."""
+"""A compression planned before any weights are read: the source folder, the output folder, the shards."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 
 from framework.compress.config import CompressConfig, check_values, to_compress_config
-from framework.config import ConfigError, Job, absolute, require
+from framework.config import Job, absolute, require
 from framework.model import PROBE_TEXT
 
 # What a compression writes into its folder: where the folder came from and what it costs; an output_dir
@@ -28,7 +28,6 @@ class CompressPlan:
     source: Path
     output_dir: str
     data_dir: Optional[str]  # None only for a benchmark's random-weight model, whose perplexity means nothing
-    batching: Any  # framework.serve.engine.Batching
     linear_layers: int  # the layers torchao will quantise
 
 
@@ -119,8 +118,6 @@ def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
         check_output_dir,
         resolve_model_path,
     )
-    from framework.serve.config import compose_serve_config
-    from framework.serve.engine import Batching
 
     check_values(c)
     key = "compress.model_path"
@@ -133,12 +130,7 @@ def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
     output_dir = c.output_dir or default_compress_dir(c.model_path, c.name)
     check_output_dir(output_dir, str(source), "compress.output_dir", COMPRESS_MARKER, "compression", "the source folder")
     data_dir = check_data_dir(c, source) if scored else None
-    try:
-        serve = compose_serve_config({"preset": c.serve_preset, "model_path": str(source)})
-    except ConfigError as exc:
-        raise ConfigError(f"compress.serve_preset={c.serve_preset}: {exc}") from None
-    batching = Batching(serve.max_sequences, serve.max_batch_tokens, serve.kv_cache_blocks, serve.kv_block_size)
-    return CompressPlan(c, source, os.path.abspath(output_dir), data_dir, batching, layers)
+    return CompressPlan(c, source, os.path.abspath(output_dir), data_dir, layers)
 
 
 def load_compress(cfg: DictConfig) -> CompressPlan:

@@ -1,27 +1,29 @@
-"""The Ray Serve application: an OpenAI-compatible FastAPI ingress over the continuous-batching engine,
-autoscaled, with its serving metrics.
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of Ray Serve LLM's `LLMServer`,
+which runs vLLM.
 
-Every replica loads the model once; its engine decodes every request the replica holds in one running
-batch that requests join at the next step and leave when done (framework/serve/engine.py). The
-routes prepare requests (tokenising, templates) off the event loop, after a size check that needs no
-tokeniser, and turn the engine's deltas into JSON or server-sent events. Back-pressure is Serve's
-own: a replica takes `max_ongoing_requests`, callers queue `max_queued_requests` more, and beyond that
-the proxy answers `backpressure_status` at once. The API key and the body-size limit are checked at
-the proxy, before a request takes a queue place, and again here (framework/serve/ingress.py). Serve
-calls `check_health` every few seconds and replaces a replica whose model no longer runs.
+Two deployments. `LLMServer` (Ray Serve LLM's, configured by framework/serve/llm.py) holds the engine,
+autoscales on ongoing requests, and answers completions as vLLM's OpenAI layer does. The ingress here
+(no CPUs of its own) is what clients reach: the API key and the body-size limit, checked at Serve's
+proxy before a request takes a queue place and again here (framework/serve/ingress.py); strict
+OpenAI request models whose every error is a 4xx naming the field; chats laid out as token ids by the
+project's encoder (framework/serve/routes.py); back-pressure: past `max_ongoing_requests ×
+max_replicas` requests in flight and `max_queued_requests` waiting, the proxy answers
+`backpressure_status` at once.
 
-Entry points: `run(cfg)` (launch/serve.py), and `build_app(args)` for `serve run` / a KubeRay
-RayService `import_path: framework.serve.app:build_app`.
+Entry points: `serve_model(cfg)` (launch/serve.py: deploys, serves until SIGTERM or Ctrl-C, then drains),
+and `build_app(args)` for `serve run` / a KubeRay RayService `import_path: framework.serve.app:build_app`.
 """
 
 # No `from __future__ import annotations` here: Serve's ingress rewrites the route signatures, and
 # FastAPI must see the request models as classes, not strings, to read the JSON body into them.
 import asyncio
 import dataclasses
+import json
 import logging
 import os
-import time
-from typing import Any, AsyncIterator, Dict, List, Optional
+import signal
+import threading
+from typing import Any, AsyncIterator, Dict, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,10 +32,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from framework.config import ConfigError
+from framework.hf_folder import default_model_id
 from framework.serve import routes
 from framework.serve.config import ServeConfig, check_model_path, compose_serve_config, to_serve_config
-from framework.serve.engine import Delta, GenerationFailed
-from framework.hf_folder import default_model_id
 from framework.serve.ingress import HEALTH_ROUTE, IngressChecks, IngressPolicy, ingress_environment, read_api_key
 from framework.serve.protocol import (
     APIError,
@@ -47,18 +48,20 @@ from framework.serve.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+VLLM_EXTRAS = {"prompt_logprobs": True, "prompt_token_ids": True, "kv_transfer_params": True,
+               "choices": {"__all__": {"prompt_logprobs", "token_ids", "prompt_token_ids"}}}
 
 api = FastAPI(title="framework: OpenAI-compatible LLM server")
 
 
 class ReplicaState:
-    """What this process's replica has set up, for the middleware and error handlers of the app it serves.
+    """What this process's ingress replica has set up, for the middleware and error handlers of the app it serves.
 
     `@serve.ingress` serves a pickled copy of `api`, so state set on `api` after import never reaches
     it; module-level functions and classes are pickled by reference, so they find this one by import."""
 
     policy: Optional[IngressPolicy] = None  # none yet: the middleware lets requests through
-    metrics: Any = None  # framework.serve.metrics.ServingMetrics once the replica has made them
+    metrics: Any = None  # framework.serve.metrics.IngressMetrics once the replica has made them
 
 
 def _policy() -> Optional[IngressPolicy]:
@@ -71,13 +74,17 @@ def _refused(reason: str) -> None:
         ReplicaState.metrics.refusal(reason)
 
 
+def _failed(reason: str) -> None:
+    if ReplicaState.metrics is not None:
+        ReplicaState.metrics.failure(reason)
+
+
 api.add_middleware(IngressChecks, policy=_policy, refused=_refused)
 
 
 def _error(exc: APIError) -> JSONResponse:
     if exc.status >= 500:  # the server's failure, not the request's fault
-        if ReplicaState.metrics is not None:
-            ReplicaState.metrics.failure(exc.code or exc.type)
+        _failed(exc.code or exc.type)
     else:
         _refused(exc.code or exc.type)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -107,16 +114,50 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(routes.internal_error(rid))
 
 
-@serve.deployment(name="LLMServer")
+# vLLM's names for the parameters its length checks refuse, as the OpenAI request calls them.
+_ENGINE_PARAMS = {"input_tokens": "prompt", "input_text": "prompt", "prompt": "prompt", "max_tokens": "max_tokens"}
+
+
+def _engine_error(error: Any) -> APIError:
+    """vLLM's ErrorResponse as the client sees it: a 4xx as vLLM words it (a context overflow with OpenAI's code),
+    a 5xx without internal detail (logged)."""
+    info = error.error if hasattr(error, "error") else error
+    status = int(getattr(info, "code", 500) or 500)
+    if status >= 500:
+        rid = new_id("req")
+        logger.error("request %s: the engine failed: %s", rid, getattr(info, "message", info))
+        return routes.internal_error(rid)
+    message = str(info.message)
+    param = _ENGINE_PARAMS.get(getattr(info, "param", None) or "", getattr(info, "param", None))
+    code = "context_length_exceeded" if "maximum context length" in message or "max_model_len" in message else None
+    return APIError(status, message, param=param, code=code)
+
+
+def one_line_error(exc: Exception) -> str:
+    """A pydantic error of vLLM's request model in one line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = (errors() or [{}])[0]
+        return str(first.get("msg", exc)).removeprefix("Value error, ")
+    return str(exc).splitlines()[0]
+
+
+def served_model_id(cfg: ServeConfig) -> str:
+    return cfg.model_name or default_model_id(cfg.model_path)
+
+
+# Serve pickles the class below when it is decorated: every module-level name it uses is defined above it.
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
-class LLMServer:
-    """One replica: the model and its engine, the OpenAI routes, and the replica's serving metrics."""
+class Ingress:
+    """The OpenAI routes in front of the LLMServer deployment."""
 
-    def __init__(self, serve_cfg: Dict[str, Any]) -> None:
-        import torch
+    def __init__(self, serve_cfg: Dict[str, Any], llm: Any) -> None:
+        from transformers import AutoConfig, AutoTokenizer
 
-        from framework.serve.engine import Batching, load_engine
-        from framework.serve.metrics import ServingMetrics
+        from framework.hf_folder import model_context
+        from framework.serve.metrics import IngressMetrics
+        from framework.serve.prompts import PromptEncoder
 
         cfg = to_serve_config(serve_cfg)
         key = None
@@ -125,129 +166,139 @@ class LLMServer:
             if key is None:
                 raise ConfigError(f"serve.api_key_env={cfg.api_key_env}: the variable is not set (or blank) on this "
                                   f"replica's node")
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        self.metrics = ReplicaState.metrics = ServingMetrics()
+        self.metrics = ReplicaState.metrics = IngressMetrics()
         ReplicaState.policy = IngressPolicy(cfg.api_key_env, key, cfg.route_prefix, cfg.max_request_bytes)
-        batching = Batching(cfg.max_sequences, cfg.max_batch_tokens, cfg.kv_cache_blocks, cfg.kv_block_size)
-        self.engine = load_engine(check_model_path(cfg), batching, cfg.dtype, "cuda" if cfg.num_gpus > 0 else "cpu")
-        self.model_id = cfg.model_name or default_model_id(cfg.model_path)
+        folder = check_model_path(cfg)
+        self.context = cfg.max_model_len or model_context(folder)
+        self.vocab_size = AutoConfig.from_pretrained(folder).vocab_size
+        self.prompts = PromptEncoder(AutoTokenizer.from_pretrained(folder), self.context)
+        self.model_id = served_model_id(cfg)
+        self.adapters = sorted(cfg.adapters)
+        self.default_max_tokens = cfg.default_max_tokens
         self.created = now()
-        self.cfg = cfg
-        self._gauges: Optional[asyncio.Task] = None
+        # vLLM's request model, imported now rather than on the first request (vLLM takes seconds to import).
+        from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest as VLLMRequest
 
-    def __del__(self) -> None:
-        # Serve calls this when it stops the replica; the decode loop's thread is stopped with it.
-        if hasattr(self, "engine"):
-            self.engine.shutdown()
-
-    async def _publish_gauges(self) -> None:
-        while True:
-            self.metrics.engine(self.engine.stats())
-            await asyncio.sleep(self.cfg.metrics_interval_s)
-
-    def _start_gauges(self) -> None:
-        # Started from the replica's event loop (a route or a health check), which __init__ may not run on.
-        if self._gauges is None:
-            self._gauges = asyncio.get_running_loop().create_task(self._publish_gauges())
-
-    async def check_health(self) -> None:
-        """Serve calls this every few seconds; raising marks the replica unhealthy and Serve replaces it.
-
-        The decode loop must be alive, and a one-token forward pass (off the event loop, between two decode
-        steps) must give finite logits: the device and the weights still work, which a live actor alone does not show.
-        """
-        self._start_gauges()
-        await asyncio.to_thread(self.engine.check)
+        self.vllm_request = VLLMRequest
+        self.llm = llm
+        self.stream = llm.options(stream=True)
+        # An adapter's requests go to replicas by Serve's multiplexing (a replica keeps the adapters it loaded).
+        self.adapter_streams = {a: llm.options(stream=True, multiplexed_model_id=a) for a in self.adapters}
 
     def _check_model(self, model: str) -> None:
-        if model != self.model_id:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_id}'.",
+        if model != self.model_id and model not in self.adapter_streams:
+            served = ", ".join(f"'{m}'" for m in [self.model_id, *self.adapters])
+            raise APIError(404, f"The model '{model}' does not exist; this server serves {served}.",
                            param="model", code="model_not_found")
 
-    async def _deltas(self, request: routes.GenerationRequest, arrived: float, rid: str) -> AsyncIterator[List[Delta]]:
-        """The request's deltas, timed for the metrics; leaving early (a client gone) cancels its sequences."""
+    async def _engine(self, body: Dict[str, Any]) -> AsyncIterator[Any]:
+        """vLLM's output for a completion request: the response (or an error) first; the rest of a stream after it."""
         try:
-            async for step in self.metrics.timed(self.engine.generate(request.sequences), arrived):
-                yield step
-        except GenerationFailed as exc:
-            raise routes.generation_failed(exc, rid) from None
+            request = self.vllm_request(**body)
+        except ValueError as exc:  # vLLM's own request checks (pydantic): the request's fault
+            raise APIError(400, one_line_error(exc), code="invalid_value") from None
+        return self.adapter_streams.get(body["model"], self.stream).completions.remote(request, None)
 
-    async def _accept(self, body: Any, prepare: Any) -> routes.GenerationRequest:
-        """Check the model and the size, then prepare the request in a worker thread (tokenising blocks)."""
-        self._start_gauges()
-        self._check_model(body.model)
-        routes.check_prompt_size(body, self.engine)
-        request = await asyncio.to_thread(prepare, body, self.engine, self.cfg.default_max_tokens, self.cfg.max_sequences)
-        self.metrics.prompt_tokens.inc(request.prompt_tokens)
-        return request
+    async def _first(self, outputs: Any) -> Any:
+        first = await outputs.__anext__()
+        item = first[0] if isinstance(first, list) and first else first
+        if type(item).__name__ == "ErrorResponse":
+            raise _engine_error(item)
+        return first
+
+    async def _events(self, first: Any, outputs: Any) -> AsyncIterator[str]:
+        """The SSE strings of a stream; a failure part-way is an OpenAI error event, counted as a failed request."""
+        rid = new_id("req")
+        try:
+            for item in first:
+                yield self._sse(item, rid)
+            async for batch in outputs:
+                for item in batch if isinstance(batch, list) else [batch]:
+                    yield self._sse(item, rid)
+        except Exception:  # noqa: BLE001 - the detail goes to the log, never to the client
+            logger.exception("request %s failed while streaming", rid)
+            _failed("stream_failed")
+            yield f"data: {json.dumps(routes.internal_error(rid).body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+    def _sse(self, item: Any, rid: str) -> str:
+        if isinstance(item, str):
+            if item.startswith('data: {"error"'):
+                _failed("stream_failed")
+            return item
+        _failed("stream_failed")  # an ErrorResponse part-way through a stream
+        logger.error("request %s failed while streaming: %s", rid, item)
+        return f"data: {json.dumps(routes.internal_error(rid).body())}\n\n"
 
     @api.get(HEALTH_ROUTE)
     async def health(self) -> Dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, **dataclasses.asdict(self.engine.stats())}
+        """Open without the key: the engine answers its own health check (Serve's, which replaces a dead engine)."""
+        await self.llm.check_health.remote()
+        return {"status": "ok", "model": self.model_id}
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_id, created=self.created)])
+        return ModelList(data=[ModelCard(id=m, created=self.created) for m in [self.model_id, *self.adapters]])
 
     @api.get("/v1/models/{model}")
     async def model(self, model: str) -> ModelCard:
         self._check_model(model)
-        return ModelCard(id=self.model_id, created=self.created)
+        return ModelCard(id=model, created=self.created)
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):  # noqa: ANN201 - JSON or a stream of events
-        arrived = time.perf_counter()
-        request = await self._accept(body, routes.completion_request)
-        rid, created = new_id("cmpl"), now()
-        deltas = self._deltas(request, arrived, rid)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = routes.completion_events(deltas, rid, created, self.model_id, request, self.engine, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        scored = []
-        if request.prompt_logprobs is not None:
-            scored = [await asyncio.to_thread(self.engine.prompt_logprobs, ids, request.prompt_logprobs)
-                      for ids in request.prompts]
-        done = await routes.collect(deltas, len(request.sequences))
-        return routes.completion_response(rid, created, self.model_id, request, done, self.engine, scored)
+        self._check_model(body.model)
+        routes.check_prompt_size(body, self.prompts, self.context)
+        request = await asyncio.to_thread(routes.completion_request, body, self.prompts, self.default_max_tokens, self.context,
+                                          self.vocab_size)
+        outputs = await self._engine(request)
+        first = await self._first(outputs)
+        if not body.stream:
+            # vLLM's own extras (prompt_logprobs, token ids) are not OpenAI's and double the body: left out.
+            response = first.model_dump(mode="json", exclude=VLLM_EXTRAS)
+            if body.echo and body.max_tokens == 0:
+                # Scoring a prompt, vLLM samples one token it does not return, and counts it: usage counts none.
+                usage = response["usage"]
+                usage.update(completion_tokens=0, total_tokens=usage["prompt_tokens"])
+            return JSONResponse(response)
+        return StreamingResponse(self._events(first, outputs), media_type="text/event-stream")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):  # noqa: ANN201
-        arrived = time.perf_counter()
-        request = await self._accept(body, routes.chat_request)
-        rid, created = new_id("chatcmpl"), now()
-        deltas = self._deltas(request, arrived, rid)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = routes.chat_events(deltas, rid, created, self.model_id, request, self.engine, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        done = await routes.collect(deltas, len(request.sequences))
-        return routes.chat_response(rid, created, self.model_id, request, done, self.engine)
+        self._check_model(body.model)
+        routes.check_prompt_size(body, self.prompts, self.context)
+        request = await asyncio.to_thread(routes.chat_request, body, self.prompts, self.default_max_tokens, self.context)
+        outputs = await self._engine(request)
+        first = await self._first(outputs)
+        shaper = routes.ChatShaper(self.prompts, new_id("chatcmpl"), now(), body.model, body.top_logprobs or 0)
+        if not body.stream:
+            return JSONResponse(shaper.response(first.model_dump(mode="json")).model_dump(mode="json"))
+        return StreamingResponse(shaper.events(body.n, self._events(first, outputs)), media_type="text/event-stream")
 
 
 # ---------------------------------------------------------------------------------------------
 # Building and running the application
 
-def deployment(cfg: ServeConfig) -> serve.Deployment:
-    """The deployment for a checked ServeConfig: resources, autoscaling and back-pressure from config."""
-    return LLMServer.options(
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        autoscaling_config={
-            "min_replicas": cfg.min_replicas,
-            "initial_replicas": max(cfg.min_replicas, 1),
-            "max_replicas": cfg.max_replicas,
-            "target_ongoing_requests": cfg.target_ongoing_requests,
-        },
-        max_ongoing_requests=cfg.max_ongoing_requests,
+def build(cfg: ServeConfig) -> serve.Application:
+    """The application: the ingress bound to its config (plain data) and to the LLMServer deployment."""
+    from ray.serve.llm import build_llm_deployment
+
+    from framework.serve.llm import llm_config
+
+    from framework.serve.lora import local_adapter_loader
+
+    folder = check_model_path(cfg)
+    config = llm_config(cfg, folder, served_model_id(cfg))
+    llm = build_llm_deployment(config, bind_kwargs={"model_downloader": local_adapter_loader()} if cfg.adapters else None)
+    ingress = Ingress.options(
+        # The ingress bounds what the proxy lets in: every replica's ongoing requests when scaled out fully,
+        # then the queue; past that, serve.backpressure_status at once.
+        max_ongoing_requests=cfg.max_ongoing_requests * cfg.max_replicas,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": cfg.backpressure_status},
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s,
     )
-
-
-def build(cfg: ServeConfig) -> serve.Application:
-    """The application: the deployment bound to its config (plain data, so replicas can be rebuilt from it)."""
-    return deployment(cfg).bind(dataclasses.asdict(cfg))
+    return ingress.bind(dataclasses.asdict(cfg), llm)
 
 
 def config_from_args(args: Dict[str, Any]) -> ServeConfig:
@@ -270,13 +321,30 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
-def serve_model(serve_cfg: ServeConfig) -> None:
-    """launch/serve.py: connect to Ray, deploy, and serve until interrupted.
+def serve_model(serve_cfg: ServeConfig) -> int:
+    """launch/serve.py: connect to Ray, deploy, and serve until SIGTERM or Ctrl-C; then drain and stop.
 
-    A local cluster started here inherits this process's environment, so its proxies apply the
-    ingress checks (framework/serve/ingress.py); a cluster started elsewhere needs them in its nodes' environment."""
+    On the signal, Serve deletes the application: its replicas stop taking requests and finish those in
+    flight for up to serve.drain_timeout_s. Gives the exit status: 0 after SIGTERM, 130 after Ctrl-C.
+    A local cluster started here inherits this process's environment, so its proxies apply the ingress
+    checks (framework/serve/ingress.py); a cluster started elsewhere needs them in its nodes' environment."""
     from framework.cluster import connect
 
     os.environ.update(ingress_environment(serve_cfg.api_key_env, serve_cfg.route_prefix, serve_cfg.max_request_bytes))
     connect(serve_cfg.ray_address)
-    deploy(serve_cfg, blocking=True)
+    stop, received = threading.Event(), []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    url = deploy(serve_cfg)
+    print(f"serve: {served_model_id(serve_cfg)} at {url}/v1 (SIGTERM or Ctrl-C to stop)", flush=True)
+    stop.wait()
+    print(f"serve: stopping; draining requests in flight (up to {serve_cfg.drain_timeout_s:g} s)", flush=True)
+    serve.delete(serve_cfg.app_name)
+    serve.shutdown()
+    print("serve: stopped", flush=True)
+    return 130 if received and received[0] == signal.SIGINT else 0

@@ -29,12 +29,13 @@ class ServeConfig:
     # The id clients put in `model` and /v1/models lists; null uses the folder's name, or for a
     # best.json the name of the folder holding it (the sweep's name).
     model_name: Optional[str] = MISSING
+    # LoRA adapters served on the base as their own model ids: id → a PEFT folder or an export.adapter=true export.
+    adapters: Dict[str, str] = field(default_factory=dict)
     dtype: str = MISSING  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    # Ray resources per replica; num_gpus > 0 puts the model on the replica's GPU.
+    # Ray resources per replica (the vLLM engine's placement group bundle): CPUs the engine's threads use,
+    # and GPUs (num_gpus > 0 runs vLLM's GPU build on them; 0 runs the CPU build).
     num_cpus: float = MISSING
     num_gpus: float = MISSING
-    # Torch intra-op threads per replica; null keeps what Ray gives the actor (its num_cpus).
-    torch_threads: Optional[int] = MISSING
     # Autoscaling (Serve's autoscaling_config): replicas follow ongoing requests per replica.
     min_replicas: int = MISSING
     max_replicas: int = MISSING
@@ -44,18 +45,25 @@ class ServeConfig:
     max_ongoing_requests: int = MISSING
     max_queued_requests: int = MISSING
     backpressure_status: int = MISSING  # 503 | 429
-    # Continuous batching (framework/serve/engine.py): sequences and tokens in one forward pass, and the
-    # paged KV cache, in blocks of kv_block_size tokens.
+    # vLLM's scheduler: sequences and tokens in one forward pass (max_num_seqs, max_num_batched_tokens).
     max_sequences: int = MISSING
     max_batch_tokens: int = MISSING
-    kv_cache_blocks: int = MISSING
-    kv_block_size: int = MISSING
+    # Longest prompt + completion; null: the model's own context (max_position_embeddings).
+    max_model_len: Optional[int] = MISSING
+    # KV cache: GiB of memory on a CPU replica (VLLM_CPU_KVCACHE_SPACE), the fraction of GPU memory vLLM
+    # may take on a GPU replica (gpu_memory_utilization).
+    kv_cache_gib: int = MISSING
+    gpu_memory_utilization: float = MISSING
+    # Eager PyTorch instead of torch.compile / CUDA graphs: starts in seconds rather than minutes.
+    enforce_eager: bool = MISSING
+    # Reuse the KV cache of a shared prompt prefix across requests.
+    enable_prefix_caching: bool = MISSING
     # max_tokens when a request leaves it out (clipped to what the context has left).
     default_max_tokens: int = MISSING
     # Largest request body, checked at the proxy and the replica before it is read (413 past it).
     max_request_bytes: int = MISSING
-    # How often a replica publishes its engine gauges (running and waiting sequences, KV blocks).
-    metrics_interval_s: float = MISSING
+    # On SIGTERM / Ctrl-C, and when Serve stops a replica: how long in-flight requests may run to their end.
+    drain_timeout_s: float = MISSING
     # Name of an environment variable holding the API key (a Kubernetes Secret, say); null: no key.
     api_key_env: Optional[str] = MISSING
     # HTTP proxy and application.
@@ -89,15 +97,13 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
     """Check ranges and combinations; raises ConfigError naming the first bad key."""
     require(serve.dtype in _DTYPES, "serve.dtype", serve.dtype, f"expected one of {_DTYPES}")
     require(
-        serve.num_gpus > 0 or serve.dtype in ("auto", "fp32"),
-        "serve.dtype", serve.dtype, "half precision needs a GPU (serve.num_gpus>0); use fp32 or auto on CPU",
+        serve.num_gpus > 0 or serve.dtype != "fp16",
+        "serve.dtype", serve.dtype, "vLLM's CPU build runs fp32 or bf16, not fp16; use fp32, bf16 or auto on CPU",
     )
     require(serve.num_cpus >= 0, "serve.num_cpus", serve.num_cpus, "expected 0 or more")
     require(serve.num_gpus >= 0, "serve.num_gpus", serve.num_gpus, "expected 0 or more")
-    require(
-        serve.torch_threads is None or serve.torch_threads >= 1,
-        "serve.torch_threads", serve.torch_threads, "expected at least 1, or null",
-    )
+    require(serve.num_cpus >= 1 or serve.num_gpus > 0, "serve.num_cpus", serve.num_cpus,
+            "expected at least 1 on a CPU replica (the engine's threads)")
     require(serve.min_replicas >= 0, "serve.min_replicas", serve.min_replicas, "expected 0 or more")
     require(
         serve.max_replicas >= max(serve.min_replicas, 1),
@@ -108,11 +114,13 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
         "serve.target_ongoing_requests", serve.target_ongoing_requests, "expected a positive number",
     )
     require(serve.max_ongoing_requests >= 1, "serve.max_ongoing_requests", serve.max_ongoing_requests, "expected at least 1")
-    for key in ("max_sequences", "max_batch_tokens", "kv_cache_blocks", "max_request_bytes"):
+    for key in ("max_sequences", "max_batch_tokens", "kv_cache_gib", "max_request_bytes"):
         require(getattr(serve, key) >= 1, f"serve.{key}", getattr(serve, key), "expected at least 1")
-    # transformers' paged cache takes pages of at least 4 tokens.
-    require(serve.kv_block_size >= 4, "serve.kv_block_size", serve.kv_block_size, "expected at least 4 tokens")
-    require(serve.metrics_interval_s > 0, "serve.metrics_interval_s", serve.metrics_interval_s, "expected a positive number of seconds")
+    require(serve.max_model_len is None or serve.max_model_len >= 1, "serve.max_model_len", serve.max_model_len,
+            "expected at least 1 token, or null (the model's context)")
+    require(0 < serve.gpu_memory_utilization <= 1, "serve.gpu_memory_utilization", serve.gpu_memory_utilization,
+            "expected a fraction in (0, 1]")
+    require(serve.drain_timeout_s >= 0, "serve.drain_timeout_s", serve.drain_timeout_s, "expected 0 or more seconds")
     require(
         serve.max_queued_requests == -1 or serve.max_queued_requests >= 0,
         "serve.max_queued_requests", serve.max_queued_requests, "expected 0 or more, or -1 (unbounded)",
@@ -134,14 +142,16 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
 def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
     """A checked ServeConfig from a preset and serve.* keys, as Serve's builder args give them: `preset` (a
     conf/serve/ name, default "default") plus any keys, e.g. {"preset": "gpu", "model_path": "/models/best.json"}."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     args = dict(args)
     overrides = [f"serve={args.pop('preset', 'default')}"]
     try:
         preset = compose(overrides, "serve")
-        # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types.
-        cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
+        # Merging into the typed preset converts `serve run`'s string values ("2") to the schema's types; the
+        # adapters are the one node whose keys (model ids) are the user's.
+        with open_dict(preset.serve.adapters):
+            cfg = to_serve_config(OmegaConf.merge(preset.serve, args))
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
@@ -150,15 +160,18 @@ def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
 
 
 def check_model_path(serve: ServeConfig) -> Path:
-    """The model folder, checked whole, and checked to fit the KV cache: one sequence of its full context."""
+    """The model folder, checked whole, and checked to hold serve.max_model_len tokens; the adapters, each a PEFT folder."""
     from framework.hf_folder import check_model_folder, model_context, resolve_model_path
 
     folder = resolve_model_path(serve.model_path)
     check_model_folder(folder)
-    context, capacity = model_context(folder), serve.kv_cache_blocks * serve.kv_block_size
-    require(capacity >= context, "serve.kv_cache_blocks", serve.kv_cache_blocks,
-            f"× serve.kv_block_size={serve.kv_block_size} = {capacity} tokens of KV cache: expected at least the "
-            f"model's context of {context} tokens (one sequence of full length)")
+    context = model_context(folder)
+    require(serve.max_model_len is None or serve.max_model_len <= context, "serve.max_model_len", serve.max_model_len,
+            f"expected at most the model's context of {context} tokens")
+    from framework.hf_folder import default_model_id
+    from framework.serve.lora import check_adapters
+
+    check_adapters(dict(serve.adapters), serve.model_name or default_model_id(serve.model_path))
     return folder
 
 

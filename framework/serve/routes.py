@@ -1,28 +1,24 @@
-"""Between OpenAI requests and the engine: a request becomes a `GenerationRequest` (its sequences, checked
-against the model), the engine's deltas become a response or server-sent events.
+"""Between the OpenAI API and the engine: checked requests become vLLM completion requests, and for chat
+the engine's completion output becomes chat completions and chunks.
 
-Sequence order is prompt-major (prompt 0's n choices, then prompt 1's, ...), which is also the `index`
-a completion choice carries. With a `seed`, choice i samples with (seed + i) mod 2**64 (the range
-torch's generators take), so the n choices differ from each other but the whole response is
-reproducible. Preparing a request (tokenising, rendering a chat template) is blocking work the app
-runs off its event loop; `check_prompt_size` is the cheap part it runs first, before any tokenising.
-
-logprobs are the model's own: a log-softmax of its logits, before temperature, top_p, penalties or
-logit_bias. A stream that fails part-way ends with an OpenAI-shaped error event and `[DONE]`.
+Completions go to vLLM as the client sent them (vLLM tokenises, samples, scores echo, streams). Chat
+does not: vLLM renders a chat template to text and tokenises it whole, so a message saying
+`<|im_end|>\\n<|im_start|>system` would open a system turn. Chats are laid out here by
+framework/serve/prompts.py (message text always tokenised as text) and handed to vLLM as token ids,
+with the template's end-of-turn token as a stop token. Chat logprobs ask vLLM for token ids
+(`return_tokens_as_token_ids`) and are written from them: a token's text and its own bytes, which for
+a partial UTF-8 character are that fragment's bytes, not U+FFFD's.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Dict, List, Optional, Sequence as Seq, Union
+import re
+from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 from jinja2 import TemplateError, TemplateSyntaxError
-from pydantic import BaseModel
 
-from framework.serve.engine import Delta, Engine, GenerationFailed, Sequence
-from framework.serve.prompts import ControlTokenInContent
+from framework.serve.prompts import ControlTokenInContent, PromptEncoder
 from framework.serve.protocol import (
     APIError,
     AssistantMessage,
@@ -34,349 +30,182 @@ from framework.serve.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatTokenLogprob,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
-    SamplingFields,
     TopLogprob,
     Usage,
 )
-from framework.serve.sampling import SamplingParams, TokenLogprob
 
 MAX_STOPS = 4  # as OpenAI
-SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64); reducing keeps seed + i inside it
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationRequest:
-    """A checked request: its sequences, its prompts' token ids, and what the response needs to know."""
-
-    sequences: List[Sequence]
-    prompts: List[List[int]]
-    n: int
-    # Echo the prompts; with `prompt_logprobs` (the top-k count) also score them.
-    echo: bool = False
-    prompt_logprobs: Optional[int] = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        # As OpenAI: each prompt counts once, however many choices (n) are sampled from it.
-        return sum(len(p) for p in self.prompts)
+TOKEN_ID = re.compile(r"token_id:(-?\d+)$")
+# Fields of our request models that vLLM takes under the same name and meaning.
+_SAMPLING = ("model", "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+             "stream", "user")
 
 
 def _context_exceeded(message: str, param: str) -> APIError:
     return APIError(400, message, param=param, code="context_length_exceeded")
 
 
-def check_prompt_size(req: Union[CompletionRequest, ChatCompletionRequest], engine: Engine) -> None:
-    """Refuse a prompt too long for the context from its length alone, before anything tokenises it."""
-    limit, context = engine.prompts.max_chars, engine.context_length
+def check_prompt_size(req: Union[CompletionRequest, ChatCompletionRequest], prompts: PromptEncoder, context: int) -> None:
+    """Refuse a text prompt too long for the context from its length alone, before anything tokenises it."""
+    limit = prompts.max_chars
     if isinstance(req, ChatCompletionRequest):
-        chars = sum(len(m.text()) for m in req.messages)
-        if chars > limit:
-            raise _context_exceeded(f"The messages have {chars} characters: more than {context} tokens, this model's "
-                                    f"maximum context length, even at the longest token's {limit // context} characters.",
-                                    "messages")
-        return
-    prompts = [req.prompt] if isinstance(req.prompt, str) or _is_ids(req.prompt) else req.prompt
-    for prompt in prompts:
-        size = len(prompt)
-        if isinstance(prompt, str) and size > limit:
-            raise _context_exceeded(f"The prompt has {size} characters: more than {context} tokens, this model's "
-                                    f"maximum context length, even at the longest token's {limit // context} characters.",
-                                    "prompt")
-        if not isinstance(prompt, str) and size > context:
-            raise _context_exceeded(f"This model's maximum context length is {context} tokens; the prompt has {size}.",
-                                    "prompt")
+        texts, param = [m.text() for m in req.messages], "messages"
+    else:
+        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+        param = "prompt"
+    chars = sum(len(t) for t in texts) if param == "messages" else max((len(t) for t in texts), default=0)
+    if chars > limit:
+        raise _context_exceeded(f"The {param} have {chars} characters: more than {context} tokens, this model's maximum "
+                                f"context length, even at the longest token's {limit // context} characters.", param)
 
 
-def _is_ids(prompt: object) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+def _stops(req: Union[CompletionRequest, ChatCompletionRequest]) -> List[str]:
+    stops = req.stop_list()
+    if len(stops) > MAX_STOPS or any(not s for s in stops):
+        raise APIError(400, f"stop takes at most {MAX_STOPS} non-empty strings", param="stop")
+    return stops
 
 
-def completion_request(req: CompletionRequest, engine: Engine, default_max_tokens: int,
-                       max_sequences: int) -> GenerationRequest:
-    """The GenerationRequest of a completion (blocking: tokenises)."""
+def _sampling(req: Union[CompletionRequest, ChatCompletionRequest]) -> Dict[str, Any]:
+    fields = {k: getattr(req, k) for k in _SAMPLING if getattr(req, k) is not None}
+    if req.stream_options is not None:
+        fields["stream_options"] = {"include_usage": req.stream_options.include_usage,
+                                    "continuous_usage_stats": False}
+    return fields
+
+
+def _logit_bias(req: Union[CompletionRequest, ChatCompletionRequest]) -> None:
+    for key in req.logit_bias or {}:
+        if not (key.isascii() and key.lstrip("-").isdigit()):  # "²" is a digit, not an int
+            raise APIError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias")
+
+
+def _max_tokens(asked: Optional[int], longest: int, default: int, context: int) -> int:
+    """max_tokens as asked, or serve.default_max_tokens clipped to what the context leaves the longest prompt."""
+    if asked is not None:
+        return asked
+    return max(min(default, context - longest), 1)
+
+
+def completion_request(req: CompletionRequest, prompts: PromptEncoder, default_max_tokens: int, context: int,
+                       vocab_size: int) -> Dict[str, Any]:
+    """The vLLM completion request of an OpenAI completion (blocking when max_tokens is left out: the prompts'
+    lengths are counted to clip the default to the context)."""
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens=0 generates nothing; it is only meaningful with echo=true (scoring the prompt)",
                        param="max_tokens")
-    if req.echo and req.stream:
-        raise APIError(400, "echo is not supported with stream=true", param="echo")
-    prompts = _completion_prompts(req.prompt, engine)
-    return _prepare(req, prompts, "prompt", req.max_tokens, (), engine, default_max_tokens, max_sequences, (),
-                    req.logprobs, req.echo)
+    prompt = req.prompt
+    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not items or any(len(p) == 0 for p in items):
+        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+    _logit_bias(req)
+    if req.max_tokens is not None and req.max_tokens >= context:
+        raise _context_exceeded(f"This model's maximum context length is {context} tokens; max_tokens={req.max_tokens} "
+                                f"leaves no room for the prompt.", "max_tokens")
+    for ids in (p for p in items if not isinstance(p, str)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
+    longest = 0
+    if req.max_tokens is None:
+        longest = max(len(prompts.encode(p)) if isinstance(p, str) else len(p) for p in items)
+    return {**_sampling(req), "prompt": prompt, "stop": _stops(req), "echo": req.echo, "logprobs": req.logprobs,
+            "max_tokens": _max_tokens(req.max_tokens, longest, default_max_tokens, context)}
 
 
-def chat_request(req: ChatCompletionRequest, engine: Engine, default_max_tokens: int,
-                 max_sequences: int) -> GenerationRequest:
-    """The GenerationRequest of a chat (blocking: renders the template and tokenises)."""
+def chat_request(req: ChatCompletionRequest, prompts: PromptEncoder, default_max_tokens: int, context: int) -> Dict[str, Any]:
+    """The vLLM completion request of an OpenAI chat: the messages laid out here, as token ids (blocking: tokenises)."""
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     if not any(m["content"].strip() for m in messages):
         raise APIError(400, "messages must contain some text; every message content is empty", param="messages")
     try:
-        ids, implied_stops, stop_token_ids = engine.prompts.chat(messages)
+        ids, implied_stops, stop_token_ids = prompts.chat(messages)
     except TemplateSyntaxError:
         raise  # the template itself is broken: the server's fault, not these messages'
     except TemplateError as exc:  # the template's raise_exception(): these messages are not a chat it accepts
         raise APIError(400, f"messages do not fit this model's chat template: {exc}", param="messages") from None
     except ControlTokenInContent as exc:
         raise APIError(400, str(exc), param=f"messages[{exc.index}].content") from None
+    _logit_bias(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _prepare(req, [ids], "messages", max_tokens, implied_stops, engine, default_max_tokens, max_sequences,
-                    stop_token_ids, logprobs, False)
-
-
-def _completion_prompts(prompt: object, engine: Engine) -> List[List[int]]:
-    if isinstance(prompt, str) or _is_ids(prompt):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-    prompts = []
-    for item in prompt:
-        if isinstance(item, str):
-            if not item:
-                raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-            ids = engine.prompts.encode(item)
-        else:
-            ids = list(item)
-            bad = [t for t in ids if not 0 <= t < engine.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", param="prompt")
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-        prompts.append(ids)
-    return prompts
-
-
-def _logit_bias(req: SamplingFields, vocab_size: int) -> Dict[int, float]:
-    bias = {}
-    for key, value in (req.logit_bias or {}).items():
-        if not (key.isascii() and key.lstrip("-").isdigit()) or not 0 <= int(key) < vocab_size:  # "²" is a digit, not an int
-            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
-        bias[int(key)] = value
-    return bias
-
-
-def _prepare(
-    req: SamplingFields,
-    prompts: List[List[int]],
-    prompt_param: str,
-    max_tokens: Optional[int],
-    implied_stops: Seq[str],
-    engine: Engine,
-    default_max_tokens: int,
-    max_sequences: int,
-    stop_token_ids: Seq[int],
-    logprobs: Optional[int],
-    echo: bool,
-) -> GenerationRequest:
-    context = engine.context_length
-    longest = max(len(p) for p in prompts)
-    if longest > context or (longest == context and max_tokens != 0):
-        raise _context_exceeded(
-            f"This model's maximum context length is {context} tokens; the prompt has {longest} tokens, "
-            f"which leaves no room for a completion.", prompt_param)
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, context - longest)
-    elif longest + max_tokens > context:
-        raise _context_exceeded(
-            f"This model's maximum context length is {context} tokens; you asked for {longest + max_tokens} "
-            f"({longest} in the prompt, {max_tokens} for the completion). Reduce max_tokens or the prompt.", "max_tokens")
-    stops = req.stop_list()
-    if len(stops) > MAX_STOPS or any(not s for s in stops):
-        raise APIError(400, f"stop takes at most {MAX_STOPS} non-empty strings", param="stop")
-    wanted = len(prompts) * req.n
-    if wanted > max_sequences:
-        raise APIError(400, f"{len(prompts)} prompt(s) × n={req.n} is {wanted} sequences; this server decodes at most "
-                            f"{max_sequences} at once", param="n")
-    bias = _logit_bias(req, engine.vocab_size)
-    sequences = []
-    if max_tokens > 0:
-        for ids in prompts:
-            for choice in range(req.n):
-                params = SamplingParams(
-                    max_tokens=max_tokens,
-                    temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p,
-                    stop=tuple(stops) + tuple(implied_stops),
-                    seed=None if req.seed is None else (req.seed + choice) % SEED_MODULUS,
-                    stop_token_ids=tuple(stop_token_ids),
-                    presence_penalty=req.presence_penalty or 0.0,
-                    frequency_penalty=req.frequency_penalty or 0.0,
-                    logit_bias=bias,
-                    logprobs=logprobs,
-                )
-                sequences.append(Sequence(ids, params))
-    return GenerationRequest(sequences, prompts, req.n, echo, logprobs if echo else None)
+    body = {**_sampling(req), "prompt": ids, "stop": _stops(req) + list(implied_stops),
+            "stop_token_ids": list(stop_token_ids),
+            "max_tokens": _max_tokens(max_tokens, len(ids), default_max_tokens, context)}
+    if req.logprobs:
+        body.update(logprobs=req.top_logprobs or 0, return_tokens_as_token_ids=True)
+    return body
 
 
 # ---------------------------------------------------------------------------------------------
-# Responses
+# Chat responses from vLLM's completion output
 
-@dataclass
-class Collected:
-    """A request's sequences gathered whole: per choice its text, finish reason and token logprobs."""
+class ChatShaper:
+    """Turns one chat request's vLLM completion output (whole or streamed) into OpenAI chat shapes."""
 
-    texts: List[str]
-    finish_reasons: List[Optional[str]]
-    logprobs: List[List[TokenLogprob]] = field(default_factory=list)
-    completion_tokens: int = 0
+    def __init__(self, prompts: PromptEncoder, rid: str, created: int, model: str, top_logprobs: int) -> None:
+        self.prompts, self.rid, self.created, self.model = prompts, rid, created, model
+        self.top_logprobs = top_logprobs
 
+    def _entry(self, key: str, logprob: float) -> TopLogprob:
+        token = int(TOKEN_ID.match(key).group(1))
+        return TopLogprob(token=self.prompts.token_text(token), logprob=max(logprob, -9999.0),
+                          bytes=list(self.prompts.token_bytes(token)))
 
-async def collect(deltas: AsyncIterator[List[Delta]], rows: int) -> Collected:
-    """Gather a request's streamed deltas into whole texts."""
-    done = Collected([""] * rows, [None] * rows, [[] for _ in range(rows)])
-    async for step in deltas:
-        for d in step:
-            done.texts[d.index] += d.text
-            done.logprobs[d.index] += d.logprobs
-            done.completion_tokens += d.tokens
-            if d.finish_reason:
-                done.finish_reasons[d.index] = d.finish_reason
-    return done
+    def logprobs(self, lp: Optional[Dict[str, Any]]) -> Optional[ChatLogprobs]:
+        """Chat logprobs from vLLM's completion logprobs keyed by `token_id:N`: per token, the chosen one and the
+        `top_logprobs` most likely (vLLM's entry also holds the chosen token, which may rank below them)."""
+        if not lp:
+            return None
+        content = []
+        for key, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"] or []):
+            ranked = sorted((top or {}).items(), key=lambda item: -item[1])[: self.top_logprobs]
+            content.append(ChatTokenLogprob(**self._entry(key, logprob).model_dump(),
+                                            top_logprobs=[self._entry(k, v) for k, v in ranked]))
+        return ChatLogprobs(content=content)
 
+    def response(self, completion: Dict[str, Any]) -> ChatCompletion:
+        choices = [
+            ChatChoice(index=c["index"], message=AssistantMessage(content=c["text"]), logprobs=self.logprobs(c.get("logprobs")),
+                       finish_reason=c.get("finish_reason"))
+            for c in completion["choices"]
+        ]
+        return ChatCompletion(id=self.rid, created=self.created, model=self.model, choices=choices,
+                              usage=Usage(**{k: completion["usage"][k] for k in Usage.model_fields}))
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+    def _chunk(self, choices: List[ChatChunkChoice], usage: Optional[Dict[str, Any]] = None) -> str:
+        chunk = ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=choices,
+                                    usage=Usage(**{k: usage[k] for k in Usage.model_fields}) if usage else None)
+        return f"data: {chunk.model_dump_json()}\n\n"
 
-
-def completion_logprobs(engine: Engine, tokens: List[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
-    """OpenAI's completion logprobs. Each top_logprobs entry also holds the chosen token (as vLLM does), so
-    a token was the greedy choice exactly when its logprob equals the entry's largest."""
-    texts = [engine.token_text(t.token) for t in tokens]
-    offsets, at = [], offset
-    for text in texts:
-        offsets.append(at)
-        at += len(text)
-    tops: List[Optional[Dict[str, float]]] = []
-    for t, text in zip(tokens, texts):
-        if t.logprob is None:
-            tops.append(None)
-            continue
-        top = {engine.token_text(token): lp for token, lp in t.top}
-        top.setdefault(text, t.logprob)
-        tops.append(top)
-    return CompletionLogprobs(tokens=texts, token_logprobs=[t.logprob for t in tokens], top_logprobs=tops,
-                              text_offset=offsets)
-
-
-def chat_logprobs(engine: Engine, tokens: List[TokenLogprob]) -> ChatLogprobs:
-    def entry(token: int, logprob: float) -> TopLogprob:
-        text = engine.token_text(token)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
-
-    content = []
-    for t in tokens:
-        head = entry(t.token, t.logprob)
-        content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=[entry(tok, lp) for tok, lp in t.top]))
-    return ChatLogprobs(content=content)
-
-
-def completion_response(rid: str, created: int, model: str, request: GenerationRequest, done: Collected,
-                        engine: Engine, scored: List[List[TokenLogprob]]) -> Completion:
-    """The response of a whole completion; `scored` holds each prompt's token logprobs when echo asked for them."""
-    choices = []
-    for p, ids in enumerate(request.prompts):
-        prompt_text = engine.tokenizer.decode(ids, skip_special_tokens=True) if request.echo else ""
-        for c in range(request.n):
-            i = p * request.n + c
-            generated = i < len(done.texts)
-            text = prompt_text + (done.texts[i] if generated else "")
-            logprobs = None
-            if request.prompt_logprobs is not None or (generated and request.sequences[i].params.logprobs is not None):
-                tokens = (scored[p] if request.prompt_logprobs is not None else []) + (done.logprobs[i] if generated else [])
-                logprobs = completion_logprobs(engine, tokens)
-            reason = done.finish_reasons[i] if generated else "length"
-            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=reason))
-    return Completion(id=rid, created=created, model=model, choices=choices,
-                      usage=usage(request.prompt_tokens, done.completion_tokens))
-
-
-def chat_response(rid: str, created: int, model: str, request: GenerationRequest, done: Collected,
-                  engine: Engine) -> ChatCompletion:
-    choices = []
-    for i, (text, reason) in enumerate(zip(done.texts, done.finish_reasons)):
-        logprobs = chat_logprobs(engine, done.logprobs[i]) if request.sequences[i].params.logprobs is not None else None
-        choices.append(ChatChoice(index=i, message=AssistantMessage(content=text), logprobs=logprobs, finish_reason=reason))
-    return ChatCompletion(id=rid, created=created, model=model, choices=choices,
-                          usage=usage(request.prompt_tokens, done.completion_tokens))
-
-
-def sse(payload: Union[BaseModel, str]) -> str:
-    """One server-sent event; `payload` is a pydantic model or the literal "[DONE]"."""
-    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
-    return f"data: {data}\n\n"
+    async def events(self, n: int, completion_events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Chat chunks (the role first, then content, then [DONE]) from vLLM's completion events."""
+        for i in range(n):
+            yield self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        async for event in completion_events:
+            for line in event.splitlines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data.strip() == "[DONE]":
+                    yield "data: [DONE]\n\n"
+                    continue
+                payload = json.loads(data)
+                if "error" in payload:
+                    yield f"data: {data}\n\n"
+                    continue
+                choices = [
+                    ChatChunkChoice(index=c["index"], delta=ChatDelta(content=c["text"]) if c.get("text") else ChatDelta(),
+                                    logprobs=self.logprobs(c.get("logprobs")), finish_reason=c.get("finish_reason"))
+                    for c in payload.get("choices", [])
+                ]
+                if choices or payload.get("usage") and not payload.get("choices"):
+                    yield self._chunk(choices, payload.get("usage") if not payload.get("choices") else None)
 
 
 def internal_error(rid: str) -> APIError:
     """What a client is told when the server fails it: no internal detail, the id to find it in the logs by."""
     return APIError(500, f"The server failed while generating this response (request {rid}); it has been logged.",
                     type="server_error")
-
-
-async def _guarded(events: AsyncIterator[str], rid: str) -> AsyncIterator[str]:
-    """`events`, or up to where they fail, then an OpenAI-shaped error event; `[DONE]` ends the stream either way."""
-    try:
-        async for event in events:
-            yield event
-    except APIError as exc:
-        yield f"data: {json.dumps(exc.body())}\n\n"
-    except Exception:  # noqa: BLE001 - the detail goes to the log, never to the client
-        logger.exception("request %s failed while streaming", rid)
-        yield f"data: {json.dumps(internal_error(rid).body())}\n\n"
-    yield sse("[DONE]")
-
-
-def completion_events(deltas: AsyncIterator[List[Delta]], rid: str, created: int, model: str,
-                      request: GenerationRequest, engine: Engine, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events of a streamed completion: one chunk per piece of text, then [DONE]."""
-
-    async def events() -> AsyncIterator[str]:
-        tokens = 0
-        async for step in deltas:
-            for d in step:
-                tokens += d.tokens
-                if d.text or d.finish_reason or d.logprobs:
-                    logprobs = completion_logprobs(engine, d.logprobs) if d.logprobs else None
-                    choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
-                    yield sse(Completion(id=rid, created=created, model=model, choices=[choice]))
-        if include_usage:
-            yield sse(Completion(id=rid, created=created, model=model, choices=[], usage=usage(request.prompt_tokens, tokens)))
-
-    return _guarded(events(), rid)
-
-
-def chat_events(deltas: AsyncIterator[List[Delta]], rid: str, created: int, model: str,
-                request: GenerationRequest, engine: Engine, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events of a streamed chat completion: the role first, then content, then [DONE]."""
-
-    def chunk(choices: List[ChatChunkChoice], usage_: Optional[Usage] = None) -> str:
-        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage_))
-
-    async def events() -> AsyncIterator[str]:
-        for i in range(len(request.sequences)):
-            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-        tokens = 0
-        async for step in deltas:
-            for d in step:
-                tokens += d.tokens
-                if d.text or d.finish_reason or d.logprobs:
-                    delta = ChatDelta(content=d.text) if d.text else ChatDelta()
-                    logprobs = chat_logprobs(engine, d.logprobs) if d.logprobs else None
-                    yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason)])
-        if include_usage:
-            yield chunk([], usage(request.prompt_tokens, tokens))
-
-    return _guarded(events(), rid)
-
-
-def generation_failed(exc: GenerationFailed, rid: str) -> APIError:
-    """A failed generation as the client sees it: a 500 without the internal detail (which is logged)."""
-    logger.error("request %s: generation failed (%s)", rid, exc)
-    return internal_error(rid)

@@ -1,0 +1,131 @@
+"""The engine's settings: `serve.*` mapped onto vLLM's engine arguments and Ray Serve LLM's `LLMConfig`.
+
+One place for the mapping, so that serving (framework/serve/app.py) and batch generation
+(framework/serve/generate.py) run the same engine on the same folder. vLLM runs on the replica's
+placement-group bundle: `num_cpus` CPUs (its OpenMP threads, unbound, since Ray shares the node) or
+`num_gpus` GPUs. On CPU the KV cache gets `kv_cache_gib` of memory (left to itself vLLM's CPU build
+takes most of the node's), and Intel's OpenMP (`libiomp5`, installed with vLLM's CPU build) is preloaded
+into the engine's processes, as vLLM asks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from framework.serve.config import ServeConfig
+
+ENGINE_DEPLOYMENT = "engine"
+# vLLM's dtype names for the project's.
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def on_gpu(cfg: ServeConfig) -> bool:
+    return cfg.num_gpus > 0
+
+
+def vllm_dtype(cfg: ServeConfig) -> str:
+    """serve.dtype as vLLM names it; auto is bf16 on a GPU, fp32 on a CPU (not the folder's own dtype, as vLLM's auto)."""
+    if cfg.dtype == "auto":
+        return "bfloat16" if on_gpu(cfg) else "float32"
+    return VLLM_DTYPES[cfg.dtype]
+
+
+def engine_kwargs(cfg: ServeConfig) -> Dict[str, Any]:
+    """vLLM's engine arguments for a replica (or a batch-generation worker) of `cfg`.
+
+    Sampling defaults are OpenAI's (temperature 1, top_p 1), not those of the folder's generation_config.json;
+    every request reaches the engine with its max_tokens set (framework/serve/routes.py fills serve.default_max_tokens).
+    """
+    kwargs: Dict[str, Any] = {
+        "dtype": vllm_dtype(cfg),
+        "max_num_seqs": cfg.max_sequences,
+        "max_num_batched_tokens": cfg.max_batch_tokens,
+        "enforce_eager": cfg.enforce_eager,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
+        "generation_config": "vllm",
+        # The largest top_logprobs the API takes (chat's 20); logprobs of the prompt (echo) share the bound.
+        "max_logprobs": 20,
+    }
+    if cfg.max_model_len is not None:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if on_gpu(cfg):
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return kwargs
+
+
+def engine_cli(cfg: ServeConfig) -> list:
+    """The same engine arguments as `vllm serve` flags (the serving benchmark starts vLLM's own server with them)."""
+    flags = []
+    for key, value in engine_kwargs(cfg).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def iomp_library() -> Optional[str]:
+    """The Intel OpenMP library vLLM's CPU build installs beside this interpreter, if there is one."""
+    path = Path(sys.prefix) / "lib" / "libiomp5.so"
+    return str(path) if path.exists() else None
+
+
+def engine_env(cfg: ServeConfig) -> Dict[str, str]:
+    """Environment of the engine's processes (a runtime_env's env_vars)."""
+    if on_gpu(cfg):
+        return {}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
+        # Ray places the engine on a share of the node: its threads stay unbound, as many as its CPUs.
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1)),
+    }
+    preload = iomp_library()
+    if preload:
+        env["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), preload]))
+    return env
+
+
+def engine_bundle(cfg: ServeConfig) -> Dict[str, float]:
+    """The placement-group bundle one engine runs in."""
+    return {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus} if on_gpu(cfg) else {"CPU": cfg.num_cpus}
+
+
+def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
+    """Ray Serve LLM's LLMConfig for `cfg` serving `folder` as `model_id`, and serve.adapters on it (vLLM's LoRA)."""
+    from ray.serve.llm import LLMConfig
+
+    from framework.serve.lora import check_adapters, lora_settings
+
+    kwargs, env, lora = engine_kwargs(cfg), engine_env(cfg), None
+    if cfg.adapters:
+        lora = lora_settings(check_adapters(dict(cfg.adapters), model_id))
+        kwargs.update(enable_lora=True, max_lora_rank=lora["max_rank"], max_loras=lora["max_loras"])
+        env.update(lora["env"])
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": str(folder)},
+        accelerator_config={"kind": "gpu" if on_gpu(cfg) else "cpu"},
+        engine_kwargs=kwargs,
+        placement_group_config={"bundles": [engine_bundle(cfg)]},
+        runtime_env={"env_vars": env},
+        lora_config=lora["config"] if lora is not None else None,
+        deployment_config={
+            # Deployed as "LLMServer:engine", whatever the model id (KubeRay's serveConfigV2 names it).
+            "name": ENGINE_DEPLOYMENT,
+            "autoscaling_config": {
+                "min_replicas": cfg.min_replicas,
+                "initial_replicas": max(cfg.min_replicas, 1),
+                "max_replicas": cfg.max_replicas,
+                "target_ongoing_requests": cfg.target_ongoing_requests,
+            },
+            "max_ongoing_requests": cfg.max_ongoing_requests,
+            # The ingress in front bounds the queue and answers serve.backpressure_status past it.
+            "max_queued_requests": -1,
+            "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
+        },
+        log_engine_metrics=True,
+    )
