@@ -536,21 +536,25 @@ def test_client_that_disconnects_stops_costing(server: str, no_eos: Dict[str, fl
     tokens than its max_tokens."""
     body = {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": CONTEXT // 2, "temperature": 0,
             "stream": True, "logit_bias": no_eos}  # no early end: it would decode all of max_tokens
-    # vLLM observes a request's generated tokens when it ends, aborted or not.
-    count, tokens = "ray_vllm_request_generation_tokens_count", "ray_vllm_request_generation_tokens_sum"
-    before = _scrape()
-    for _ in range(20):  # until every earlier request's end has been exported (Ray exports every few seconds)
+    cancelled, tokens = "ray_llm_cancelled_requests_total", "ray_vllm_generation_tokens_total"
+    assert _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": 2}).status_code == 200
+    before = _scrape_until(lambda m: tokens in m)
+    for _ in range(20):  # until every earlier request's tokens have been exported (Ray exports every few seconds)
         time.sleep(6)
-        now = _scrape()
-        if now.get(count, 0) == before.get(count, 0):
+        now = _scrape_until(lambda m: tokens in m)
+        if now[tokens] == before[tokens]:
             break
         before = now
     with requests.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
                        stream=True, timeout=60) as response:
         next(response.iter_lines())  # the first event: decoding has started
-    after = _scrape_until(lambda m: m.get(count, 0) >= before.get(count, 0) + 1)
-    assert after.get(count, 0) == before.get(count, 0) + 1
-    assert after[tokens] - before.get(tokens, 0) < CONTEXT // 4  # it ended long before its max_tokens
+    after = _scrape_until(lambda m: m.get(cancelled, 0) >= before.get(cancelled, 0) + 1)
+    assert after.get(cancelled, 0) == before.get(cancelled, 0) + 1
+    # Long enough for the whole request to have decoded had it not been aborted; then the engine's count.
+    for _ in range(3):
+        time.sleep(5)
+        latest = _scrape_until(lambda m: tokens in m)
+    assert latest[tokens] - before[tokens] < CONTEXT // 4  # it ended long before its max_tokens
 
 
 def _scrape() -> Dict[str, float]:

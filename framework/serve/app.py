@@ -208,18 +208,26 @@ class Ingress:
 
     async def _events(self, first: Any, outputs: Any) -> AsyncIterator[str]:
         """The SSE strings of a stream; a failure part-way is an OpenAI error event, counted as a failed request."""
-        rid = new_id("req")
+        rid, ended = new_id("req"), False
         try:
             for item in first:
                 yield self._sse(item, rid)
             async for batch in outputs:
                 for item in batch if isinstance(batch, list) else [batch]:
                     yield self._sse(item, rid)
+            ended = True
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
         except Exception:  # noqa: BLE001 - the detail goes to the log, never to the client
             logger.exception("request %s failed while streaming", rid)
             _failed("stream_failed")
+            ended = True
             yield f"data: {json.dumps(routes.internal_error(rid).body())}\n\n"
             yield "data: [DONE]\n\n"
+        finally:
+            if not ended:  # the client went: the engine aborts the request rather than decode it for no one
+                outputs.cancel()
+                self.metrics.cancelled.inc()
 
     def _sse(self, item: Any, rid: str) -> str:
         if isinstance(item, str):

@@ -17,7 +17,8 @@ def ingress_refusals() -> Counter:
 
 
 class IngressMetrics:
-    """One ingress replica's counts of the requests it refused (4xx) and failed (5xx, and streams that failed part-way)."""
+    """One ingress replica's counts of the requests it refused (4xx), failed (5xx, and streams that failed part-way),
+    and streams cancelled by their client."""
 
     def __init__(self) -> None:
         self.refused = Counter("llm_refused_requests", description="Requests refused by the ingress (4xx), by reason.",
@@ -25,6 +26,8 @@ class IngressMetrics:
         self.failed = Counter("llm_failed_requests",
                               description="Requests the server failed to answer (5xx, or a stream that failed part-way), by reason.",
                               tag_keys=("reason",))
+        self.cancelled = Counter("llm_cancelled_requests",
+                                 description="Streams whose client went before their end; the engine aborts them.")
 
     def refusal(self, reason: str) -> None:
         self.refused.inc(tags={"reason": reason})
