@@ -22,9 +22,9 @@ from omegaconf import MISSING, DictConfig
 
 from framework.config import ConfigError, Job, register, require, typed
 from framework.serve.config import ServeConfig, check_model_path, to_serve_config, validate_serve
+from framework.serve.protocol import ROLES
 
 INPUT_SUFFIXES = (".jsonl", ".parquet")
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass

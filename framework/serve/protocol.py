@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
 
@@ -126,8 +126,13 @@ class TextPart(_Request):
     text: StrictStr
 
 
+# The roles a chat message may take (the API's, and batch generation's records).
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+ROLES = get_args(Role)
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Role
     content: Optional[Union[StrictStr, List[TextPart]]] = None
     # No `name`: the chat templates served here do not render a participant's name, so one sent is refused by name.
 

@@ -56,7 +56,7 @@ def check_prompt_size(req: Union[CompletionRequest, ChatCompletionRequest], prom
         param = "prompt"
     chars = sum(len(t) for t in texts) if param == "messages" else max((len(t) for t in texts), default=0)
     if chars > limit:
-        raise _context_exceeded(f"The {param} have {chars} characters: more than {context} tokens, this model's maximum "
+        raise _context_exceeded(f"The {param} {'have' if param == 'messages' else 'has'} {chars} characters: more than {context} tokens, this model's maximum "
                                 f"context length, even at the longest token's {limit // context} characters.", param)
 
 
