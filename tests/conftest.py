@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
@@ -69,9 +70,34 @@ def run_overrides(data_dir: str, storage: str, name: str, **extra: object) -> Li
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[], Any]) -> Any:
+    """`make()`'s JSON-able result, made once for the whole test run however many xdist processes ask for it.
+
+    The README's suite runs on two processes and each session fixture would otherwise be made in each (two
+    preparations of the corpus, six tiny trainings): the first process that asks makes it under a file lock
+    in the run's shared temporary directory; the other waits for it, then reads what was made.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # .../pytest-N/, above every worker's popen-gwK/
+    record = root / f"{name}.json"
+    with FileLock(str(record) + ".lock"):
+        if record.is_file():
+            return json.loads(record.read_text())
+        value = make()
+        record.write_text(json.dumps(value))
+        return value
+
+
+def _by_stage(made: Dict[str, str]) -> Dict[int, str]:
+    return {int(stage): path for stage, path in made.items()}  # JSON's keys are strings
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray cluster for the whole session (2 CPUs, as on CI)."""
+    """One local Ray cluster for the session's process (2 CPUs, as on CI)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -80,14 +106,19 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def prepared_data(tmp_path_factory, ray_session) -> str:
+def prepared_data(tmp_path_factory, request) -> str:
     """The small corpus prepared with a 1k BPE vocabulary and 64-token sequences."""
-    from framework.data.prepare import prepare_shards
-    from framework.train.config import TRAIN
 
-    out = str(tmp_path_factory.mktemp("data") / "small")
-    prepare_shards(TRAIN.from_overrides(prep_overrides(out)).data)
-    return out
+    def make() -> str:
+        from framework.data.prepare import prepare_shards
+        from framework.train.config import TRAIN
+
+        request.getfixturevalue("ray_session")
+        out = str(tmp_path_factory.mktemp("data") / "small")
+        prepare_shards(TRAIN.from_overrides(prep_overrides(out)).data)
+        return out
+
+    return made_once(tmp_path_factory, "prepared_data", make)
 
 
 def prep_overrides(out: str) -> List[str]:
@@ -104,21 +135,27 @@ def prep_overrides(out: str) -> List[str]:
 
 @pytest.fixture(scope="session")
 def run_storage(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("runs"))
+    """Where the session's runs go: one folder for every process, each test naming its own run."""
+    return made_once(tmp_path_factory, "run_storage", lambda: str(tmp_path_factory.mktemp("runs")))
 
 
 @pytest.fixture(scope="session")
-def trained_runs(prepared_data, run_storage, ray_session) -> Dict[int, str]:
+def trained_runs(prepared_data, run_storage, tmp_path_factory, request) -> Dict[int, str]:
     """Run directories of the same 20-step, 2-worker run under ZeRO stages 1, 2 and 3."""
-    from framework.train.config import TRAIN
-    from framework.train.trainer import train
 
-    runs = {}
-    for stage in (1, 2, 3):
-        name = f"zero{stage}"
-        train(TRAIN.from_overrides(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}")))
-        runs[stage] = os.path.join(run_storage, name)
-    return runs
+    def make() -> Dict[int, str]:
+        from framework.train.config import TRAIN
+        from framework.train.trainer import train
+
+        request.getfixturevalue("ray_session")
+        runs = {}
+        for stage in (1, 2, 3):
+            name = f"zero{stage}"
+            train(TRAIN.from_overrides(run_overrides(prepared_data, run_storage, name, deepspeed=f"zero{stage}")))
+            runs[stage] = os.path.join(run_storage, name)
+        return runs
+
+    return _by_stage(made_once(tmp_path_factory, "trained_runs", make))
 
 
 @pytest.fixture(scope="session")
@@ -130,16 +167,21 @@ def trained_checkpoints(trained_runs) -> Dict[int, str]:
 
 
 @pytest.fixture(scope="session")
-def bare_runs(prepared_data, run_storage, ray_session) -> Dict[int, str]:
+def bare_runs(prepared_data, run_storage, tmp_path_factory, request) -> Dict[int, str]:
     """The same 20-step run on one worker without Ray Train (the loop on a bare session, in a Ray task
     so that its process group stays apart from this process), under ZeRO-1 and ZeRO-3."""
-    from framework.train.config import TRAIN
 
-    return {
-        stage: train_bare(ray_session, TRAIN.from_overrides(run_overrides(
-            prepared_data, run_storage, f"bare-zero{stage}", deepspeed=f"zero{stage}", **{"run.num_workers": 1})))[0]
-        for stage in (1, 3)
-    }
+    def make() -> Dict[int, str]:
+        from framework.train.config import TRAIN
+
+        ray = request.getfixturevalue("ray_session")
+        return {
+            stage: train_bare(ray, TRAIN.from_overrides(run_overrides(
+                prepared_data, run_storage, f"bare-zero{stage}", deepspeed=f"zero{stage}", **{"run.num_workers": 1})))[0]
+            for stage in (1, 3)
+        }
+
+    return _by_stage(made_once(tmp_path_factory, "bare_runs", make))
 
 
 def train_bare(ray, cfg) -> tuple:
@@ -157,10 +199,14 @@ def train_bare(ray, cfg) -> tuple:
 @pytest.fixture(scope="session")
 def exports(trained_checkpoints, tmp_path_factory) -> Dict[int, str]:
     """Each ZeRO stage's final checkpoint exported once, as a verified Hugging Face folder."""
-    from framework.export import export_checkpoint
 
-    root = tmp_path_factory.mktemp("export")
-    return {stage: export_checkpoint(path, str(root / f"tiny-zero{stage}")) for stage, path in trained_checkpoints.items()}
+    def make() -> Dict[int, str]:
+        from framework.export import export_checkpoint
+
+        root = tmp_path_factory.mktemp("export")
+        return {stage: export_checkpoint(path, str(root / f"tiny-zero{stage}")) for stage, path in trained_checkpoints.items()}
+
+    return _by_stage(made_once(tmp_path_factory, "exports", make))
 
 
 def copy_run_until(run_dir: str, step: int, target: str) -> None:
