@@ -44,7 +44,7 @@ from framework import storage
 from framework.config import Job, RunError, absolute, register, require, typed
 from framework.hf_folder import DTYPE_NAMES, check_output_dir, quiet_progress_bars, replace_dir, share_permissions
 from framework.hf_folder import max_positions
-from framework.model import DTYPES, PROBE_TEXT, pad_token_id
+from framework.model import PROBE_TEXT, dtype_named, pad_token_id
 from framework.train import checkpoint as ckpt
 
 # Stage 0 keeps the whole model in rank 0's model states; ZeRO-1/2/3 shard it over every rank's optimizer states.
@@ -405,7 +405,7 @@ def export_checkpoint(
     checkpoint, output_dir = validate_export(
         ExportConfig(checkpoint=checkpoint, output_dir=output_dir, runs_dir=None, dtype=dtype, max_shard_size=max_shard_size, adapter=adapter)
     )
-    target_dtype = DTYPES[dtype]
+    target_dtype = dtype_named(dtype)
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)

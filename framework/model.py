@@ -6,14 +6,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import torch
 from omegaconf import MISSING
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from framework.config import ConfigError, last_line, require
 from framework.hf_folder import DTYPE_NAMES, max_positions
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+# torch and transformers are imported where they are used: composing and checking a job's config needs neither
+# (a typo in an override fails in a second, not after the seconds their imports take).
 
 
 @dataclass
@@ -47,6 +52,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 def hf_config(model: ModelConfig, vocab_size: int, special_ids: Dict[str, Optional[int]]) -> PretrainedConfig:
     """The transformers config: the pretrained folder's own, or `arch` + `hf_config` with the tokenizer's vocab."""
+    from transformers import AutoConfig
+
     if model.pretrained_path:
         return AutoConfig.from_pretrained(model.pretrained_path, local_files_only=True)
     return AutoConfig.for_model(model.arch, vocab_size=vocab_size, **special_ids, **model.hf_config)
@@ -54,6 +61,9 @@ def hf_config(model: ModelConfig, vocab_size: int, special_ids: Dict[str, Option
 
 def build_model(model: ModelConfig, config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """The model in fp32 (DeepSpeed casts for mixed precision); the same seed gives the same weights on every rank."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     if model.pretrained_path:
         net = AutoModelForCausalLM.from_pretrained(model.pretrained_path, local_files_only=True, dtype=torch.float32)
@@ -88,14 +98,16 @@ def trainable_params(net: torch.nn.Module) -> Tuple[int, int]:
     return sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters() if p.requires_grad), count_params(net)
 
 
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # framework/hf_folder.py names them
+def dtype_named(name: str) -> torch.dtype:
+    """One of framework/hf_folder.py's DTYPE_NAMES (fp32, bf16, fp16) as a torch dtype."""
+    import torch
+
+    return dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))[name]
 
 
 def torch_dtype(precision: str, on_gpu: bool) -> torch.dtype:
     """A precision name (fp32, bf16, fp16, or auto: bf16 on a GPU, fp32 on the CPU) as a torch dtype."""
-    if precision == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return DTYPES[precision]
+    return dtype_named(("bf16" if on_gpu else "fp32") if precision == "auto" else precision)
 
 
 def pad_token_id(tokenizer: Any) -> Optional[int]:
@@ -131,6 +143,8 @@ def flops_per_token(net: PreTrainedModel, seq_len: int) -> float:
 
 def peak_tflops(override: Optional[float]) -> Optional[float]:
     """Peak TFLOP/s of this worker's GPU, or None on CPU / an unknown GPU (then no MFU is reported)."""
+    import torch
+
     if override:
         return override
     if not torch.cuda.is_available():
@@ -150,7 +164,7 @@ def special_token_ids(tokenizer: Any) -> Dict[str, Optional[int]]:
 
 def check_model_config(model: ModelConfig, seq_len: int) -> PretrainedConfig:
     """The `model` rules a schema cannot express (arch, hf_config keys, a loadable folder, enough positions); gives its transformers config."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if model.pretrained_path is not None or model.arch == "pretrained":
         require(
@@ -181,6 +195,9 @@ def check_lora(lora: LoraConfig, config: PretrainedConfig, name: str) -> None:
     require(0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "expected a probability in [0, 1)")
     targets = list(lora.target_modules)
     require(bool(targets), "model.lora.target_modules", targets, "expected at least one module name (q_proj, v_proj, ...)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config)
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n})
@@ -198,6 +215,8 @@ PROBE_LEN = 32
 
 def probe_ids(tokenizer: Any, config: PretrainedConfig) -> torch.Tensor:
     """Two rows of PROBE_LEN ids: the tokenized PROBE_TEXT (repeated to length) and seeded random ids."""
+    import torch
+
     length = min(PROBE_LEN, max_positions(config) or PROBE_LEN)
     text = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
     row = (text * (length // len(text) + 1))[:length]

@@ -22,7 +22,7 @@ from framework.compress.measure import (
 from framework.compress.methods import METHODS, torchao_version
 from framework.compress.plan import COMPRESS_MARKER, CompressPlan
 from framework.config import RunError
-from framework.model import DTYPES
+from framework.model import dtype_named
 
 
 class CompressError(RunError):
@@ -39,7 +39,7 @@ def quantise(plan: CompressPlan, staged: str) -> int:
 
     c = plan.compress
     config = TorchAoConfig(METHODS.get(c.method).build(c.group_size))
-    model = AutoModelForCausalLM.from_pretrained(plan.source, local_files_only=True, dtype=DTYPES[c.dtype],
+    model = AutoModelForCausalLM.from_pretrained(plan.source, local_files_only=True, dtype=dtype_named(c.dtype),
                                                  device_map=c.device, quantization_config=config)
     model.save_pretrained(staged)
     del model

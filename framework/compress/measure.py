@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from framework.compress.plan import CompressPlan
-from framework.model import DTYPES
+from framework.model import dtype_named
 
 
 @dataclass
@@ -44,7 +44,7 @@ def score(folder: Path, plan: CompressPlan) -> Figures:
     c = plan.compress
     manifest = read_manifest(plan.data_dir)
     rows = len(evaluation_rows(manifest["splits"]["validation"]["rows"], c.eval_rows, manifest["seed"]))
-    scored = evaluate_folder(str(folder), plan.data_dir, c.eval_rows, c.micro_batch, c.device, DTYPES[c.dtype])
+    scored = evaluate_folder(str(folder), plan.data_dir, c.eval_rows, c.micro_batch, c.device, dtype_named(c.dtype))
     return Figures(weights_bytes(folder), scored["val/loss"], scored["val/perplexity"], rows)
 
 
@@ -81,7 +81,7 @@ def time_decode(folder: Path, plan: CompressPlan, figures: Figures) -> Figures:
 
     c = plan.compress
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[c.dtype]).to(c.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype_named(c.dtype)).to(c.device).eval()
     figures.tokens, figures.decode_seconds = _greedy(model, tokenizer, fixed_prompts(c.prompts), c.max_tokens, c.device)
     return figures
 
