@@ -330,6 +330,28 @@ def test_completion_logprobs_and_echo_equal_transformers_log_softmax(server: str
     assert max(lp.top_logprobs[0].values()) == pytest.approx(first, abs=1e-4)
 
 
+def test_prompts_scored_beside_other_requests_on_a_lora_server_are_scored_as_alone(server: str, no_eos: Dict[str, float]) -> None:
+    """vLLM 0.29's CPU LoRA kernels fail a batch that mixes a prompt being scored with other requests (the engine
+    dies); the ingress runs a scoring request alone (framework/serve/gate.py): every request of a mixed burst is
+    served, and each score is the one the prompt gets on its own."""
+    prompts = ["def wrap(text, width):", "import os\nimport sys\n", "class Template:", "x = [i for i in range(3)]"]
+    alone = [_post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": p, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+             for p in prompts]
+    bodies = []
+    for i, p in enumerate(prompts):
+        bodies.append({"model": MODEL_NAME, "prompt": p, "max_tokens": 0, "echo": True, "logprobs": 0})
+        bodies.append({"model": ADAPTERS[i % 2] if i % 3 else MODEL_NAME, "prompt": p, "max_tokens": 24, "logit_bias": no_eos})
+    results = asyncio.run(_concurrently(server, "/v1/completions", bodies))
+    assert [status for status, _ in results] == [200] * len(bodies), results
+    for i in range(len(prompts)):
+        got, want = results[2 * i][1]["choices"][0]["logprobs"], alone[i]["choices"][0]["logprobs"]
+        assert got["tokens"] == want["tokens"]
+        assert got["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], abs=1e-4)
+    assert _post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 0,
+                                             "n": 2}).status_code == 400
+    assert requests.get(server + "/health", timeout=60).status_code == 200
+
+
 def test_chat_logprobs_carry_top_logprobs(server: str) -> None:
     chat = _client(server).chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from framework.config import ConfigError
 from framework.hf_folder import default_model_id
 from framework.serve import routes
+from framework.serve.gate import ExclusiveGate
 from framework.serve.config import ServeConfig, check_model_path, compose_serve_config, to_serve_config
 from framework.serve.ingress import HEALTH_ROUTE, IngressChecks, IngressPolicy, ingress_environment, read_api_key
 from framework.serve.protocol import (
@@ -184,6 +185,8 @@ class Ingress:
         self.stream = llm.options(stream=True)
         # An adapter's requests go to replicas by Serve's multiplexing (a replica keeps the adapters it loaded).
         self.adapter_streams = {a: llm.options(stream=True, multiplexed_model_id=a) for a in self.adapters}
+        # A CPU engine with LoRA must score a prompt alone (framework/serve/gate.py); None: no gate needed.
+        self.gate = ExclusiveGate() if self.adapters and cfg.num_gpus == 0 else None
 
     def _check_model(self, model: str) -> None:
         if model != self.model_id and model not in self.adapter_streams:
@@ -206,8 +209,9 @@ class Ingress:
             raise _engine_error(item)
         return first
 
-    async def _events(self, first: Any, outputs: Any) -> AsyncIterator[str]:
-        """The SSE strings of a stream; a failure part-way is an OpenAI error event, counted as a failed request."""
+    async def _events(self, first: Any, outputs: Any, release: Any = None) -> AsyncIterator[str]:
+        """The SSE strings of a stream; a failure part-way is an OpenAI error event, counted as a failed request.
+        `release` (a coroutine function) is awaited once the stream ends, however it ends."""
         rid, ended = new_id("req"), False
         try:
             for item in first:
@@ -228,6 +232,8 @@ class Ingress:
             if not ended:  # the client went: the engine aborts the request rather than decode it for no one
                 outputs.cancel()
                 self.metrics.cancelled.inc()
+            if release is not None:
+                await release()
 
     def _sse(self, item: Any, rid: str) -> str:
         if isinstance(item, str):
@@ -259,6 +265,32 @@ class Ingress:
         routes.check_prompt_size(body, self.prompts, self.context)
         request = await asyncio.to_thread(routes.completion_request, body, self.prompts, self.default_max_tokens, self.context,
                                           self.vocab_size)
+        scores_prompt = bool(body.echo) and body.logprobs is not None
+        if self.gate is not None and scores_prompt and (body.n or 1) > 1:
+            raise APIError(400, "echo with logprobs takes n=1 on this server (a CPU engine with LoRA adapters scores a "
+                                "prompt alone)", param="n", code="invalid_value")
+        return await self._gated(scores_prompt, lambda release: self._completion(body, request, release))
+
+    async def _gated(self, exclusive: bool, respond: Any):  # noqa: ANN202 - the route's response
+        """`respond(release)` inside the gate (framework/serve/gate.py), when this server has one: a stream leaves it
+        when it ends (its generator awaits `release`), any other response when it is made."""
+        if self.gate is None:
+            return await respond(None)
+        await self.gate.enter(exclusive)
+
+        async def release() -> None:
+            await self.gate.leave(exclusive)
+
+        try:
+            response = await respond(release)
+        except BaseException:
+            await release()
+            raise
+        if not isinstance(response, StreamingResponse):
+            await release()
+        return response
+
+    async def _completion(self, body: CompletionRequest, request: Dict[str, Any], release: Any = None):  # noqa: ANN202
         outputs = await self._engine(request)
         first = await self._first(outputs)
         if not body.stream:
@@ -269,19 +301,22 @@ class Ingress:
                 usage = response["usage"]
                 usage.update(completion_tokens=0, total_tokens=usage["prompt_tokens"])
             return JSONResponse(response)
-        return StreamingResponse(self._events(first, outputs), media_type="text/event-stream")
+        return StreamingResponse(self._events(first, outputs, release), media_type="text/event-stream")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):  # noqa: ANN201
         self._check_model(body.model)
         routes.check_prompt_size(body, self.prompts, self.context)
         request = await asyncio.to_thread(routes.chat_request, body, self.prompts, self.default_max_tokens, self.context)
+        return await self._gated(False, lambda release: self._chat(body, request, release))
+
+    async def _chat(self, body: ChatCompletionRequest, request: Dict[str, Any], release: Any = None):  # noqa: ANN202
         outputs = await self._engine(request)
         first = await self._first(outputs)
         shaper = routes.ChatShaper(self.prompts, new_id("chatcmpl"), now(), body.model, body.top_logprobs or 0)
         if not body.stream:
             return JSONResponse(shaper.response(first.model_dump(mode="json")).model_dump(mode="json"))
-        return StreamingResponse(shaper.events(body.n, self._events(first, outputs)), media_type="text/event-stream")
+        return StreamingResponse(shaper.events(body.n, self._events(first, outputs, release)), media_type="text/event-stream")
 
 
 # ---------------------------------------------------------------------------------------------
