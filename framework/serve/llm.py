@@ -2,24 +2,20 @@
 
 One place for the mapping, so that serving (framework/serve/app.py) and batch generation
 (framework/serve/generate.py) run the same engine on the same folder. vLLM runs on the replica's
-placement-group bundle: `num_cpus` CPUs (its OpenMP threads, unbound, since Ray shares the node) or
-`num_gpus` GPUs. On CPU the KV cache gets `kv_cache_gib` of memory (left to itself vLLM's CPU build
-takes most of the node's), and Intel's OpenMP (`libiomp5`, installed with vLLM's CPU build) is preloaded
-into the engine's processes, as vLLM asks.
+placement-group bundle: `num_cpus` CPUs or `num_gpus` GPUs; on CPU with `kv_cache_gib` of KV cache and the
+environment framework/vllm_env.py gives every engine of the project.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from framework.serve.config import ServeConfig
+from framework.vllm_env import cpu_engine_env
+from framework.vllm_env import vllm_dtype as named_vllm_dtype
 
 ENGINE_DEPLOYMENT = "engine"
-# vLLM's dtype names for the project's.
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def on_gpu(cfg: ServeConfig) -> bool:
@@ -27,10 +23,8 @@ def on_gpu(cfg: ServeConfig) -> bool:
 
 
 def vllm_dtype(cfg: ServeConfig) -> str:
-    """serve.dtype as vLLM names it; auto is bf16 on a GPU, fp32 on a CPU (not the folder's own dtype, as vLLM's auto)."""
-    if cfg.dtype == "auto":
-        return "bfloat16" if on_gpu(cfg) else "float32"
-    return VLLM_DTYPES[cfg.dtype]
+    """serve.dtype as vLLM names it (auto: bf16 on a GPU, fp32 on a CPU)."""
+    return named_vllm_dtype(cfg.dtype, on_gpu(cfg))
 
 
 def engine_kwargs(cfg: ServeConfig) -> Dict[str, Any]:
@@ -68,26 +62,9 @@ def engine_cli(cfg: ServeConfig) -> list:
     return flags
 
 
-def iomp_library() -> Optional[str]:
-    """The Intel OpenMP library vLLM's CPU build installs beside this interpreter, if there is one."""
-    path = Path(sys.prefix) / "lib" / "libiomp5.so"
-    return str(path) if path.exists() else None
-
-
 def engine_env(cfg: ServeConfig) -> Dict[str, str]:
     """Environment of the engine's processes (a runtime_env's env_vars)."""
-    if on_gpu(cfg):
-        return {}
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
-        # Ray places the engine on a share of the node: its threads stay unbound, as many as its CPUs.
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1)),
-    }
-    preload = iomp_library()
-    if preload:
-        env["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), preload]))
-    return env
+    return {} if on_gpu(cfg) else cpu_engine_env(cfg.num_cpus, cfg.kv_cache_gib)
 
 
 def engine_bundle(cfg: ServeConfig) -> Dict[str, float]:
