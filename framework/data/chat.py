@@ -96,13 +96,13 @@ def conversation(record: Any, source: Any) -> List[Dict[str, Any]]:
         return [{"role": "user", "content": record[source.prompt]}, {"role": "assistant", "content": record[source.completion]}]
     if source.field not in record:
         raise BadRecord("missing_field", f"no {source.field!r} key")
-    messages = _messages(record[source.field], source.field)
+    messages = checked_messages(record[source.field], source.field)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no_assistant", "no assistant message")
     return messages
 
 
-def _messages(raw: Any, key: str) -> List[Dict[str, Any]]:
+def checked_messages(raw: Any, key: str) -> List[Dict[str, Any]]:
     """The messages under `key` of a record, checked: a non-empty list of {role, content} with known roles and text."""
     if not isinstance(raw, list) or not raw:
         raise BadRecord("malformed", f"{key!r} is not a non-empty list of messages")
@@ -135,11 +135,11 @@ def preference_pair(record: Any, source: Any) -> Pair:
         if key not in record:
             raise BadRecord("missing_field", f"no {key!r} key")
     prompt = record[source.prompt]
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, source.prompt)
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else checked_messages(prompt, source.prompt)
     responses = []
     for key in (source.chosen, source.rejected):
         raw = record[key]
-        messages = [{"role": "assistant", "content": raw}] if isinstance(raw, str) else _messages(raw, key)
+        messages = [{"role": "assistant", "content": raw}] if isinstance(raw, str) else checked_messages(raw, key)
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRecord("no_assistant", f"{key!r} holds no assistant message")
         responses.append(messages)
@@ -196,14 +196,16 @@ class ChatRenderer:
         self.special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self._blank: Dict[int, bool] = {}
 
-    def _apply(self, messages: Sequence[Dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False)
+    def _apply(self, messages: Sequence[Dict[str, Any]], generation: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=generation)
 
-    def _split(self, messages: List[Dict[str, Any]]) -> tuple:
-        """(template pieces, the contents between them in order as message indices, the contents' text)."""
+    def _split(self, messages: List[Dict[str, Any]], generation: bool = False) -> tuple:
+        """(template pieces, the contents between them in order as message indices, the contents' text); with
+        `generation`, the last piece ends with the template's generation prompt (the assistant's turn opening)."""
         try:
-            text = self._apply([{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)])
-            real = self._apply(messages)
+            text = self._apply([{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)], generation)
+            real = self._apply(messages, generation)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception or any fault of its own, per record
             raise BadRecord("template_refused", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         parts = _SENTINELS.split(text)
@@ -276,6 +278,19 @@ class ChatRenderer:
                 out.append(bad)
         return out
 
+    def render_prompt(self, messages: List[Dict[str, Any]]) -> np.ndarray:
+        """A prompt's ids: its messages rendered with the generation prompt after them, the template's pieces as
+        control tokens and the contents as text; raises BadRecord (too_long past data.seq_len)."""
+        pieces, order, contents = self._split(messages, generation=True)
+        tokens = self._tokenize(list(pieces), split_special=False)
+        texts = self._tokenize(list(contents), split_special=True)
+        ids: List[int] = list(tokens[0])
+        for i, piece in zip(order, tokens[1:]):
+            ids += texts[i] + piece
+        if len(ids) > self.seq_len:
+            raise BadRecord("too_long", f"{len(ids)} tokens, data.seq_len={self.seq_len}")
+        return np.asarray(ids, dtype=np.int32)
+
     def _tokenize(self, texts: List[str], split_special: bool) -> List[List[int]]:
         if not texts:
             return []
@@ -320,4 +335,5 @@ def bad_summary(bad: Dict[str, Dict[str, Any]]) -> str:
     return f"{total} bad record{'s' if total != 1 else ''}: {', '.join(parts)}" if total else "no bad records"
 
 
-__all__ = ["BAD_REASONS", "ROLES", "BadRecord", "ChatRenderer", "Pair", "Rendered", "bad_summary", "chat_template", "conversation", "preference_pair"]
+__all__ = ["BAD_REASONS", "ROLES", "BadRecord", "ChatRenderer", "Pair", "Rendered", "bad_summary", "chat_template", "checked_messages", "conversation",
+           "preference_pair"]

@@ -11,12 +11,15 @@ from omegaconf import MISSING
 
 from framework.config import require
 
-FORMATS = ("text", "jsonl", "parquet", "chat", "prompt_completion", "preference")
+FORMATS = ("text", "jsonl", "parquet", "chat", "prompt_completion", "preference", "prompts")
 # Formats whose records are conversations, rendered with a chat template, with targets on the assistant's tokens.
 CHAT_FORMATS = ("chat", "prompt_completion", "preference")
 # Preference pairs (TRL's shape: a prompt, a chosen and a rejected response), for preference losses (experiment=dpo):
 # both responses rendered after the prompt, packed side by side in one row (framework/data/chat.py, shards.py).
 PREFERENCE_FORMATS = ("preference",)
+# Prompts with answers for reinforcement learning (experiment=grpo): a prompt (text or messages) and the fields its
+# rewards read, rendered with the chat template and its generation prompt (framework/data/prompts.py).
+PROMPT_FORMATS = ("prompts",)
 # How rows are packed: `plain` rows carry no document boundaries (documents attend to each other, positions run
 # on); `documents` rows store where each document starts: positions restart there and attention stays inside it.
 PACKING = ("plain", "documents")
@@ -108,11 +111,16 @@ def check_data(data: DataConfig) -> None:
             f"(chat formats: {', '.join(CHAT_FORMATS)}); prepare the two kinds under separate data.name",
         )
         require(
+            (source.format in PROMPT_FORMATS) == is_prompts(data), f"{key}.format", source.format,
+            f"a data set is either prompts (for experiment=grpo) or training text: data.sources.0.format={data.sources[0].format}; "
+            "prepare the two kinds under separate data.name",
+        )
+        require(
             (source.format in PREFERENCE_FORMATS) == is_preference(data), f"{key}.format", source.format,
             f"a data set is either preference pairs or conversations: data.sources.0.format={data.sources[0].format}; "
             "prepare the two kinds under separate data.name",
         )
-        for name, formats in (("prompt", ("prompt_completion", "preference")), ("completion", ("prompt_completion",)),
+        for name, formats in (("prompt", ("prompt_completion", "preference", "prompts")), ("completion", ("prompt_completion",)),
                               ("chosen", PREFERENCE_FORMATS), ("rejected", PREFERENCE_FORMATS)):
             value = getattr(source, name)
             require(
@@ -152,6 +160,9 @@ def check_data(data: DataConfig) -> None:
                 "preference pairs need data.packing=documents: the loss sums each response's log-probs by its segment",
             )
     else:
+        if is_prompts(data):
+            require(data.tokenizer.path is not None, "data.tokenizer.path", None,
+                    "prompts are rendered with the policy model's own tokenizer and chat template: expected its folder")
         for name in ("train_on_prompt", "assistant_turns", "overlong"):
             value = getattr(data, name)
             require(
@@ -167,6 +178,11 @@ SOURCE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SourceConfig)}
 def is_preference(data: DataConfig) -> bool:
     """Whether the data set is preference pairs (a prompt, a chosen and a rejected response)."""
     return bool(data.sources) and data.sources[0].format in PREFERENCE_FORMATS
+
+
+def is_prompts(data: DataConfig) -> bool:
+    """Whether the data set is prompts with answers (for reinforcement learning) rather than text to train on."""
+    return bool(data.sources) and data.sources[0].format in PROMPT_FORMATS
 
 
 def is_chat(data: DataConfig) -> bool:

@@ -25,9 +25,10 @@ from framework import storage
 from framework.cluster import connect
 from framework.config import ConfigError, absolute
 from framework.data.chat import BAD_REASONS, BadRecord, ChatRenderer, bad_summary, chat_template, conversation_contents, conversation_text
-from framework.data.config import DataConfig, is_chat, is_preference
+from framework.data.config import DataConfig, is_chat, is_preference, is_prompts
+from framework.data.prompts import prompt_text, prompts_table
 from framework.data.shards import (
-    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, PAIRS_COLUMN, PREP_MARKER, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS,
+    COLUMN, MANIFEST, MANIFEST_FORMAT, MASK_COLUMN, PAIRS_COLUMN, PREP_MARKER, PROMPT_COLUMNS, ROW_GROUP_ROWS, SEGMENTS_COLUMN, SPLITS,
     TOKENIZER_DIR, check_prep_dir, directory_sha256, fingerprint, pack_conversations, pack_sequences, rows_to_table,
     stream_segment_starts, write_shard,
 )
@@ -49,6 +50,8 @@ def tokenize_and_pack(task_index: int, parts: List[SourcePart], tokenizer: Any, 
     """Tokenise one group of source slices and write one shard per split; returns the counts per split."""
     if is_chat(data):
         return _pack_chat(task_index, parts, tokenizer, data, output_dir)
+    if is_prompts(data):
+        return _pack_prompts(task_index, parts, tokenizer, data, output_dir)
     documents: Dict[str, List[tuple[bytes, str]]] = {split: [] for split in SPLITS}
     empty = 0
     for part in parts:
@@ -80,6 +83,42 @@ def _write(task_index: int, split: str, rows: np.ndarray, mask: Any, starts: Any
     table = rows_to_table(rows, mask, starts, mask_column=PAIRS_COLUMN if is_preference(data) else MASK_COLUMN)
     sha = write_shard(table, storage.join(output_dir, file)) if len(rows) else None
     return {"file": file, "rows": len(rows), "sha256": sha}
+
+
+def _pack_prompts(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
+    """Prompts with answers: each record one row (its rendered prompt, the prompt as given, its other fields), not packed."""
+    records: Dict[str, List[tuple]] = {split: [] for split in SPLITS}
+    bad: Dict[str, Dict[str, Any]] = {}
+
+    def count(record: BadRecord) -> None:
+        bad.setdefault(record.reason, {"count": 0, "example": record.detail})["count"] += 1
+
+    for part in parts:
+        for offset, item in read_conversations(part):
+            if isinstance(item, BadRecord):
+                count(item)
+                continue
+            key = document_key(prompt_text(item))
+            records[split_of(key, data.val_fraction)].append((key, item, f"{part.file.path} at byte {offset}"))
+    renderer = ChatRenderer(tokenizer, data)
+    counts: Dict[str, Any] = {}
+    for split, items in records.items():
+        items.sort(key=lambda r: r[0])
+        kept, ids = [], []
+        for _, record, where in items:
+            try:
+                ids.append(renderer.render_prompt(record.messages))
+                kept.append(record)
+            except BadRecord as b:
+                count(BadRecord(b.reason, f"{b.detail} ({where})"))
+        order = np.random.default_rng([data.seed, task_index]).permutation(len(kept))
+        file = f"{split}/part-{task_index:05d}.parquet"
+        table = prompts_table([ids[i] for i in order], [kept[i] for i in order])
+        sha = write_shard(table, storage.join(output_dir, file)) if kept else None
+        counts[split] = {"file": file, "rows": len(kept), "sha256": sha, "documents": len(kept), "dropped_tokens": 0,
+                         "tokens": int(sum(len(i) for i in ids))}
+    counts.update(empty_documents=0, bad_records=bad, truncated_records=0)
+    return counts
 
 
 def _pack_chat(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
@@ -179,7 +218,7 @@ def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[
     tokenizer = load_tokenizer(data.tokenizer.path) if data.tokenizer.path else train_bpe_tokenizer(train_texts(files, data), data.tokenizer)
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the shards' tokenizer: checkpoints, exports and serving use it
-    if is_chat(data):
+    if is_chat(data) or is_prompts(data):
         chat_template(tokenizer, data)  # a tokenizer without a template fails here, in one line, before any task
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -195,14 +234,15 @@ def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[
             done, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(done[0])] = ray.get(done[0])
             bar.update(1)
-            if is_chat(data):
+            if is_chat(data) or is_prompts(data):
                 bar.set_postfix_str(bad_summary(merge_bad([r["bad_records"] for r in results.values()])), refresh=True)
 
     manifest = build_manifest(data, tokenizer, tokenizer_sha, files, shas, [results[t] for t in sorted(results)])
     for split in SPLITS:
         s = manifest["splits"][split]
         targets = f", {s['target_tokens']:,} of them targets" if "target_tokens" in s else ""
-        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} {'pairs' if is_preference(data) else 'documents'}")
+        kind = "pairs" if is_preference(data) else "prompts" if is_prompts(data) else "documents"
+        print(f"prep: {split}: {s['rows']} rows, {s['tokens']:,} tokens{targets} from {s['documents']} {kind}")
     if manifest["empty_documents"]:
         print(f"prep: {manifest['empty_documents']} empty documents skipped")
     if "bad_records" in manifest:
@@ -232,14 +272,15 @@ def check_splits(manifest: Dict[str, Any], data: DataConfig) -> None:
 def build_manifest(
     data: DataConfig, tokenizer: Any, tokenizer_sha: str, files: List[SourceFile], shas: List[str], counts: List[Dict[str, Any]]
 ) -> Dict[str, Any]:
-    chat = is_chat(data)
+    chat, prompts = is_chat(data), is_prompts(data)
     splits = {}
     for split in SPLITS:
         shards = [{"file": c[split]["file"], "rows": c[split]["rows"], "sha256": c[split]["sha256"]} for c in counts if c[split]["rows"]]
         rows = sum(s["rows"] for s in shards)
         splits[split] = {
             "rows": rows,
-            "tokens": rows * data.seq_len,
+            # Prompts are rows of their own length; every other row is seq_len tokens.
+            "tokens": sum(c[split]["tokens"] for c in counts) if prompts else rows * data.seq_len,
             "documents": sum(c[split]["documents"] for c in counts),
             "dropped_tokens": sum(c[split]["dropped_tokens"] for c in counts),
             "shards": shards,
@@ -254,7 +295,7 @@ def build_manifest(
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "seq_len": data.seq_len,
-        "columns": [COLUMN] + ([(PAIRS_COLUMN if is_preference(data) else MASK_COLUMN)] if chat else [])
+        "columns": list(PROMPT_COLUMNS) if prompts else [COLUMN] + ([(PAIRS_COLUMN if is_preference(data) else MASK_COLUMN)] if chat else [])
                    + ([SEGMENTS_COLUMN] if data.packing == "documents" else []),
         "packing": data.packing,
         "row_group_rows": ROW_GROUP_ROWS,
@@ -265,11 +306,12 @@ def build_manifest(
         "sources": [
             {"path": f.path, "sha256": sha, "format": f.format, "field": f.field, "split_on": f.split_on, "bytes": os.path.getsize(f.path),
              **({"prompt": f.prompt, "completion": f.completion} if f.format == "prompt_completion" else {}),
-             **({"prompt": f.prompt, "chosen": f.chosen, "rejected": f.rejected} if f.format == "preference" else {})}
+             **({"prompt": f.prompt, "chosen": f.chosen, "rejected": f.rejected} if f.format == "preference" else {}),
+             **({"prompt": f.prompt} if f.format == "prompts" else {})}
             for f, sha in zip(files, shas)
         ],
     }
-    if chat:
+    if chat or prompts:
         manifest["bad_records"] = merge_bad([c["bad_records"] for c in counts])
         manifest["truncated_records"] = sum(c["truncated_records"] for c in counts)
     manifest["fingerprint"] = fingerprint(manifest)

@@ -44,6 +44,9 @@ MASK_COLUMN = "loss_mask"
 # Preference pairs: 1 on the chosen response's targets, 2 on the rejected's, 0 elsewhere (in place of loss_mask).
 PAIRS_COLUMN = "pair_mask"
 SEGMENTS_COLUMN = "segment_starts"
+# Prompts with answers (framework/data/prompts.py): a row per prompt, of its own length, in place of the columns above.
+PROMPT_IDS, PROMPT, RECORD = "prompt_ids", "prompt", "record"
+PROMPT_COLUMNS = (PROMPT_IDS, PROMPT, RECORD)
 ROW_GROUP_ROWS = 1024
 
 

@@ -211,12 +211,13 @@ def _jsonl_documents(part: SourcePart) -> Iterator[Tuple[int, str]]:
 
 def read_conversations(part: SourcePart) -> Iterator[Tuple[int, Any]]:
     """Yield (byte offset, messages) for each record of a chat or prompt_completion slice (a `chat.Pair` for each of a
-    preference slice); a record that is not a
+    preference slice, a `prompts.PromptRecord` of a prompts slice); a record that is not a
     conversation yields a `chat.BadRecord` naming its reason instead (prep counts them; none is skipped silently)."""
     from framework.data.chat import BadRecord, conversation, preference_pair
+    from framework.data.prompts import prompt_record
 
     source = part.file
-    parse = preference_pair if source.format == "preference" else conversation
+    parse = {"preference": preference_pair, "prompts": prompt_record}.get(source.format, conversation)
     for offset, record in _jsonl_records(part):
         where = f"{source.path} at byte {offset}"
         if isinstance(record, ValueError):

@@ -23,7 +23,7 @@ import torch
 
 from framework import storage
 from framework.data.sampler import Blocks, SampleOrder, worker_slice
-from framework.data.shards import COLUMN, MASK_COLUMN, PAIRS_COLUMN, SEGMENTS_COLUMN, position_ids, shard_uris
+from framework.data.shards import COLUMN, MASK_COLUMN, PAIRS_COLUMN, PROMPT_COLUMNS, SEGMENTS_COLUMN, position_ids, shard_uris
 
 # Labels the loss ignores (transformers' convention): tokens that are not targets.
 IGNORE_INDEX = -100
@@ -58,7 +58,7 @@ class ShardReader:
     def __init__(self, data_dir: str, manifest: Dict[str, Any], split: str, cache_groups: int) -> None:
         self.blocks = split_blocks(manifest, split)
         self.uris = shard_uris(data_dir, manifest, split)
-        self.columns = [c for c in (COLUMN, MASK_COLUMN, PAIRS_COLUMN, SEGMENTS_COLUMN) if c in manifest.get("columns", [COLUMN])]
+        self.columns = [c for c in (COLUMN, MASK_COLUMN, PAIRS_COLUMN, SEGMENTS_COLUMN, *PROMPT_COLUMNS) if c in manifest.get("columns", [COLUMN])]
         self.seq_len = manifest["seq_len"]
         per_group = manifest["row_group_rows"]
         # Block b → (shard, row group in the shard).
@@ -91,6 +91,11 @@ class ShardReader:
             if name == SEGMENTS_COLUMN:  # a list per row: decoded once per row group into position ids
                 offsets = column.offsets.to_numpy()
                 arrays[POSITIONS] = position_ids(column.flatten().to_numpy(), offsets - offsets[0], self.seq_len)
+            elif name in PROMPT_COLUMNS:  # prompts: a row of its own length, and JSON text
+                values = np.empty(len(column), dtype=object)
+                for i, value in enumerate(column.to_pylist()):
+                    values[i] = value
+                arrays[name] = values
             else:
                 arrays[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
         self.counts.groups += 1
@@ -111,7 +116,7 @@ class ShardReader:
             local = rows[picked] - self.blocks.starts[block]
             for name, values in arrays.items():
                 if name not in out:
-                    out[name] = np.empty((len(rows), values.shape[1]), dtype=values.dtype)
+                    out[name] = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
                 out[name][picked] = values[local]
         self.counts.rows_served += len(rows)
         return out

@@ -18,7 +18,7 @@ import numpy as np
 from framework import storage
 from framework.config import ConfigError, absolute
 from framework.data.sampler import evaluation_rows
-from framework.data.shards import PAIRS_COLUMN, read_manifest
+from framework.data.shards import PAIRS_COLUMN, PROMPT_IDS, read_manifest
 from framework.train.config import TrainRoot, validate
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
@@ -61,6 +61,12 @@ def check_shards(cfg: TrainRoot, manifest: Dict[str, Any]) -> None:
         raise ConfigError(
             f"data.seq_len={data.seq_len}: the shards in {data.output_dir} were packed with "
             f"seq_len={manifest['seq_len']}; re-run prep or set data.seq_len={manifest['seq_len']}"
+        )
+    if PROMPT_IDS in manifest["columns"]:
+        raise ConfigError(
+            f"data.output_dir={data.output_dir}: the shards hold prompts with answers (data=prompts), the data of "
+            "reinforcement learning (experiment=grpo, whose training loop is not in this version yet); "
+            "token and preference losses train on data=stdlib, chat or preference shards"
         )
     pairs = PAIRS_COLUMN in manifest["columns"]
     if pairs != (cfg.post is not None):
