@@ -85,32 +85,41 @@ def _write(task_index: int, split: str, rows: np.ndarray, mask: Any, starts: Any
     return {"file": file, "rows": len(rows), "sha256": sha}
 
 
-def _pack_prompts(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
-    """Prompts with answers: each record one row (its rendered prompt, the prompt as given, its other fields), not packed."""
+def _count_bad(bad: Dict[str, Dict[str, Any]], record: BadRecord) -> None:
+    """Count a bad record under its reason; the first of each reason is the manifest's example."""
+    bad.setdefault(record.reason, {"count": 0, "example": record.detail})["count"] += 1
+
+
+def _split_records(parts: List[SourcePart], data: DataConfig, known_by: Any) -> tuple:
+    """({split: [(content key, record, where it is)], sorted by key: a content-keyed shuffle}, bad records counted):
+    the records of a group of chat, preference or prompts slices, each in the split its content (`known_by`) hashes to."""
     records: Dict[str, List[tuple]] = {split: [] for split in SPLITS}
     bad: Dict[str, Dict[str, Any]] = {}
-
-    def count(record: BadRecord) -> None:
-        bad.setdefault(record.reason, {"count": 0, "example": record.detail})["count"] += 1
-
     for part in parts:
         for offset, item in read_conversations(part):
             if isinstance(item, BadRecord):
-                count(item)
+                _count_bad(bad, item)
                 continue
-            key = document_key(prompt_text(item))
+            key = document_key(known_by(item))
             records[split_of(key, data.val_fraction)].append((key, item, f"{part.file.path} at byte {offset}"))
+    for items in records.values():
+        items.sort(key=lambda r: r[0])
+    return records, bad
+
+
+def _pack_prompts(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
+    """Prompts with answers: each record one row (its rendered prompt, the prompt as given, its other fields), not packed."""
+    records, bad = _split_records(parts, data, prompt_text)
     renderer = ChatRenderer(tokenizer, data)
     counts: Dict[str, Any] = {}
     for split, items in records.items():
-        items.sort(key=lambda r: r[0])
         kept, ids = [], []
         for _, record, where in items:
             try:
                 ids.append(renderer.render_prompt(record.messages))
                 kept.append(record)
             except BadRecord as b:
-                count(BadRecord(b.reason, f"{b.detail} ({where})"))
+                _count_bad(bad, BadRecord(b.reason, f"{b.detail} ({where})"))
         order = np.random.default_rng([data.seed, task_index]).permutation(len(kept))
         file = f"{split}/part-{task_index:05d}.parquet"
         table = prompts_table([ids[i] for i in order], [kept[i] for i in order])
@@ -123,30 +132,16 @@ def _pack_prompts(task_index: int, parts: List[SourcePart], tokenizer: Any, data
 
 def _pack_chat(task_index: int, parts: List[SourcePart], tokenizer: Any, data: DataConfig, output_dir: str) -> Dict[str, Any]:
     """The chat counterpart of tokenize_and_pack: conversations rendered with their loss masks, packed whole."""
-    documents: Dict[str, List[tuple]] = {split: [] for split in SPLITS}
-    bad: Dict[str, Dict[str, Any]] = {}
-
-    def count(record: BadRecord) -> None:
-        entry = bad.setdefault(record.reason, {"count": 0, "example": record.detail})
-        entry["count"] += 1
-
-    for part in parts:
-        for offset, item in read_conversations(part):
-            if isinstance(item, BadRecord):
-                count(item)
-                continue
-            key = document_key(conversation_text(item))
-            documents[split_of(key, data.val_fraction)].append((key, item, f"{part.file.path} at byte {offset}"))
+    documents, bad = _split_records(parts, data, conversation_text)
     renderer = ChatRenderer(tokenizer, data)
     counts: Dict[str, Any] = {}
     truncated = 0
     render = renderer.render_pairs if is_preference(data) else renderer.render
     for split, docs in documents.items():
-        docs.sort(key=lambda d: d[0])
         kept = []
         for rendered, (_, _, where) in zip(render([messages for _, messages, _ in docs]), docs):
             if isinstance(rendered, BadRecord):
-                count(BadRecord(rendered.reason, f"{rendered.detail} ({where})"))
+                _count_bad(bad, BadRecord(rendered.reason, f"{rendered.detail} ({where})"))
             else:
                 # A preference pair: its rejected conversation is a second segment of the same document.
                 kept.append((rendered.ids, rendered.mask) if rendered.second is None else (rendered.ids, rendered.mask, rendered.second))
