@@ -3,7 +3,7 @@
 A record is a JSON object with a prompt under `data.sources.N.prompt` (text: one user turn; or a list of messages in
 the OpenAI shape) and any other fields, the ground truth its rewards read (`answer`, test cases, ...; conf/reward/).
 The prompt is rendered with the chat template and the generation prompt (`<|im_start|>assistant\\n`), its message
-text tokenised as text (a user cannot type a control token: framework/data/chat.py), and kept whole: a prompt longer
+text tokenised as chat sources' is (framework/data/chat.py: ChatRenderer), and kept whole: a prompt longer
 than `data.seq_len` is a bad record (`too_long`), counted like every bad record.
 
 A shard row holds the rendered prompt's ids (`prompt_ids`, any length up to seq_len), the prompt as given (`prompt`,

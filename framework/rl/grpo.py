@@ -22,7 +22,7 @@ divides summed losses by summed units: tokens, or completions).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
@@ -96,29 +96,3 @@ def loss_sum(losses: TokenLosses, mask: torch.Tensor, normalization: str) -> tor
 def units(mask: torch.Tensor, normalization: str) -> float:
     """What the step's loss is a mean over: completion tokens, or completions."""
     return float(mask.sum()) if normalization == "token" else float(mask.shape[0])
-
-
-def step_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              epsilon_low: float, epsilon_high: float, normalization: str, beta: float = 0.0,
-              ref_logps: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The loss of a whole step's completions at once (what the loop's micro-batch sums add up to)."""
-    losses = token_losses(logps, old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps)
-    return loss_sum(losses, mask, normalization) / units(mask, normalization)
-
-
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per position: the entropy of the policy's next-token distribution (nats)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
-def reward_stats(rewards: torch.Tensor, group_size: int, correct: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """The step's reward mean and std, and the share of groups with equal rewards (all right or all wrong when
-    `correct`, a 0/1 score per completion, is given)."""
-    stats = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-             "groups/equal": float(equal_groups(rewards, group_size).float().mean())}
-    if correct is not None:
-        groups = correct.view(-1, group_size)
-        stats["groups/all_correct"] = float((groups >= 1).all(dim=1).float().mean())
-        stats["groups/all_wrong"] = float((groups <= 0).all(dim=1).float().mean())
-    return stats

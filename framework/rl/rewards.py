@@ -23,13 +23,15 @@ that raises, returns the wrong count or a non-number fails the run in one line n
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from framework.config import ConfigError, RunError, require
 
@@ -139,22 +141,12 @@ def _resolve(name: str, node: Mapping[str, Any]) -> RewardFunction:
             f"not an argument of {target} (it takes: {', '.join(sorted(named - set(BATCH))) or 'none'})")
     needed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and p.default is p.empty and n not in kwargs)
     require(not needed, f"{key}.{needed[0] if needed else ''}", None, f"missing; {target} needs it")
-    bound = _bind(fn, kwargs)
-    return RewardFunction(name=name, target=target, weight=float(weight), fn=bound)
-
-
-def _bind(fn: Callable[..., Any], kwargs: Dict[str, Any]) -> Callable[..., Any]:
-    def call(**batch: Any) -> Any:
-        return fn(**batch, **kwargs)
-
-    return call
+    return RewardFunction(name=name, target=target, weight=float(weight), fn=functools.partial(fn, **kwargs))
 
 
 def reward_functions(reward: RewardConfig) -> List[RewardFunction]:
     """The configured functions, imported and checked against their arguments (before any cluster work)."""
     functions = reward.functions
-    if not isinstance(functions, dict):  # a DictConfig, when the reward node was not typed
-        functions = OmegaConf.to_container(functions, resolve=True)
     require(bool(functions), "reward.functions", functions, "expected at least one reward function")
     return [_resolve(name, node) for name, node in functions.items()]
 
@@ -193,9 +185,9 @@ def score(functions: Sequence[RewardFunction], prompts: Sequence[str], completio
 
 
 def _describe(record: Mapping[str, Any], prompt: str) -> str:
+    """A record as an error names it: its prompt (cut to 60 characters) and its fields."""
     text = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    index = record.get("index")
-    return f"{index} ({text!r})" if index is not None else repr(text)
+    return f"{text!r} {json.dumps(dict(record), ensure_ascii=False, default=str)[:120]}"
 
 
 def _failure(f: RewardFunction, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
