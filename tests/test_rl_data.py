@@ -86,6 +86,6 @@ def test_prompts_need_the_models_tokenizer_cannot_mix_with_text_and_do_not_train
     with pytest.raises(ConfigError, match=r"data\.sources\.1\.format=prompts: a data set is either prompts"):
         TRAIN.from_overrides([f"data.sources=[{{path: {tmp_path}/a.txt}}, {{path: {tmp_path}/x.jsonl, format: prompts}}]",
                               f"data.output_dir={tmp_path}/out"])
-    with pytest.raises(ConfigError, match=r"the shards hold prompts with answers \(data=prompts\), the data of reinforcement learning"):
+    with pytest.raises(ConfigError, match=r"^rl=None: the shards in .* hold prompts with answers \(data=prompts\), which train by reinforcement learning: experiment=grpo$"):
         make_plan(TRAIN.from_overrides(["data=prompts", f"data.sources.0.path={tmp_path}/x.jsonl", f"data.tokenizer.path={model}",
                                         f"data.output_dir={data}", "data.seq_len=128", f"run.storage_path={tmp_path}/runs"]))

@@ -138,3 +138,49 @@ def test_the_clip_cuts_the_gradient_only_where_the_ratio_left_the_trust_region_i
     losses.loss.sum().backward()
     # Clipped tokens get no gradient; the others get −A·ρ (d(−ρA)/d log π).
     assert logps.grad.flatten().tolist() == pytest.approx([0.0, 1.5, 0.0, -1.1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The rl config: refused in one line before any cluster work
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("policy")
+    LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(path)
+    return str(path)
+
+
+def _grpo(folder: str, *overrides: str):  # noqa: ANN202
+    from framework.train.config import TRAIN
+
+    return TRAIN.from_overrides(["experiment=grpo", f"model.pretrained_path={folder}", "data.sources.0.path=/x.jsonl", *overrides])
+
+
+def test_experiment_grpo_composes_the_rl_group_and_a_reward(folder: str) -> None:
+    cfg = _grpo(folder, "reward=math", "rl.max_tokens=64")
+    assert cfg.rl.algorithm == "grpo" and cfg.data.name == "prompts" and cfg.post is None
+    assert cfg.reward.functions["overlong"]["max_tokens"] == 64  # ${rl.max_tokens}, resolved
+    assert [f.name for f in reward_functions(cfg.reward)] == ["correct", "format", "overlong"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.group_size=1"], r"^rl\.group_size=1: expected 2 or more"),
+    (["rl.temperature=0"], r"^rl\.temperature=0\.0: expected a positive temperature"),
+    (["rl.scale_rewards=mean"], r"^rl\.scale_rewards=mean: expected one of group, batch, none$"),
+    (["rl.engine.kv_cache_gib=0"], r"^rl\.engine\.kv_cache_gib=0: expected a whole number of GiB"),
+    (["+reward.functions.correct.fild=answer"], r"^reward\.functions\.correct\.fild=answer: not an argument of framework\.rl\.rewards\.last_number"),
+    (["~reward"], r"^reward=None: rl=grpo needs rewards"),
+    (["data=stdlib"], r"^data=stdlib: rl samples completions of prompts: expected data=prompts"),
+])
+def test_a_bad_rl_config_fails_in_one_line(folder: str, overrides, message) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=message):
+        _grpo(folder, *overrides)
+
+
+def test_a_reward_without_rl_is_refused(folder: str) -> None:
+    from framework.train.config import TRAIN
+
+    with pytest.raises(ConfigError, match=r"^reward=last-number: rewards score the completions of reinforcement learning: add rl=grpo"):
+        TRAIN.from_overrides(["reward=last-number"])

@@ -36,7 +36,8 @@ def sequence(base: Path) -> List[int]:
 def engine(base: Path, ray_session):  # noqa: ANN001, ANN201
     from framework.rl.rollout import EngineSpec, start_engine
 
-    actor = start_engine(EngineSpec(folder=str(base), num_cpus=1, kv_cache_gib=1, lora_rank=8, max_num_seqs=8))
+    actor = start_engine(EngineSpec(folder=str(base), num_cpus=1, num_gpus=0, kv_cache_gib=1, gpu_memory_utilization=0.5, dtype="auto",
+                                    max_num_seqs=8, lora_rank=8))
     yield actor
     ray_session.kill(actor)
 
@@ -76,14 +77,14 @@ def test_sampled_tokens_carry_the_log_probs_of_the_distribution_they_were_sample
                                                                                        ray_session) -> None:  # noqa: ANN001
     ray_session.get(engine.load_weights.remote(str(base)))
     prompt, temperature = sequence[:12], 0.7
-    groups = ray_session.get(engine.generate.remote([prompt], 3, 10, temperature, 1234))
+    groups = ray_session.get(engine.generate.remote([prompt], 3, 10, temperature, [1234]))
     assert len(groups) == 1 and len(groups[0]) == 3
     model = _load(base)
     for sample in groups[0]:
         assert len(sample.token_ids) == len(sample.logprobs) >= 1
         recomputed = _trainer_logprobs(model, prompt + sample.token_ids, temperature)[len(prompt) - 1:]
         torch.testing.assert_close(torch.tensor(sample.logprobs), recomputed, atol=ATOL, rtol=0)
-    again = ray_session.get(engine.generate.remote([prompt], 3, 10, temperature, 1234))
+    again = ray_session.get(engine.generate.remote([prompt], 3, 10, temperature, [1234]))
     assert [s.token_ids for s in again[0]] == [s.token_ids for s in groups[0]]  # seeded: the same samples
 
 

@@ -184,9 +184,10 @@ def score(functions: Sequence[RewardFunction], prompts: Sequence[str], completio
     return Scores(total=total, by_function=by_function)
 
 
-def _describe(record: Mapping[str, Any], prompt: str) -> str:
-    """A record as an error names it: its prompt (cut to 60 characters) and its fields."""
-    text = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+def _describe(record: Mapping[str, Any], prompt: Any) -> str:
+    """A record as an error names it: its prompt (text, or messages as JSON; cut to 60 characters) and its fields."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+    text = text if len(text) <= 60 else text[:57] + "..."
     return f"{text!r} {json.dumps(dict(record), ensure_ascii=False, default=str)[:120]}"
 
 

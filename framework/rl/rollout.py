@@ -27,18 +27,25 @@ from framework.vllm_env import cpu_engine_env, vllm_dtype
 
 @dataclass
 class EngineSpec:
-    """What a rollout engine runs: the starting folder and the engine's resources and limits."""
+    """What a rollout engine runs: the starting folder, the engine's resources and limits (conf/rl/*: rl.engine)."""
 
     folder: str
-    num_cpus: float = 1
-    num_gpus: float = 0
-    kv_cache_gib: int = 1  # whole GiB: vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer
-    gpu_memory_utilization: float = 0.5
-    dtype: str = "auto"
-    max_model_len: Optional[int] = None
-    max_num_seqs: int = 64
+    num_cpus: float
+    num_gpus: float
+    kv_cache_gib: int  # whole GiB: vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer
+    gpu_memory_utilization: float
+    dtype: str
+    max_num_seqs: int
+    max_model_len: Optional[int] = None  # the longest prompt + completion (the run's data.seq_len + rl.max_tokens)
     lora_rank: Optional[int] = None  # LoRA runs: the adapters' rank (vLLM allots room for it)
     seed: int = 0
+
+    @classmethod
+    def of(cls, engine: Any, folder: str, max_model_len: Optional[int], lora_rank: Optional[int], seed: int) -> "EngineSpec":
+        """The spec of an `rl.engine` config (framework/rl/config.py: EngineConfig) for `folder`."""
+        return cls(folder=folder, num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, kv_cache_gib=engine.kv_cache_gib,
+                   gpu_memory_utilization=engine.gpu_memory_utilization, dtype=engine.dtype, max_num_seqs=engine.max_num_seqs,
+                   max_model_len=max_model_len, lora_rank=lora_rank, seed=seed)
 
     @property
     def on_gpu(self) -> bool:
@@ -51,6 +58,10 @@ class EngineSpec:
             "max_num_seqs": self.max_num_seqs,
             "enforce_eager": not self.on_gpu,
             "enable_prefix_caching": True,
+            # A prompt prefilled in chunks has its sampled token discarded and its seeded generator rewound, which
+            # the CPU's torch generators cannot do (vLLM 0.29: "CPU Generator does not use offset"); whole prefills
+            # keep every prompt's completions a function of its seed.
+            "enable_chunked_prefill": self.on_gpu,
             "generation_config": "vllm",
             "logprobs_mode": "processed_logprobs",
             "seed": self.seed,
@@ -67,6 +78,8 @@ class EngineSpec:
 
     def actor_options(self) -> Dict[str, Any]:
         env = {} if self.on_gpu else cpu_engine_env(self.num_cpus, self.kv_cache_gib)
+        # A weight sync logs a page of INFO lines (and warnings for the tied weights it sets itself) every step.
+        env["VLLM_LOGGING_LEVEL"] = "ERROR"
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "runtime_env": {"env_vars": env}}
 
 
@@ -90,16 +103,20 @@ class RolloutEngine:
         self.llm = LLM(**spec.engine_kwargs())
         self.version = 0
         self.lora: Any = None
+        self.folder: Optional[str] = None  # the engine's copy of the weights last sent as files
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, temperature: float,
-                 seed: Optional[int] = None) -> List[List[Sample]]:
-        """`n` completions of each prompt (token ids), sampled at `temperature`; in order."""
+                 seeds: Optional[Sequence[int]] = None) -> List[List[Sample]]:
+        """`n` completions of each prompt (token ids), sampled at `temperature` (0: greedy), in order. `seeds` (one per
+        prompt) makes each prompt's completions depend on its seed and the weights alone, not on what it is batched with."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=1.0, top_k=-1, logprobs=0,
-                                seed=seed)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, lora_request=self.lora,
+        def params(seed: Optional[int]) -> Any:
+            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=1.0, top_k=-1, logprobs=0, seed=seed)
+
+        per_prompt = [params(s) for s in seeds] if seeds is not None else params(None)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], per_prompt, lora_request=self.lora,
                                     use_tqdm=False)
         return [[Sample(list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)], c.text, c.finish_reason or "")
                  for c in out.outputs] for out in outputs]
@@ -137,6 +154,24 @@ class RolloutEngine:
             self.lora = None
             self.llm.reset_prefix_cache()
         return self.version
+
+    def load_weight_files(self, files: Dict[str, bytes]) -> int:
+        """`load_weights` of a folder sent as its files (name → content) through Ray's object store, so the trainer and
+        the engine need share no file system; written to a folder of the engine's own (the last version's is kept:
+        vLLM reads a LoRA adapter's folder when a request first uses it)."""
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="rollout-weights-")
+        for name, content in files.items():
+            path = Path(folder) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        version = self.load_weights(folder)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = folder
+        return version
 
 
 def start_engine(spec: EngineSpec, name: Optional[str] = None) -> Any:

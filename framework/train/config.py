@@ -14,9 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig
 
 from framework.config import Job, absolute, optional_group, register, require, typed
-from framework.data.config import DataConfig, check_data, is_preference
+from framework.data.config import DataConfig, check_data, is_preference, is_prompts
 from framework.data.shards import check_prep_dir
 from framework.model import ModelConfig, check_model_config
+from framework.rl.config import RLConfig, check_rl
+from framework.rl.rewards import RewardConfig, reward_functions
 
 # optim.name → the torch.optim class framework/train/optim.py builds; both take lr, betas, eps and
 # weight_decay (Adam's as an L2 term, AdamW's decoupled), so one OptimConfig serves both.
@@ -204,6 +206,9 @@ class TrainRoot:
     tune: Optional[Any] = optional_group()
     # `post=dpo` (or experiment=dpo) trains on preference pairs with a preference loss; absent: the token loss.
     post: Optional[PostConfig] = optional_group()
+    # `rl=grpo` and a `reward` (or experiment=grpo) train by reinforcement learning on prompts (data=prompts).
+    rl: Optional[RLConfig] = optional_group()
+    reward: Optional[RewardConfig] = optional_group()
 
 
 # `conf/config.yaml` names it first in its defaults: misspelt keys and wrong types fail at composition.
@@ -225,7 +230,21 @@ def validate(cfg: TrainRoot) -> TrainRoot:
         "a preference loss trains on preference pairs: expected data=preference (experiment=dpo sets both), "
         f"not data.sources.0.format={cfg.data.sources[0].format if cfg.data.sources else None}",
     )
+    if cfg.rl is not None or cfg.reward is not None:
+        check_rl_run(cfg)
     return cfg
+
+
+def check_rl_run(cfg: TrainRoot) -> None:
+    """An rl run's rules across groups: a reward to learn from, prompts to sample, a folder to start the engine from."""
+    require(cfg.rl is not None, "reward", cfg.reward.name if cfg.reward else None,
+            "rewards score the completions of reinforcement learning: add rl=grpo (experiment=grpo sets both)")
+    check_rl(cfg.rl)
+    require(cfg.reward is not None, "reward", None, "rl=grpo needs rewards: expected reward=last-number or another conf/reward/ preset")
+    reward_functions(cfg.reward)  # every function imported and its arguments checked, before any cluster work
+    require(is_prompts(cfg.data), "data", cfg.data.name, "rl samples completions of prompts: expected data=prompts (experiment=grpo sets it)")
+    require(cfg.model.pretrained_path is not None, "model.pretrained_path", None,
+            "the rollout engine starts from a Hugging Face folder: expected model=hf-local with model.pretrained_path (an SFT export)")
 
 
 def to_train_root(cfg: DictConfig) -> TrainRoot:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from datetime import timedelta
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import deepspeed
 import numpy as np
@@ -98,8 +98,9 @@ def universal_dir(plan: TrainPlan, name: str) -> str:
     return os.path.join(tempfile.gettempdir(), "framework-universal", plan.config.run.name.replace("/", "_"), os.path.basename(name))
 
 
-def train(plan: TrainPlan, session: Session) -> None:
-    """Train `plan` from its latest checkpoint (or from scratch) to run.max_steps on this worker."""
+def restore(plan: TrainPlan, session: Session) -> Tuple[Any, Dict[str, Any], TrainState]:
+    """Set this worker up and build its engine at the run's latest checkpoint (or the start): (engine, DeepSpeed
+    config, train state). A checkpoint from another worker count is loaded in DeepSpeed's universal format."""
     quiet_worker_logs()
     cfg, manifest = plan.config, plan.manifest
     run = cfg.run
@@ -112,7 +113,6 @@ def train(plan: TrainPlan, session: Session) -> None:
         # (PyTorch's own way to change a group's timeout, which dist.breakpoint uses too.)
         dist.distributed_c10d._set_pg_timeout(timedelta(seconds=run.collective_timeout_s))
 
-    # Resume point first: a checkpoint from another worker count is loaded in DeepSpeed's universal format.
     with session.checkpoint() as restored:
         state = checkpoint.read_state(restored) if restored else TrainState(world_size=world, data_fingerprint=manifest["fingerprint"])
         # ZeRO-0 keeps whole weights and optimizer state, which any worker count loads as they are.
@@ -144,6 +144,16 @@ def train(plan: TrainPlan, session: Session) -> None:
             state.world_size = world
             if rank == 0:
                 say(f"resumed from {session.checkpoint_name()} at step {state.step}")
+    return engine, ds_config, state
+
+
+def train(plan: TrainPlan, session: Session) -> None:
+    """Train `plan` from its latest checkpoint (or from scratch) to run.max_steps on this worker."""
+    cfg, manifest = plan.config, plan.manifest
+    run = cfg.run
+    rank, world, device = session.rank, session.world_size, session.device
+    use_gpu = device.type == "cuda"
+    engine, ds_config, state = restore(plan, session)
 
     # The objective: the token loss, or a preference loss and its reference (a frozen copy, the adapters off, or none).
     objective = build_objective(cfg, engine, plan.model_config, ds_config)

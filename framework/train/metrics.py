@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -45,6 +45,19 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+ROLLOUTS = "rollouts.jsonl"
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drop the records of `path` (JSON lines) logged after `step`: a resumed run logs them again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 class MetricsLogger:
     """Writes on rank 0 only; on a resumed run it drops whatever was logged after the checkpoint.
 
@@ -75,15 +88,18 @@ class MetricsLogger:
         # purge_step hides events past the checkpoint, so a resumed loss curve continues seamlessly.
         self.writer = SummaryWriter(log_dir, purge_step=start_step if start_step else None)
         self.jsonl = os.path.join(log_dir, "metrics.jsonl")
-        self._truncate_after(start_step)
+        self.rollouts = os.path.join(log_dir, ROLLOUTS)
+        for path in (self.jsonl, self.rollouts):
+            _truncate_after(path, start_step)
 
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.jsonl):
+    def log_rollouts(self, records: List[Dict[str, Any]]) -> None:
+        """Reinforcement learning: a JSON line per step in logs/rollouts.jsonl (its prompts' rows, and sampled groups
+        with their completions and rewards), uploaded with the next metrics."""
+        if not self.enabled or not records:
             return
-        with open(self.jsonl) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(self.jsonl, "w") as f:
-            f.writelines(kept)
+        with open(self.rollouts, "a") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def log(self, records: List[Dict[str, float]]) -> None:
         """One record per step: TensorBoard scalars and a JSON line each; the last one also printed."""

@@ -62,11 +62,12 @@ def check_shards(cfg: TrainRoot, manifest: Dict[str, Any]) -> None:
             f"data.seq_len={data.seq_len}: the shards in {data.output_dir} were packed with "
             f"seq_len={manifest['seq_len']}; re-run prep or set data.seq_len={manifest['seq_len']}"
         )
-    if PROMPT_IDS in manifest["columns"]:
+    prompts = PROMPT_IDS in manifest["columns"]
+    if prompts != (cfg.rl is not None):
         raise ConfigError(
-            f"data.output_dir={data.output_dir}: the shards hold prompts with answers (data=prompts), the data of "
-            "reinforcement learning (experiment=grpo, whose training loop is not in this version yet); "
-            "token and preference losses train on data=stdlib, chat or preference shards"
+            f"rl={None if cfg.rl is None else cfg.rl.algorithm}: the shards in {data.output_dir} hold "
+            + ("prompts with answers (data=prompts), which train by reinforcement learning: experiment=grpo" if prompts else
+               "no prompts; reinforcement learning samples completions of shards prepared with data=prompts")
         )
     pairs = PAIRS_COLUMN in manifest["columns"]
     if pairs != (cfg.post is not None):
@@ -155,6 +156,26 @@ def node_resources() -> List[Dict[str, float]]:
         {"CPU": float(n["Resources"].get("CPU", 0.0)), "GPU": float(n["Resources"].get("GPU", 0.0)), "name": n.get("NodeManagerAddress", "?")}
         for n in ray.nodes() if n.get("Alive")
     ]
+
+
+def beside_engines(cfg: TrainRoot, nodes: Sequence[Dict[str, float]]) -> List[Dict[str, float]]:
+    """The nodes as the Train workers find them once an rl run's rollout engine has its CPUs and GPUs: taken from the
+    node with the most free CPUs among those that hold it (Ray places the actor where it fits)."""
+    nodes = [dict(n) for n in nodes]
+    if cfg.rl is None:
+        return nodes
+    engine = cfg.rl.engine
+    fitting = [n for n in nodes if n["CPU"] >= engine.num_cpus and n["GPU"] >= engine.num_gpus]
+    if not fitting:
+        layout = ", ".join(f"{n['name']}: {n['CPU']:g} CPUs/{n['GPU']:g} GPUs" for n in nodes) or "no alive nodes"
+        raise ConfigError(
+            f"rl.engine.num_cpus={engine.num_cpus}: the rollout engine ({engine.num_cpus:g} CPUs, {engine.num_gpus:g} GPUs) "
+            f"fits no node of the cluster ({layout})"
+        )
+    host = max(fitting, key=lambda n: n["CPU"])
+    host["CPU"] -= engine.num_cpus
+    host["GPU"] -= engine.num_gpus
+    return nodes
 
 
 def _fit(nodes: Sequence[Dict[str, float]], cpus: float, gpus: float) -> int:

@@ -18,7 +18,7 @@ from framework.cluster import connect
 from framework.config import RunError
 from framework.train.config import TrainRoot
 from framework.train.checkpoint import mark_complete
-from framework.train.plan import TrainPlan, make_plan, node_resources, size_workers
+from framework.train.plan import TrainPlan, beside_engines, make_plan, node_resources, size_workers
 
 # How long Ray Train waits for its worker group's resources in one attempt (its environment
 # variable, passed from the driver to Ray Train's controller; 60 s unless set).
@@ -27,11 +27,21 @@ WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """What every Ray Train worker runs: the training loop on a Ray session."""
-    from framework.train.loop import train
     from framework.train.session import RaySession
 
     plan = config["plan"]
-    train(plan, RaySession(plan.resume_from))
+    loop_of(plan)(plan, RaySession(plan.resume_from))
+
+
+def loop_of(plan: TrainPlan) -> Any:
+    """The per-worker loop of a plan: the GRPO loop for an rl run, else the token or preference loss's."""
+    if plan.config.rl is not None:
+        from framework.train.rl_loop import train_rl
+
+        return train_rl
+    from framework.train.loop import train
+
+    return train
 
 
 class MarkComplete(ray.train.UserCallback):
@@ -141,7 +151,7 @@ def train(cfg: TrainRoot) -> ray.train.Result:
     plan = make_plan(cfg)  # everything that can be checked without a cluster is, before one is started or joined
     c = plan.config
     connect(c.run.ray_address)
-    resources = size_workers(c.run, node_resources())
+    resources = size_workers(c.run, beside_engines(c, node_resources()))
     workers = c.run.num_workers if c.run.min_workers is None else f"{c.run.min_workers}-{c.run.num_workers}"
     resume = f", resuming {plan.resume_from.rsplit('/', 1)[-1]} (step {plan.resume_state.step})" if plan.resume_from else ""
     print(
@@ -161,7 +171,6 @@ def run_bare(cfg: TrainRoot) -> Tuple[TrainPlan, List[Dict[str, Any]]]:
 
     The benchmark's baseline (framework/bench/train.py): the same loop, data path and checkpoints.
     """
-    from framework.train.loop import train
     from framework.train.session import LocalSession
 
     plan = make_plan(cfg)
@@ -169,5 +178,5 @@ def run_bare(cfg: TrainRoot) -> Tuple[TrainPlan, List[Dict[str, Any]]]:
         raise ValueError(f"run.num_workers={plan.config.run.num_workers}: a bare run is one process")
     run = plan.config.run
     session = LocalSession(plan.run_dir, run.keep_checkpoints, run.setup_timeout_s, use_gpu=run.gpus_per_worker > 0)
-    train(plan, session)
+    loop_of(plan)(plan, session)
     return plan, session.reports

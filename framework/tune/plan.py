@@ -36,12 +36,12 @@ from framework.tune.config import TuneConfig
 from framework.tune.space import Param, format_value, parse_space, space_corners
 from framework.tune.sweep import GroupChoice, Sweep, SweepPlan, apply_values, config_groups, option_error, rejection
 
-# What the training loop reports at every evaluation (framework/train/loop.py): the token loss's, and a preference
+# What the training loops report at every evaluation (framework/train/loop.py): the token loss's, a preference
 # loss's (framework/train/objectives.py: PREFERENCE_METRICS, one definition for training, validation and sweeps;
-# val_rewards_accuracy with tune.mode=max).
+# val_rewards_accuracy with tune.mode=max), and GRPO's (framework/train/rl_loop.py: val_reward with tune.mode=max).
 METRICS = ("val_loss", "val_perplexity", "train_loss") + tuple(
     report_key(f"val/{name}") for name in PREFERENCE_METRICS if name != "loss"
-)
+) + ("val_reward", "val_correct", "train_reward")
 # Trials share one set of prepared shards, and the sweep names, stores and places their runs.
 OWNED_KEYS = ("data", "run.name", "run.storage_path", "run.ray_address", "tune", "hydra")
 # The run name a corner is planned under: no run of that name exists, so it resumes nothing.
