@@ -161,7 +161,7 @@ def test_compose_inside_a_running_hydra_app_leaves_the_app_intact():
         assert hydra_compose(config_name="config").model.name == "tiny"
 
 
-@pytest.mark.parametrize("preset", ["train", "train-gpu", "tune", "serve", "data", "compress"])
+@pytest.mark.parametrize("preset", ["train", "train-gpu", "tune", "serve", "data", "compress", "rl"])
 def test_benchmark_presets_compose_and_pass_their_checks(preset):
     """Every conf/bench preset is runnable as written; the GPU one is checked here since CI has no GPU."""
     from framework.bench import BENCH

@@ -163,3 +163,58 @@ def test_a_reward_that_raises_fails_the_run_in_one_line(task, tmp_path, ray_sess
     lines = [line for line in str(failure.value).splitlines() if "reward correct" in line]
     assert lines and lines[-1].strip().startswith("framework.config.RunError: reward correct (framework.rl.rewards.last_number) raised KeyError on record"), str(failure.value)[-2000:]
     assert "no field 'solution'" in lines[-1]
+
+
+def test_lora_sends_only_the_adapters_and_the_kl_is_to_the_base_with_adapters_off(task, tmp_path, ray_session) -> None:  # noqa: ANN001
+    """model/lora=default with rl.beta > 0: the engine samples with the adapters the trainer holds (its log-probs of the
+    sampled tokens are the trainer's), and the KL to the reference (the adapters switched off) is 0 at the first step,
+    where the adapters are still zero, and grows after."""
+    from framework.train.config import TRAIN
+
+    root, model, source, data = task
+    run_dir, _ = train_bare(ray_session, TRAIN.from_overrides(grpo_overrides(
+        model, source, data, tmp_path, "lora", **{"model/lora": "default", "rl.beta": 0.04, "run.max_steps": 4,
+                                                  "run.eval_interval": 4, "run.checkpoint_interval": 4})))
+    kl, gap = _by_step(run_dir, "train/kl"), _by_step(run_dir, "train/logprob_gap")
+    assert sorted(kl) == [1, 2, 3, 4] and kl[1] == pytest.approx(0.0, abs=1e-7) and kl[4] > 1e-4, kl
+    assert max(gap.values()) < 1e-3, gap
+
+
+def test_a_grpo_checkpoint_exports_to_a_verified_folder_that_answers_as_the_run_measured(grpo_run, tmp_path) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    from framework.export import export_checkpoint
+
+    run_dir, _ = grpo_run
+    folder = export_checkpoint(os.path.join(run_dir, f"checkpoint_{STEPS:08d}"), str(tmp_path / "grpo"))
+    assert json.loads(open(os.path.join(folder, "export.json")).read())["max_logit_difference"] <= 1e-5
+    AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_a_sweep_over_grpo_ranks_its_trials_by_validation_reward_and_promotes_the_best(task, tmp_path) -> None:  # noqa: ANN001
+    """launch/tune.py experiment=grpo, as a user runs it: each trial a whole RL run with its own rollout engine (the
+    Train workers sized beside it), val_reward (mode max) the metric; the best trial is exported."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from conftest import ROOT
+
+    _, model, source, data = task
+    overrides = [o for o in grpo_overrides(model, source, data, tmp_path, "unused", **{
+        "run.max_steps": 4, "run.eval_interval": 4, "run.checkpoint_interval": 4, "run.max_failures": 0})
+        if not o.startswith(("run.name=", "run.storage_path="))]
+    overrides += [
+        "tune=grid", "~tune/space", '+tune.space.optim.lr="choice(1e-3,3e-3)"', "tune.scheduler=fifo", "tune.metric=val_reward",
+        "tune.mode=max", "tune.name=grpo-lr", f"tune.storage_path={tmp_path}", f"tune.output_dir={tmp_path}/results",
+        "tune.max_concurrent_trials=1", "tune.verbose=0",
+    ]
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    table = pd.read_parquet(tmp_path / "results" / "results.parquet")
+    best = json.loads((tmp_path / "results" / "best.json").read_text())
+    assert len(table) == 2 and set(table["status"]) == {"completed"}
+    assert best["metric"] == "val_reward" and best["mode"] == "max"
+    assert best["value"] == table["final_val_reward"].max()
+    assert (tmp_path / "results" / "best" / "config.json").is_file()

@@ -178,7 +178,11 @@ def start_engine(spec: EngineSpec, name: Optional[str] = None) -> Any:
     """A rollout engine actor on `spec`'s resources (named `name` in the job's namespace, if given); waits until it is up."""
     import ray
 
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     options = spec.actor_options()
+    # Not inside the caller's placement group (a Train worker's bundle, which its worker fills): on its own resources.
+    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
     if name:
         options["name"] = name
     actor = ray.remote(RolloutEngine).options(**options).remote(spec)

@@ -158,23 +158,26 @@ def node_resources() -> List[Dict[str, float]]:
     ]
 
 
-def beside_engines(cfg: TrainRoot, nodes: Sequence[Dict[str, float]]) -> List[Dict[str, float]]:
-    """The nodes as the Train workers find them once an rl run's rollout engine has its CPUs and GPUs: taken from the
-    node with the most free CPUs among those that hold it (Ray places the actor where it fits)."""
+def beside_engines(cfg: TrainRoot, nodes: Sequence[Dict[str, float]], runs: int = 1, key: str = "rl.engine.num_cpus") -> List[Dict[str, float]]:
+    """The nodes as the Train workers find them once the rollout engines of `runs` rl runs (a sweep's concurrent
+    trials) have their CPUs and GPUs: each taken from the node with the most free CPUs among those that hold it (Ray
+    places an actor where it fits). Nothing is taken for other runs."""
     nodes = [dict(n) for n in nodes]
     if cfg.rl is None:
         return nodes
     engine = cfg.rl.engine
-    fitting = [n for n in nodes if n["CPU"] >= engine.num_cpus and n["GPU"] >= engine.num_gpus]
-    if not fitting:
-        layout = ", ".join(f"{n['name']}: {n['CPU']:g} CPUs/{n['GPU']:g} GPUs" for n in nodes) or "no alive nodes"
-        raise ConfigError(
-            f"rl.engine.num_cpus={engine.num_cpus}: the rollout engine ({engine.num_cpus:g} CPUs, {engine.num_gpus:g} GPUs) "
-            f"fits no node of the cluster ({layout})"
-        )
-    host = max(fitting, key=lambda n: n["CPU"])
-    host["CPU"] -= engine.num_cpus
-    host["GPU"] -= engine.num_gpus
+    for placed in range(runs):
+        fitting = [n for n in nodes if n["CPU"] >= engine.num_cpus and n["GPU"] >= engine.num_gpus]
+        if not fitting:
+            layout = ", ".join(f"{n['name']}: {n['CPU']:g} CPUs/{n['GPU']:g} GPUs free" for n in nodes) or "no alive nodes"
+            raise ConfigError(
+                f"{key}={engine.num_cpus if key == 'rl.engine.num_cpus' else runs}: {runs} rollout engine(s) of "
+                f"{engine.num_cpus:g} CPUs and {engine.num_gpus:g} GPUs do not fit the cluster ({layout} after {placed}); "
+                "lower rl.engine.num_cpus" + (" or tune.max_concurrent_trials" if runs > 1 else "")
+            )
+        host = max(fitting, key=lambda n: n["CPU"])
+        host["CPU"] -= engine.num_cpus
+        host["GPU"] -= engine.num_gpus
     return nodes
 
 

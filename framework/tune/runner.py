@@ -19,7 +19,7 @@ import ray.tune as tune
 from framework import storage
 from framework.cluster import connect
 from framework.config import ConfigError
-from framework.train.plan import node_resources, size_workers
+from framework.train.plan import beside_engines, node_resources, size_workers
 from framework.tune import placement, promotion, results
 from framework.tune.algorithms import SCHEDULERS, SEARCHES
 from framework.tune.sweep import Sweep, SweepPlan
@@ -41,7 +41,9 @@ def check_fits(sweep: Sweep, nodes: List[Dict[str, Any]]) -> None:
     """Every corner's trials, tune.max_concurrent_trials at a time, fit the cluster's nodes (sized as each trial sizes its own)."""
     for words, config in [("", sweep.base), *sweep.corners]:
         try:
-            size_workers(config.run, nodes, trials=sweep.tune.max_concurrent_trials, key="tune.max_concurrent_trials")
+            trials = sweep.tune.max_concurrent_trials
+            size_workers(config.run, beside_engines(config, nodes, trials, "tune.max_concurrent_trials"), trials=trials,
+                         key="tune.max_concurrent_trials")
         except ConfigError as exc:
             raise ConfigError(f"{words}: {exc}" if words else str(exc)) from None
 

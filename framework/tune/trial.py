@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 import pyarrow.fs as pafs
 
 from framework import storage
-from framework.train.plan import make_plan, size_workers
+from framework.train.plan import beside_engines, make_plan, size_workers
 from framework.train.trainer import fit
 from framework.tune import pbt
 from framework.tune.placement import RegisterPlacementGroup
@@ -50,7 +50,9 @@ def train_trial(values: Dict[str, Any], sweep: SweepPlan, nodes: List[Dict[str, 
     plan = make_plan(sweep.trial_config(values, run_name(sweep, trial_id, handed is not None)))
     if handed is not None:
         plan = pbt.adopt(plan, sweep.uri(handed.path))
-    resources = size_workers(plan.config.run, nodes, trials=sweep.tune.max_concurrent_trials, key="tune.max_concurrent_trials")
+    trials = sweep.tune.max_concurrent_trials
+    resources = size_workers(plan.config.run, beside_engines(plan.config, nodes, trials, "tune.max_concurrent_trials"),
+                             trials=trials, key="tune.max_concurrent_trials")
     callbacks = [RegisterPlacementGroup(janitor)]
     if sweep.tune.scheduler == "pbt":
         pbt.fit_reporting_checkpoints(plan, resources, callbacks)
