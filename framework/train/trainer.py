@@ -97,6 +97,18 @@ def unplaced_workers_error(plan: TrainPlan, resources: Dict[str, float], error: 
     )
 
 
+def worker_error(error: Exception) -> Exception:
+    """A worker's RunError (a reward function that raised, ...) as the run's own one-line error; any other failure as it is
+    (Ray Train's message, each worker's traceback)."""
+    failures = getattr(error, "worker_failures", {}) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]
+        cause = getattr(failure, "cause", None) if not isinstance(failure, RunError) else failure
+        if isinstance(cause, RunError):
+            return RunError(f"rank {rank}: {cause}")
+    return error
+
+
 def scaling_config(plan: TrainPlan, resources: Dict[str, float]) -> ray.train.ScalingConfig:
     """Fixed at run.num_workers, or elastic between run.min_workers and run.num_workers."""
     run = plan.config.run
@@ -139,6 +151,8 @@ def fit(plan: TrainPlan, resources: Dict[str, float], callbacks: Optional[List[A
         return trainer.fit()
     except ray.train.ControllerError as exc:
         raise unplaced_workers_error(plan, resources, exc) from exc
+    except ray.train.WorkerGroupError as exc:
+        raise worker_error(exc) from exc
     finally:
         if previous is None:
             os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
