@@ -166,14 +166,14 @@ def test_a_reward_that_raises_fails_the_run_in_one_line(task, tmp_path, ray_sess
 
 
 def test_lora_sends_only_the_adapters_and_the_kl_is_to_the_base_with_adapters_off(task, tmp_path, ray_session) -> None:  # noqa: ANN001
-    """model/lora=default with rl.beta > 0: the engine samples with the adapters the trainer holds (its log-probs of the
-    sampled tokens are the trainer's), and the KL to the reference (the adapters switched off) is 0 at the first step,
-    where the adapters are still zero, and grows after."""
+    """model/lora=default with rl.beta > 0, the engine colocated (on the worker's node, reserving no CPUs): the engine samples with the adapters the trainer holds (its log-probs of the sampled tokens are the
+    trainer's), and the KL to the reference (the adapters switched off) is 0 at the first step, where the adapters are
+    still zero, and grows after."""
     from framework.train.config import TRAIN
 
     root, model, source, data = task
     run_dir, _ = train_bare(ray_session, TRAIN.from_overrides(grpo_overrides(
-        model, source, data, tmp_path, "lora", **{"model/lora": "default", "rl.beta": 0.04, "run.max_steps": 4,
+        model, source, data, tmp_path, "lora", **{"model/lora": "default", "rl.beta": 0.04, "rl.engine.placement": "colocated", "run.max_steps": 4,
                                                   "run.eval_interval": 4, "run.checkpoint_interval": 4})))
     kl, gap = _by_step(run_dir, "train/kl"), _by_step(run_dir, "train/logprob_gap")
     assert sorted(kl) == [1, 2, 3, 4] and kl[1] == pytest.approx(0.0, abs=1e-7) and kl[4] > 1e-4, kl

@@ -172,6 +172,7 @@ def test_experiment_grpo_composes_the_rl_group_and_a_reward(folder: str) -> None
     (["rl.engine.kv_cache_gib=0"], r"^rl\.engine\.kv_cache_gib=0: expected a whole number of GiB"),
     (["+reward.functions.correct.fild=answer"], r"^reward\.functions\.correct\.fild=answer: not an argument of framework\.rl\.rewards\.last_number"),
     (["~reward"], r"^reward=None: rl=grpo needs rewards"),
+    (["rl.engine.placement=colocated", "rl.engine.num_gpus=1"], r"^rl\.engine\.placement=colocated: an engine colocated on the trainer's GPU needs vLLM's sleep mode"),
     (["data=stdlib"], r"^data=stdlib: rl samples completions of prompts: expected data=prompts"),
 ])
 def test_a_bad_rl_config_fails_in_one_line(folder: str, overrides, message) -> None:  # noqa: ANN001

@@ -11,7 +11,8 @@ The benchmark makes its own task: sums "What is a + b?" with their answers (data
     sync_share                  Σ weight-sync seconds ÷ Σ step seconds (goal ≤ 0.10)
     step_s, rollout_s, train_s, sync_s   mean seconds per step in each part
 
-Engines colocated with the trainer are not offered in this version (docs/rl.md), so there is no colocated figure.
+for each of `placements` (rl.engine.placement: the engine on CPUs of its own, or colocated on the trainer's), the
+same job and task; the engine alone runs the first placement's steps.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class RLBenchConfig:
     prompts: int = MISSING            # sums written to the task's JSONL
     num_cpus: int = MISSING           # the local Ray cluster's CPUs
     skip_steps: int = MISSING         # first steps left out of the averages (engine and caches warming up)
+    placements: List[str] = MISSING   # rl.engine.placement of each run: separate, colocated
     overrides: List[str] = MISSING    # the GRPO job (conf/config.yaml overrides); model, data and storage are the bench's
     storage_path: str = MISSING
     output: str = MISSING
@@ -58,10 +60,11 @@ def to_bench_config(cfg: DictConfig) -> RLBenchConfig:
     return typed(RLBenchConfig, cfg.bench, "bench")
 
 
-def job_overrides(bench: RLBenchConfig, root: str) -> List[str]:
+def job_overrides(bench: RLBenchConfig, root: str, placement: str) -> List[str]:
     return [
         "experiment=grpo", f"model.pretrained_path={root}/model", f"data.sources.0.path={root}/sums.jsonl",
-        f"data.output_dir={root}/data", f"run.storage_path={root}/runs", "run.name=grpo", *bench.overrides,
+        f"data.output_dir={root}/data", f"run.storage_path={root}/runs", f"run.name=grpo-{placement}", *bench.overrides,
+        f"rl.engine.placement={placement}",
     ]
 
 
@@ -72,6 +75,10 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"bench.{key}={getattr(bench, key)}: expected at least 1")
     if bench.skip_steps < 0:
         raise ConfigError(f"bench.skip_steps={bench.skip_steps}: expected 0 or more")
+    from framework.rl.config import PLACEMENTS
+
+    if not bench.placements or any(p not in PLACEMENTS for p in bench.placements):
+        raise ConfigError(f"bench.placements={list(bench.placements)}: expected some of {', '.join(PLACEMENTS)}")
 
 
 def make_task(bench: RLBenchConfig, root: str) -> None:
@@ -129,6 +136,26 @@ def engine_alone(cfg: Any, plan: Any, steps: List[Dict[str, Any]]) -> Dict[str, 
     return {"tokens": tokens, "seconds": seconds}
 
 
+def read_run(root: str, placement: str, skip: int) -> tuple:
+    """The run's metrics and rollout records after the first `skip` steps."""
+    logs = os.path.join(root, "runs", f"grpo-{placement}", "logs")
+    with open(os.path.join(logs, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if r["step"] > skip]
+    with open(os.path.join(logs, "rollouts.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if r["step"] > skip]
+    return records, steps
+
+
+def step_figures(records: List[Dict[str, Any]], completions: int) -> Dict[str, float]:
+    totals = {k: sum(r[f"perf/{k}"] for r in records) for k in ("rollout_s", "train_s", "sync_s", "step_s")}
+    tokens = sum(r["train/completion_length"] * completions for r in records)
+    return {
+        "loop_rollout_tokens_per_s": round(tokens / totals["rollout_s"], 1),
+        "sync_share": round(totals["sync_s"] / totals["step_s"], 4),
+        **{f"{k.removesuffix('_s')}_s_per_step": round(v / len(records), 3) for k, v in totals.items()},
+    }
+
+
 def run(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
@@ -140,44 +167,45 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     bench = to_bench_config(cfg)
     root = fresh_storage(bench.storage_path)
     make_task(bench, root)
-    config = TRAIN.from_overrides(job_overrides(bench, root))
+    configs = {p: TRAIN.from_overrides(job_overrides(bench, root, p)) for p in bench.placements}
+    first = bench.placements[0]
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
-        prepare_shards(config.data)
-        plan = make_plan(config)
-        train(config)
-        with open(os.path.join(root, "runs", "grpo", "logs", "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f if json.loads(line)["step"] > bench.skip_steps]
-        with open(os.path.join(root, "runs", "grpo", "logs", "rollouts.jsonl")) as f:
-            steps = [json.loads(line) for line in f if json.loads(line)["step"] > bench.skip_steps]
-        alone = engine_alone(plan.config, plan, steps)
+        prepare_shards(configs[first].data)
+        plan = make_plan(configs[first])
+        for config in configs.values():
+            train(config)
+        runs = {p: read_run(root, p, bench.skip_steps) for p in bench.placements}
+        alone = engine_alone(plan.config, plan, runs[first][1])
     finally:
         ray.shutdown()
     rl, run_cfg = plan.config.rl, plan.config.run
     completions = run_cfg.global_batch_size * rl.group_size
-    loop_tokens = sum(r["train/completion_length"] * completions for r in records)
-    totals = {k: sum(r[f"perf/{k}"] for r in records) for k in ("rollout_s", "train_s", "sync_s", "step_s")}
-    loop_rate = loop_tokens / totals["rollout_s"]
+    by_placement = {p: step_figures(records, completions) for p, (records, _) in runs.items()}
     alone_rate = alone["tokens"] / alone["seconds"]
+    main = by_placement[first]
     figures = {
         "machine": f"{machine()}; local Ray cluster of {bench.num_cpus} CPUs",
         "model_params": folder_params(Path(root, "model")),
-        "steps_measured": len(records),
+        "steps_measured": len(runs[first][0]),
         "prompts_per_step": run_cfg.global_batch_size, "group_size": rl.group_size, "max_tokens": rl.max_tokens,
-        "loop_rollout_tokens_per_s": round(loop_rate, 1),
         "alone_tokens_per_s": round(alone_rate, 1),
-        "rollout_ratio": round(loop_rate / alone_rate, 3),
-        "sync_share": round(totals["sync_s"] / totals["step_s"], 4),
-        **{f"{k.removesuffix('_s')}_s_per_step": round(v / len(records), 3) for k, v in totals.items()},
+        "rollout_ratio": round(main["loop_rollout_tokens_per_s"] / alone_rate, 3),
+        "placement": first,
+        **main,
+        "placements": by_placement,
         "config": asdict(bench),
     }
     write_figures(figures, bench.output)
     print(
-        f"bench rl: {len(records)} steps × {completions} completions: rollout in the loop {figures['loop_rollout_tokens_per_s']:,} "
-        f"tok/s vs the engine alone {figures['alone_tokens_per_s']:,} tok/s → ×{figures['rollout_ratio']}; weight sync "
-        f"{figures['sync_share']:.1%} of a step ({figures['sync_s_per_step']}s of {figures['step_s_per_step']}s)",
-        flush=True,
+        f"bench rl: {figures['steps_measured']} steps × {completions} completions ({first} engine): rollout in the loop "
+        f"{main['loop_rollout_tokens_per_s']:,} tok/s vs the engine alone {figures['alone_tokens_per_s']:,} tok/s → "
+        f"×{figures['rollout_ratio']}; weight sync {main['sync_share']:.1%} of a step ({main['sync_s_per_step']}s of "
+        f"{main['step_s_per_step']}s)", flush=True,
     )
+    for placement, values in by_placement.items():
+        print(f"bench rl: {placement}: step {values['step_s_per_step']}s = rollout {values['rollout_s_per_step']}s + policy "
+              f"step {values['train_s_per_step']}s + sync {values['sync_s_per_step']}s", flush=True)
     return figures
 
 

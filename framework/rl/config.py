@@ -15,9 +15,11 @@ from framework.rl.grpo import NORMALIZATIONS, SCALES
 
 @dataclass
 class EngineConfig:
-    """The rollout engine: vLLM in a Ray actor of its own, beside the DeepSpeed workers (framework/rl/rollout.py)."""
+    """The rollout engine: vLLM in a Ray actor of its own (framework/rl/rollout.py), on CPUs of its own (separate) or on
+    rank 0's node, sharing the CPUs the workers hold (colocated: rollout and training take turns)."""
 
-    num_cpus: float = MISSING            # Ray CPUs of the actor; on CPU also vLLM's threads
+    placement: str = MISSING             # separate | colocated
+    num_cpus: float = MISSING            # vLLM's threads on CPU; separate: also the Ray CPUs the actor reserves
     num_gpus: float = MISSING            # 0: vLLM's CPU build
     kv_cache_gib: int = MISSING          # CPU: the KV cache's whole GiB (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = MISSING  # GPU: vLLM's share of the device
@@ -47,6 +49,7 @@ class RLConfig:
 
 
 ALGORITHMS = ("grpo",)
+PLACEMENTS = ("separate", "colocated")
 
 
 def check_rl(rl: RLConfig) -> None:
@@ -66,6 +69,10 @@ def check_rl(rl: RLConfig) -> None:
     require(rl.eval_temperature >= 0, "rl.eval_temperature", rl.eval_temperature, "expected 0 (greedy) or more")
     require(rl.log_samples >= 0, "rl.log_samples", rl.log_samples, "expected 0 or more")
     engine = rl.engine
+    require(engine.placement in PLACEMENTS, "rl.engine.placement", engine.placement, f"expected one of {', '.join(PLACEMENTS)}")
+    require(engine.placement == "separate" or engine.num_gpus == 0, "rl.engine.placement", engine.placement,
+            "an engine colocated on the trainer's GPU needs vLLM's sleep mode between rollouts and steps, which this version "
+            "does not drive; use rl.engine.placement=separate (a GPU of its own) or a CPU engine (rl.engine.num_gpus=0)")
     require(engine.num_cpus > 0, "rl.engine.num_cpus", engine.num_cpus, "expected a positive number of CPUs")
     require(engine.num_gpus >= 0, "rl.engine.num_gpus", engine.num_gpus, "expected 0 (CPU) or more")
     require(engine.kv_cache_gib >= 1, "rl.engine.kv_cache_gib", engine.kv_cache_gib, "expected a whole number of GiB, 1 or more")

@@ -36,16 +36,20 @@ class EngineSpec:
     gpu_memory_utilization: float
     dtype: str
     max_num_seqs: int
+    placement: str = "separate"  # separate: the actor reserves num_cpus/num_gpus; colocated: none, on node `node_id`
+    node_id: Optional[str] = None
     max_model_len: Optional[int] = None  # the longest prompt + completion (the run's data.seq_len + rl.max_tokens)
     lora_rank: Optional[int] = None  # LoRA runs: the adapters' rank (vLLM allots room for it)
     seed: int = 0
 
     @classmethod
-    def of(cls, engine: Any, folder: str, max_model_len: Optional[int], lora_rank: Optional[int], seed: int) -> "EngineSpec":
-        """The spec of an `rl.engine` config (framework/rl/config.py: EngineConfig) for `folder`."""
+    def of(cls, engine: Any, folder: str, max_model_len: Optional[int], lora_rank: Optional[int], seed: int,
+           node_id: Optional[str] = None) -> "EngineSpec":
+        """The spec of an `rl.engine` config (framework/rl/config.py: EngineConfig) for `folder`; a colocated engine
+        goes to node `node_id` (the trainer's)."""
         return cls(folder=folder, num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, kv_cache_gib=engine.kv_cache_gib,
                    gpu_memory_utilization=engine.gpu_memory_utilization, dtype=engine.dtype, max_num_seqs=engine.max_num_seqs,
-                   max_model_len=max_model_len, lora_rank=lora_rank, seed=seed)
+                   placement=engine.placement, node_id=node_id, max_model_len=max_model_len, lora_rank=lora_rank, seed=seed)
 
     @property
     def on_gpu(self) -> bool:
@@ -80,7 +84,13 @@ class EngineSpec:
         env = {} if self.on_gpu else cpu_engine_env(self.num_cpus, self.kv_cache_gib)
         # A weight sync logs a page of INFO lines (and warnings for the tied weights it sets itself) every step.
         env["VLLM_LOGGING_LEVEL"] = "ERROR"
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "runtime_env": {"env_vars": env}}
+        options: Dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "runtime_env": {"env_vars": env}}
+        if self.placement == "colocated":
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # Nothing reserved: its threads share the trainer's CPUs, which wait while it samples and vice versa.
+            options.update(num_cpus=0, num_gpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False))
+        return options
 
 
 @dataclass
@@ -182,7 +192,7 @@ def start_engine(spec: EngineSpec, name: Optional[str] = None) -> Any:
 
     options = spec.actor_options()
     # Not inside the caller's placement group (a Train worker's bundle, which its worker fills): on its own resources.
-    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
+    options.setdefault("scheduling_strategy", PlacementGroupSchedulingStrategy(placement_group=None))
     if name:
         options["name"] = name
     actor = ray.remote(RolloutEngine).options(**options).remote(spec)

@@ -163,7 +163,7 @@ def beside_engines(cfg: TrainRoot, nodes: Sequence[Dict[str, float]], runs: int 
     trials) have their CPUs and GPUs: each taken from the node with the most free CPUs among those that hold it (Ray
     places an actor where it fits). Nothing is taken for other runs."""
     nodes = [dict(n) for n in nodes]
-    if cfg.rl is None:
+    if cfg.rl is None or cfg.rl.engine.placement == "colocated":  # a colocated engine reserves nothing
         return nodes
     engine = cfg.rl.engine
     for placed in range(runs):

@@ -15,8 +15,9 @@ One step, with B = run.global_batch_size prompts, G = rl.group_size, W workers:
      object store (framework/train/policy_sync.py); ZeRO-3 workers gather them first
 
 The policy is updated once per rollout (TRL's num_iterations=1): the "old" log-probs of the ratio are the trainer's own,
-detached, so the ratio is 1 and the clip takes effect only through its gradient's definition (as in TRL); the engine's
-log-probs are compared with them (train/logprob_gap: what the sampler and the trainer disagree by).
+detached, so the ratio is 1, the gradient is the plain policy gradient A·∇log π, and the clip never binds (train/clip_ratio
+reads 0; it counts once a rollout is reused for more updates). The engine's log-probs of the same tokens are compared
+with the trainer's (train/logprob_gap: what the sampler and the trainer disagree by).
 """
 
 from __future__ import annotations
@@ -261,11 +262,13 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
     rollouts = None
     train_prompts = validation = order = None
     if rank == 0:
+        import ray
+
         spec = EngineSpec.of(rl.engine, cfg.model.pretrained_path, manifest["seq_len"] + rl.max_tokens,
-                             cfg.model.lora.r if lora else None, run.seed)
+                             cfg.model.lora.r if lora else None, run.seed, node_id=ray.get_runtime_context().get_node_id())
         started = time.perf_counter()
         actor = start_engine(spec)
-        say(f"rollout engine up in {time.perf_counter() - started:.0f}s ({spec.num_cpus:g} CPUs, {spec.num_gpus:g} GPUs)")
+        say(f"rollout engine up in {time.perf_counter() - started:.0f}s ({spec.placement}: {spec.num_cpus:g} CPUs, {spec.num_gpus:g} GPUs)")
         rollouts = Rollouts(actor, reward_functions(cfg.reward), rl, run.seed)
         order = SampleOrder(split_blocks(manifest, "train"), run.seed, run.shuffle_window)
         train_prompts = ShardReader(plan.data_dir, manifest, "train", cache_groups=2 * run.shuffle_window + 2)
