@@ -185,3 +185,17 @@ def test_a_reward_without_rl_is_refused(folder: str) -> None:
 
     with pytest.raises(ConfigError, match=r"^reward=last-number: rewards score the completions of reinforcement learning: add rl=grpo"):
         TRAIN.from_overrides(["reward=last-number"])
+
+
+def test_a_workers_run_error_ends_the_run_as_one_line_naming_the_rank() -> None:
+    """What launch/train.py prints for a reward that raised in a worker: the worker's RunError, not Ray Train's
+    WorkerGroupError with every worker's traceback; any other worker failure stays Ray Train's."""
+    import ray.train
+
+    from framework.train.trainer import worker_error
+
+    failed = ray.train.WorkerGroupError("rank 1 failed", {1: RunError("reward correct (...) raised KeyError on record 'q'")})
+    error = worker_error(failed)
+    assert isinstance(error, RunError) and str(error) == "rank 1: reward correct (...) raised KeyError on record 'q'"
+    other = ray.train.WorkerGroupError("rank 0 failed", {0: ValueError("boom")})
+    assert worker_error(other) is other

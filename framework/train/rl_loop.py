@@ -7,7 +7,7 @@ One step, with B = run.global_batch_size prompts, G = rl.group_size, W workers:
      prompts) and asks the rollout engine (framework/rl/rollout.py: vLLM in a Ray actor) for G completions of each,
      each prompt's sampling seeded by (run.seed, step, row), with the log-probs of the distribution it sampled from
   2. rank 0 scores them (framework/rl/rewards.py) and computes the group-normalised advantages (framework/rl/grpo.py),
-     then hands every worker its B/W prompts' groups (a broadcast over the process group)
+     then hands every worker its B/W prompts' groups (a scatter over the process group)
   3. every worker recomputes the log-probs of the sampled tokens with its policy (logits over rl.temperature), the
      reference's with rl.beta > 0, and back-propagates the clipped objective; the step's loss is a mean over its
      completion tokens (or completions) on all workers, as every loss of the project is
@@ -222,6 +222,15 @@ def train_metrics(sums: torch.Tensor, units: float, world: int, accumulation: in
     return out
 
 
+def scatter(values: Optional[List[Any]], rank: int) -> Any:
+    """Each rank's item of rank 0's `values` (one per rank; pickled objects over the process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values[0]
+    out: List[Any] = [None]
+    dist.scatter_object_list(out, values if rank == 0 else None, src=0)
+    return out[0]
+
+
 def broadcast(value: Any, rank: int) -> Any:
     """Rank 0's `value` on every rank (a pickled object over the process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -296,9 +305,10 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
     try:
         while state.step < run.max_steps:
             step_started = time.perf_counter()
-            planned = plan_step(rollouts, train_prompts, order, state.step, run, rl, world) if rank == 0 else None
-            shares, rollout_metrics, record = broadcast(planned, rank)
-            mine = shares[rank]
+            shares = rollout_metrics = record = None  # the metrics and the record stay on rank 0, which logs them
+            if rank == 0:
+                shares, rollout_metrics, record = plan_step(rollouts, train_prompts, order, state.step, run, rl, world)
+            mine = scatter(shares, rank)  # each worker receives its own groups only
             units = mine["units"]
             per_micro = max(units, 1.0) / (world * accumulation)
             trained = time.perf_counter()
