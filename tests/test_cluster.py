@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import requests
@@ -38,41 +38,32 @@ SUBMIT = [PYTHON, str(ROOT / "launch" / "submit.py")]
 HEAD_CPUS, WORKER_CPUS, CPUS_PER_TRAIN_WORKER = 5, 3, 3
 
 
-def _free_ports(count: int) -> List[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+_RANGES_GIVEN: List[Tuple[int, int]] = []
+NODE_SETTLE_S = 5
 
 
-_RANGES_GIVEN: List[int] = []
+def _free_port_range(size: int) -> int:
+    """The first of `size` consecutive free ports, drawn below the kernel's ephemeral range and apart from the
+    ranges given to earlier nodes (which may not be bound yet).
 
-
-def _free_port_range(size: int = 60) -> int:
-    """The first port of `size` consecutive free ports, for a node's Ray workers.
-
-    Drawn below the kernel's ephemeral range, where `_free_ports` (port 0 binds) picks the other
-    components' ports, and apart from the ranges given to earlier nodes, which may not be bound yet.
+    Below the ephemeral range because a port that a bind to port 0 found free there can be taken, before the
+    node binds it, by any outgoing connection on a busy machine: a node's dashboard agent that loses its port
+    takes the raylet down with it (a CI run lost its restarted worker node that way, or so it looked).
     """
     ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
     low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
     rng = secrets.SystemRandom()
     for _ in range(200):
         base = rng.randrange(10000, low - size)
-        if any(abs(base - given) < size for given in _RANGES_GIVEN):
+        if any(base < start + length and start < base + size for start, length in _RANGES_GIVEN):
             continue
         socks = []
         try:
             for port in range(base, base + size):
                 s = socket.socket()
                 socks.append(s)
-                s.bind(("127.0.0.1", port))
-            _RANGES_GIVEN.append(base)
+                s.bind(("", port))
+            _RANGES_GIVEN.append((base, size))
             return base
         except OSError:
             continue
@@ -80,6 +71,11 @@ def _free_port_range(size: int = 60) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free port range")
+
+
+def _free_ports(count: int) -> List[int]:
+    base = _free_port_range(count)
+    return list(range(base, base + count))
 
 
 def _descendants(pid: int) -> List[int]:
@@ -142,9 +138,37 @@ class LocalCluster:
         env.update(extra)
         return env
 
-    def start_node(self, name: str, num_cpus: int) -> None:
+    def start_node(self, name: str, num_cpus: int, timeout_s: float = 120.0) -> None:
+        """Start a node and wait until the cluster sees it alive under a new node ID (a node killed a moment ago may
+        still be listed alive). A node whose process exits before that is started again on other ports, at most
+        twice: the ports are free when drawn, not reserved, so on a busy machine one can be taken before the node
+        binds it. Each attempt's output is kept in <workdir>/<name>.log."""
+        before = set(self.alive_nodes())
+        for attempt in range(3):
+            if attempt and name == "head_node":
+                self.gcs_port, self.dashboard_port = _free_ports(2)
+                self.address = f"http://127.0.0.1:{self.dashboard_port}"
+            self._spawn_node(name, num_cpus)
+            deadline = time.monotonic() + timeout_s
+            joined = None
+            while time.monotonic() < deadline and self.nodes[name].poll() is None:
+                if joined is None and any(node_id not in before and kind == name for node_id, kind in self.alive_nodes().items()):
+                    joined = time.monotonic()
+                # Alive for a while after joining: the node's agents start after its raylet registers, and a raylet
+                # whose agent fails (its port taken) exits with it.
+                if joined is not None and time.monotonic() - joined >= NODE_SETTLE_S:
+                    return
+                time.sleep(1)
+            log = (self.workdir / f"{name}.log").read_text()[-3000:]
+            if self.nodes[name].poll() is None:
+                raise AssertionError(f"{name} did not join the cluster in {timeout_s:.0f} s: {log}")
+            print(f"{name} exited while starting (attempt {attempt + 1}), its log: {log}", file=sys.stderr)
+            self.nodes.pop(name)
+        raise AssertionError(f"{name} exited while starting, three times; the last log: {log}")
+
+    def _spawn_node(self, name: str, num_cpus: int) -> None:
         ports = _free_ports(7)
-        workers = _free_port_range()
+        workers = _free_port_range(60)
         self.temp_dirs[name] = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
         args = [
             str(Path(PYTHON).parent / "ray"), "start", "--block", "--disable-usage-stats",
@@ -162,7 +186,7 @@ class LocalCluster:
             ]
         else:
             args += [f"--address=127.0.0.1:{self.gcs_port}"]
-        log = open(self.workdir / f"{name}.log", "w")
+        log = open(self.workdir / f"{name}.log", "a")
         self.nodes[name] = subprocess.Popen(
             args, env=self.node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -215,26 +239,13 @@ class LocalCluster:
         query = "/api/v0/actors?detail=1&limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
         return self.api(query)["data"]["result"]["result"]
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> Dict[str, str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            nodes = self.alive_nodes()
-            if len(nodes) == count:
-                return nodes
-            for name, proc in self.nodes.items():
-                assert proc.poll() is None, f"{name} exited: {(self.workdir / f'{name}.log').read_text()[-2000:]}"
-            time.sleep(1)
-        raise AssertionError(f"cluster did not reach {count} alive nodes in {timeout_s:.0f} s")
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     local = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:
         local.start_node("head_node", HEAD_CPUS)
-        local.wait_for_nodes(1)
         local.start_node("worker_node", WORKER_CPUS)
-        local.wait_for_nodes(2)
         yield local
     finally:
         local.stop()
@@ -416,8 +427,11 @@ def test_an_elastic_job_runs_on_both_nodes_goes_on_without_a_lost_node_and_grows
         _wait_for(follower, lines, r"resumed from .* at step \d+", alone)
         _wait_for(follower, lines, r"step \d+/", alone)
         cluster.start_node("worker_node", WORKER_CPUS)
-        cluster.wait_for_nodes(2)
-        grown = _wait_for(follower, lines, r"rank 1 of 2:", alone)
+        try:
+            grown = _wait_for(follower, lines, r"rank 1 of 2:", alone)
+        except AssertionError as e:  # which nodes the cluster sees, and the restarted node's own log
+            raise AssertionError(f"{e}\nalive nodes: {cluster.alive_nodes()}\nworker_node.log: "
+                                 f"{(cluster.workdir / 'worker_node.log').read_text()[-3000:]}") from None
         resumed = int(re.search(r"at step (\d+)", lines[_wait_for(follower, lines, r"resumed from .* at step \d+", grown)]).group(1))
         deadline = time.monotonic() + 300
         while not any(s["step"] > resumed and s["world_size"] == 2 for s in _complete_checkpoints(run_dir)):

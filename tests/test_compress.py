@@ -2,8 +2,8 @@
 serving engine's greedy decoding, Ray Serve and the `openai` client.
 
 The session's tiny export (trained under ZeRO-3 by the shared fixture) is compressed once per method this
-machine runs (the int8 one through a sweep's best.json); one Serve deployment of the int8 folder is shared by the
-serving tests. Refusals are checked on small random-weight folders built here, before any weights are read.
+machine runs (the int8 one through a sweep's best.json); launch/serve.py serves the int8 folder once, for the answers
+and for draining on SIGTERM. Refusals are checked on small random-weight folders built here, before any weights are read.
 """
 
 from __future__ import annotations
@@ -12,14 +12,20 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+import requests
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SERVE_API_KEY, SERVE_KEY_ENV, free_port, greedy_reference, launch
+from conftest import ROOT, SERVE_API_KEY, SERVE_KEY_ENV, free_port, greedy_reference, launch
 from framework.compress.plan import COMPRESS_MARKER, plan_compression
 from framework.compress.config import CompressConfig, to_compress_config
 from framework.compress.job import CompressError
@@ -272,39 +278,65 @@ def test_a_sweeps_best_json_is_compressed_by_name(compressed: Dict[str, Tuple[Pa
 # ---------------------------------------------------------------------------------------------
 # Serving the compressed folder unchanged
 
-@pytest.fixture(scope="module")
-def server(compressed: Dict[str, Tuple[Path, Dict]]):
-    """The int8 folder behind the OpenAI API, checked by launch/serve.py's own check first."""
-    import ray
-    from ray import serve
-
-    from framework.serve.app import config_from_args, deploy
-    from framework.serve.config import SERVE
-
-    folder = compressed["int8"][0]
-    SERVE.from_overrides([f"serve.model_path={folder}"])
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    url = deploy(config_from_args({"model_path": str(folder), "host": "127.0.0.1", "port": free_port(),
-                                   "app_name": "test-compress", "min_replicas": 1, "max_replicas": 1, "api_key_env": SERVE_KEY_ENV}))
-    yield url
-    serve.shutdown()
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_the_served_folder_answers_the_openai_client_as_transformers_does(server: str, compressed: Dict[str, Tuple[Path, Dict]]) -> None:
+def test_launch_serve_answers_from_the_int8_folder_as_transformers_does_and_drains_on_sigterm(compressed: Dict[str, Tuple[Path, Dict]]) -> None:
+    """launch/serve.py as a user runs it, on the int8 folder unchanged (its folder check first): the openai client gets
+    transformers' greedy text on the same folder; a stream in flight when SIGTERM comes is served to its end, then
+    Serve shuts down and the command exits 0, without a stack dump. (One server for both: each start is a vLLM engine.)"""
     from openai import OpenAI
+    from transformers import AutoTokenizer
 
     folder = compressed["int8"][0]
-    client = OpenAI(base_url=server + "/v1", api_key=SERVE_API_KEY, max_retries=0, timeout=60)
-    assert [m.id for m in client.models.list().data] == [folder.name]
-    prompts: List[str] = ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]
-    for prompt in prompts:
-        completion = client.completions.create(model=folder.name, prompt=prompt, max_tokens=12, temperature=0)
-        assert completion.choices[0].text == greedy_reference(folder, prompt, 12), prompt
-    chat = client.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                          temperature=0)
-    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "serve.py"), f"serve.model_path={folder}", "serve.host=127.0.0.1",
+         f"serve.port={port}", "serve.app_name=test-compress", "serve.max_replicas=1", "serve.drain_timeout_s=120",
+         f"serve.api_key_env={SERVE_KEY_ENV}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    lines: List[str] = []
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(1)
+        client = OpenAI(base_url=url + "/v1", api_key=SERVE_API_KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [folder.name]
+        for prompt in ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]:
+            completion = client.completions.create(model=folder.name, prompt=prompt, max_tokens=12, temperature=0)
+            assert completion.choices[0].text == greedy_reference(folder, prompt, 12), prompt
+        chat = client.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                              temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+
+        started = threading.Event()
+        no_eos = {str(AutoTokenizer.from_pretrained(folder).eos_token_id): -100}  # decodes all of its max_tokens
+
+        def stream() -> None:
+            body = {"model": folder.name, "prompt": "def f(x):", "max_tokens": 96, "temperature": 0, "stream": True, "logit_bias": no_eos}
+            headers = {"Authorization": f"Bearer {SERVE_API_KEY}"}
+            with requests.post(url + "/v1/completions", json=body, headers=headers, stream=True, timeout=120) as response:
+                for line in response.iter_lines(decode_unicode=True):
+                    if line:
+                        lines.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(120)
+        process.send_signal(signal.SIGTERM)
+        reader.join(300)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert "serve: stopped" in out
+    assert "SIGTERM received" not in err and "Traceback" not in err

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from framework.config import require
-from framework.rl.grpo import NORMALIZATIONS, SCALES
+
+# How advantages are scaled within a group and how the loss is averaged (framework/rl/grpo.py computes both).
+SCALES = ("group", "batch", "none")
+NORMALIZATIONS = ("token", "sequence")
 
 
 @dataclass

@@ -26,10 +26,10 @@ from typing import Optional
 
 import torch
 
+from framework.rl.config import NORMALIZATIONS, SCALES
+
 # Added to the std before dividing: TRL's constant (a group of equal rewards has advantage 0, not nan).
 STD_EPS = 1e-4
-SCALES = ("group", "batch", "none")
-NORMALIZATIONS = ("token", "sequence")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:

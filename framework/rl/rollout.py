@@ -84,6 +84,11 @@ class EngineSpec:
         env = {} if self.on_gpu else cpu_engine_env(self.num_cpus, self.kv_cache_gib)
         # A weight sync logs a page of INFO lines (and warnings for the tied weights it sets itself) every step.
         env["VLLM_LOGGING_LEVEL"] = "ERROR"
+        if not self.on_gpu:
+            # On CPU the engine core runs in the actor's own process: a separate core process (vLLM's default, which
+            # overlaps a GPU's work with the scheduler's) buys nothing there and costs a second interpreter importing
+            # torch and vLLM. Measured on the 2-core VM: the engine up in 2 s instead of 19 s, sampling as fast.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         options: Dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "runtime_env": {"env_vars": env}}
         if self.placement == "colocated":
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
