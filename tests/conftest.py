@@ -47,6 +47,26 @@ _serve_ingress()
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+# Where each test's time went, process by process: with PYTEST_TIMELINE=<file> set, one JSON line per test
+# (xdist worker, test, start and end of its setup, call and teardown), to see which worker waited for a shared fixture the other was making.
+_TIMELINE = os.environ.get("PYTEST_TIMELINE")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # noqa: ANN001, ANN201
+    if not _TIMELINE:
+        return (yield)
+    import time
+
+    start = time.time()
+    try:
+        return (yield)
+    finally:
+        with open(_TIMELINE, "a") as f:
+            f.write(json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid,
+                                "start": start, "end": time.time()}) + "\n")
+
+
 def run_overrides(data_dir: str, storage: str, name: str, **extra: object) -> List[str]:
     """Overrides for a ~20-step tiny-model run on the small corpus: seconds of compute per step."""
     overrides = {
