@@ -171,13 +171,19 @@ def test_lora_sends_only_the_adapters_and_the_kl_is_to_the_base_with_adapters_of
     still zero, and grows after."""
     from framework.train.config import TRAIN
 
+    import glob
+    import tempfile
+
     root, model, source, data = task
+    engine_copies = os.path.join(tempfile.gettempdir(), "rollout-weights-*")  # where the engine writes the weights sent to it
+    before = set(glob.glob(engine_copies))
     run_dir, _ = train_bare(ray_session, TRAIN.from_overrides(grpo_overrides(
         model, source, data, tmp_path, "lora", **{"model/lora": "default", "rl.beta": 0.04, "rl.engine.placement": "colocated", "run.max_steps": 4,
                                                   "run.eval_interval": 4, "run.checkpoint_interval": 4})))
     kl, gap = _by_step(run_dir, "train/kl"), _by_step(run_dir, "train/logprob_gap")
     assert sorted(kl) == [1, 2, 3, 4] and kl[1] == pytest.approx(0.0, abs=1e-7) and kl[4] > 1e-4, kl
     assert max(gap.values()) < 1e-3, gap
+    assert set(glob.glob(engine_copies)) <= before  # the run removed the engine's copy of the last adapters sent
 
 
 def test_a_grpo_checkpoint_exports_to_a_verified_folder_that_answers_as_the_run_measured(grpo_run, tmp_path) -> None:  # noqa: ANN001

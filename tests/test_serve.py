@@ -613,6 +613,8 @@ def _scrape_until(check) -> Dict[str, float]:  # noqa: ANN001 - Ray exports appl
 # vLLM's engine metrics as Ray Serve LLM exports them (docs/serving.md lists them; k8s/grafana-dashboard.json charts them).
 ENGINE_HISTOGRAMS = ("ray_vllm_time_to_first_token_seconds", "ray_vllm_e2e_request_latency_seconds",
                      "ray_vllm_inter_token_latency_seconds")
+# vLLM's gauges, set from the engine's scheduler stats after its steps.
+ENGINE_GAUGES = ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc")
 
 
 def test_serving_metrics_reach_the_prometheus_endpoint(server: str, no_eos: Dict[str, float]) -> None:
@@ -633,6 +635,11 @@ def test_serving_metrics_reach_the_prometheus_endpoint(server: str, no_eos: Dict
     assert after["ray_vllm_inter_token_latency_seconds_count"] > before["ray_vllm_inter_token_latency_seconds_count"]
     assert after["ray_llm_refused_requests_total{reason=invalid_value}"] >= 1
     assert after["ray_vllm_request_success_total{finished_reason=length}"] >= before.get("ray_vllm_request_success_total{finished_reason=length}", 0) + 3
+    # The gauges of running and waiting requests and of KV-cache use reach the endpoint too (one engine: a share ≤ 1).
+    gauges = _scrape_until(lambda m: all(g in m for g in ENGINE_GAUGES))
+    assert all(g in gauges for g in ENGINE_GAUGES), sorted(gauges)
+    assert gauges["ray_vllm_num_requests_running"] >= 0 and gauges["ray_vllm_num_requests_waiting"] >= 0
+    assert 0 <= gauges["ray_vllm_kv_cache_usage_perc"] <= 1
 
 
 def test_requests_without_the_key_are_refused_at_the_proxy_before_a_queue_place(server: str) -> None:

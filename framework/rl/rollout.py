@@ -174,7 +174,6 @@ class RolloutEngine:
         """`load_weights` of a folder sent as its files (name → content) through Ray's object store, so the trainer and
         the engine need share no file system; written to a folder of the engine's own (the last version's is kept:
         vLLM reads a LoRA adapter's folder when a request first uses it)."""
-        import shutil
         import tempfile
 
         folder = tempfile.mkdtemp(prefix="rollout-weights-")
@@ -183,10 +182,18 @@ class RolloutEngine:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
         version = self.load_weights(folder)
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        self.close()
         self.folder = folder
         return version
+
+    def close(self) -> None:
+        """Remove the engine's copy of the weights last sent as files (the run calls it at its end; the actor's process
+        is then stopped, which would leave a model-sized folder in the node's temp directory)."""
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def start_engine(spec: EngineSpec, name: Optional[str] = None) -> Any:

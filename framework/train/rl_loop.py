@@ -289,10 +289,17 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
     def evaluate() -> Dict[str, float]:
         return broadcast(validation_reward(rollouts, validation, plan.eval_rows, rl) if rank == 0 else None, rank)
 
+    def close_engine() -> None:  # its copy of the last weights sent; the actor itself goes with this worker
+        if rollouts is not None:
+            import ray
+
+            ray.get(rollouts.engine.close.remote())
+
     if state.step >= run.max_steps:
         result = evaluate()
         if rank == 0:
             say(f"run {run.name} is at step {state.step} of {run.max_steps}: evaluated its checkpoint: val reward {result['val/reward']:.4f}")
+        close_engine()
         session.report({"step": state.step, "tokens": state.tokens, **{report_key(k): v for k, v in result.items()}})
         return
 
@@ -364,6 +371,7 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
                         session.report(report, checkpoint_dir=directory, step=state.step, upload=run.checkpoint_upload)
                     else:
                         session.report(report)
+        close_engine()
     finally:
         logger.close()
 
