@@ -50,7 +50,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The README's suite runs on two processes, a file at a time each (--dist loadfile). pytest-xdist hands the files out
 # by their number of tests, most first, which put the two costliest files for their size (test_grpo.py, test_cluster.py)
 # last: one process went on alone for 4.5 minutes at the end. The files go out longest first instead (the order of
-# their times in the last full run on the 2-core VM), and the rest in collection order behind them.
+# their times in the last full run on the 2-core VM), and the rest in collection order behind them: both processes
+# now end together. (The suite took as long: it is CPU-bound, and what ran alone at the end now shares the CPUs.)
 LONGEST_FILES_FIRST = (
     "test_tune.py", "test_serve.py", "test_grpo.py", "test_cluster.py", "test_checkpoints.py", "test_train.py",
     "test_compress.py", "test_sft.py", "test_generate.py", "test_dpo.py", "test_prep.py",
@@ -67,8 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
 
 
-# Where each test's time went, process by process: with PYTEST_TIMELINE=<file> set, one JSON line per test
-# (xdist worker, test, start and end of its setup, call and teardown), to see which worker waited for a shared fixture the other was making.
+# Where each test's time went, process by process: with PYTEST_TIMELINE=<file> set, one JSON line per test (its xdist
+# worker, and the start and end of its setup, call and teardown), to see when a process waited or ran alone.
 _TIMELINE = os.environ.get("PYTEST_TIMELINE")
 
 

@@ -169,6 +169,8 @@ class LocalCluster:
     def _spawn_node(self, name: str, num_cpus: int) -> None:
         ports = _free_ports(7)
         workers = _free_port_range(60)
+        if name in self.temp_dirs:  # the node that used it is gone (killed, or exited while starting)
+            shutil.rmtree(self.temp_dirs[name], ignore_errors=True)
         self.temp_dirs[name] = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
         args = [
             str(Path(PYTHON).parent / "ray"), "start", "--block", "--disable-usage-stats",

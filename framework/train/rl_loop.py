@@ -293,7 +293,10 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
         if rollouts is not None:
             import ray
 
-            ray.get(rollouts.engine.close.remote())
+            try:
+                ray.get(rollouts.engine.close.remote())
+            except ray.exceptions.RayActorError:
+                pass  # an engine that died (what ended the run) cannot be asked; the run's own error is the one to see
 
     if state.step >= run.max_steps:
         result = evaluate()
@@ -371,7 +374,7 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
                         session.report(report, checkpoint_dir=directory, step=state.step, upload=run.checkpoint_upload)
                     else:
                         session.report(report)
-        close_engine()
     finally:
         logger.close()
+        close_engine()  # however the run ended
 
