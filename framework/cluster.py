@@ -25,7 +25,7 @@ def connect(address: Optional[str] = None) -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         return
     chosen = GCS_PORT_VARIABLE not in os.environ  # a port the user set is kept
-    port = os.environ.setdefault(GCS_PORT_VARIABLE, str(_free_port()))
+    port = os.environ.setdefault(GCS_PORT_VARIABLE, str(free_port("")))
     try:
         # Workers import `framework` from the driver's environment; nothing else needs shipping locally.
         ray.init(logging_level="WARNING", log_to_driver=True,
@@ -51,8 +51,8 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs{gpu}"
 
 
-def _free_port() -> int:
-    """A TCP port nothing listens on now (the local cluster's GCS takes it a moment later)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now on `host` ("": every interface), for a server that binds it a moment later."""
     with socket.socket() as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import pyarrow.fs as pafs
@@ -45,6 +46,7 @@ from framework.config import Job, RunError, absolute, register, require, typed
 from framework.hf_folder import DTYPE_NAMES, check_output_dir, quiet_progress_bars, replace_dir, share_permissions
 from framework.hf_folder import max_positions
 from framework.model import PROBE_TEXT, dtype_named, pad_token_id
+from framework.tracking import TrackingConfig
 from framework.train import checkpoint as ckpt
 
 # Stage 0 keeps the whole model in rank 0's model states; ZeRO-1/2/3 shard it over every rank's optimizer states.
@@ -84,6 +86,7 @@ class ExportRoot:
     """The root of conf/export.yaml."""
 
     export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # Registered on import (`conf/export.yaml` names it) so that `compose(..., "export")` finds it from any entry point.
@@ -199,12 +202,16 @@ def _shard_size_ok(size: str) -> bool:
         return False
 
 
-def load_export(cfg: DictConfig) -> ExportConfig:
+def load_export(cfg: DictConfig) -> ExportRoot:
     """`launch/export.py`'s root: the `export` node typed and checked with the checkpoint itself (before any weights are
-    read), its checkpoint resolved to one complete checkpoint and its output_dir to the folder to write."""
+    read), its checkpoint resolved to one complete checkpoint and its output_dir to the folder to write; the tracking."""
+    from framework.tracking import check_tracking
+
     export = to_export_config(cfg)
     checkpoint, output_dir = validate_export(export)
-    return replace(export, checkpoint=checkpoint, output_dir=output_dir)
+    tracking = typed(TrackingConfig, cfg["tracking"], "tracking")
+    check_tracking(tracking)
+    return ExportRoot(replace(export, checkpoint=checkpoint, output_dir=output_dir), tracking)
 
 
 EXPORT = Job("export", load=load_export)
@@ -388,7 +395,7 @@ def verify_adapter(adapter_dir: str, checkpoint_dir: str, ids: torch.Tensor, exp
 
 def export_checkpoint(
     checkpoint: str, output_dir: Optional[str], *, dtype: Optional[str] = None, max_shard_size: Optional[str] = None,
-    adapter: Optional[bool] = None,
+    adapter: Optional[bool] = None, tracking: Optional[TrackingConfig] = None,
 ) -> str:
     """Write a complete checkpoint (or a run's latest) as a verified Hugging Face folder; gives the folder.
 
@@ -443,6 +450,9 @@ def export_checkpoint(
         replace_dir(staged, output_dir)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    if tracking is not None and tracking.backend != "none":
+        track_export(tracking, checkpoint, output_dir, {"checkpoint": checkpoint, "output_dir": output_dir, "dtype": dtype,
+                                                        "max_shard_size": max_shard_size, "adapter": adapter}, diff)
     merged = "LoRA adapters merged, " if lora else ""
     with_adapter = f"; PEFT adapter folder in {os.path.join(output_dir, ADAPTER_DIR)}" if adapter else ""
     print(
@@ -453,4 +463,67 @@ def export_checkpoint(
     return output_dir
 
 
-__all__ = ["EXPORT", "ExportConfig", "ExportError", "export_checkpoint", "load_export", "resolve_checkpoint"]
+def track_export(tracking: TrackingConfig, checkpoint: str, folder: str, params: Dict[str, Any], diff: float) -> None:
+    """The export as an MLflow run (a child of the training run that made the checkpoint), its folder registered as a
+    model version; the run and version are added to the folder's export.json."""
+    from framework import tracking as track
+
+    run_dir = os.path.dirname(checkpoint.rstrip("/"))
+    marker = storage.join(run_dir, track.TRACKING_FILE)
+    parent = track.RunRef.from_dict(storage.read_json(marker)) if storage.exists(marker) else None
+    ref = track.start_run(tracking, "export", os.path.basename(folder), {"export": params}, parent=parent)
+    ok = False
+    try:
+        track.log_metrics(ref, [{"step": 0, "export/max_logit_difference": diff}])
+        version = track.register_folder(tracking, ref, folder)
+        ok = True
+    finally:
+        track.end_run(ref, ok)
+    path = os.path.join(folder, EXPORT_MARKER)
+    with open(path) as f:
+        record = json.load(f)
+    record["mlflow"] = {**ref.as_dict(), "model_version": version}
+    storage.write_json(path, record)
+    registered = f", registered as {version['name']} version {version['version']}" if version else ""
+    print(f"export: MLflow run {ref.run_id}{registered}", flush=True)
+
+
+__all__ = ["EXPORT", "ExportConfig", "ExportError", "export_checkpoint", "load_export", "resolve_checkpoint", "scoring_shards",
+           "training_shards"]
+
+
+def training_shards(folder: Path) -> Optional[str]:
+    """The shards an exported folder was trained on, when its export.json names a checkpoint that is still there
+    and the shards there are still those it trained on; else None."""
+    from framework.data.shards import MANIFEST, fingerprint
+
+    try:
+        checkpoint = json.loads((Path(folder) / EXPORT_MARKER).read_text())["checkpoint"]
+        data_dir = ckpt.read_config(checkpoint).data.output_dir
+        trained_on = ckpt.read_state(checkpoint).data_fingerprint
+        manifest = storage.read_json(storage.join(data_dir, MANIFEST))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # The same path re-prepared with other data (or another tokenizer) is not what the model trained on.
+    return data_dir if not trained_on or fingerprint(manifest) == trained_on else None
+
+
+def scoring_shards(data_dir: Optional[str], folder: Path, key: str) -> str:
+    """The prepared shards a folder's perplexity is measured on (`data_dir`, or if None those `training_shards`
+    finds): there, and tokenised as the folder's own tokenizer tokenises. `key` is the config key errors name."""
+    from transformers import AutoTokenizer
+
+    from framework.data.shards import MANIFEST, TOKENIZER_DIR
+
+    if data_dir is None:
+        data_dir = training_shards(folder)
+        require(data_dir is not None, key, None,
+                f"{folder} does not lead to the shards it was trained on (no export.json naming a checkpoint that is "
+                f"still there, with its shards unchanged); name the prepared shards to score on, e.g. {key}=data/stdlib")
+    data_dir = absolute(data_dir)
+    require(storage.exists(storage.join(data_dir, MANIFEST)), key, data_dir, f"no {MANIFEST} there; run `python launch/prep.py` first")
+    shards = AutoTokenizer.from_pretrained(storage.join(data_dir, TOKENIZER_DIR), local_files_only=True)
+    model = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    require(shards(PROBE_TEXT)["input_ids"] == model(PROBE_TEXT)["input_ids"], key, data_dir,
+            f"these shards were tokenised with another tokenizer than {folder}'s: its perplexity on them means nothing")
+    return data_dir

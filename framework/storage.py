@@ -45,10 +45,19 @@ def exists(uri: str) -> bool:
 
 
 def write_json(uri: str, obj: Any) -> None:
+    """Write JSON whole or not at all: a local file is written beside its place and renamed into it (an object
+    store's PUT is all-or-nothing already), so a reader never sees half a file."""
+    text = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     fs, path = resolve(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    if "://" in uri:
+        with fs.open_output_stream(path) as f:
+            f.write(text)
+        return
+    staged = f"{path}.tmp-{os.getpid()}"
+    with open(staged, "wb") as f:
+        f.write(text)
+    os.replace(staged, path)
 
 
 def read_text(uri: str) -> str:

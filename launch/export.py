@@ -2,14 +2,16 @@
 `python launch/export.py export.checkpoint=RUN_OR_CHECKPOINT [export.output_dir=DIR] [export.dtype=bf16]`"""
 
 from framework.cli import entry
-from framework.export import EXPORT, ExportConfig
+from framework.export import EXPORT, ExportRoot
 
 
 @entry(EXPORT)
-def main(export: ExportConfig) -> None:
+def main(root: ExportRoot) -> None:
     from framework.export import export_checkpoint
 
-    export_checkpoint(export.checkpoint, export.output_dir, dtype=export.dtype, max_shard_size=export.max_shard_size, adapter=export.adapter)
+    e = root.export
+    export_checkpoint(e.checkpoint, e.output_dir, dtype=e.dtype, max_shard_size=e.max_shard_size, adapter=e.adapter,
+                      tracking=root.tracking)
 
 
 if __name__ == "__main__":

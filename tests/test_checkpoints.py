@@ -189,7 +189,7 @@ def test_promoting_a_trial_from_object_storage_records_its_checkpoint_uri(s3, tr
     import pandas as pd
 
     from framework import storage
-    from framework.compress.plan import training_shards
+    from framework.export import training_shards
     from framework.tune.plan import load_sweep
     from framework.tune.promotion import promote
     from framework.tune.results import TrialOutcome, results_table

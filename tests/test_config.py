@@ -183,3 +183,36 @@ def test_a_benchmark_clears_only_storage_a_benchmark_made(tmp_path):
     scratch = fresh_storage(str(tmp_path / "scratch"))
     (Path(scratch) / "leftover-run").mkdir()
     assert fresh_storage(scratch) == scratch and sorted(p.name for p in Path(scratch).iterdir()) == [SCRATCH_MARKER]
+
+
+def test_tracking_without_a_server_fails_in_one_line_before_any_work(monkeypatch):
+    """tracking=mlflow needs a server: refused at composition, naming tracking.uri (train, export, eval, promote alike)."""
+    from framework.evaluation.config import EVAL
+    from framework.train.config import TRAIN
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"^tracking.uri=None: missing; name the MLflow server"):
+        TRAIN.from_overrides(["tracking=mlflow"])
+    with pytest.raises(ConfigError, match=r"^tracking.uri=None: missing"):
+        EVAL.from_overrides(["eval.model=http://h:8000", "eval.perplexity=false", "eval.output=x.json", "tracking=mlflow",
+                             "+eval.chat_sets.a={path: tests/data/arith_chat.jsonl, scoring: contains, field: answer}"])
+
+
+def test_the_readme_walk_through_commands_compose(monkeypatch):
+    """Every `launch/*.py` command of README's evaluate-track-promote walk-through composes under its own entry point
+    (a misspelt key or group fails here); what needs files that only the walk-through makes is checked in its tests."""
+    import importlib.util
+    import re
+    import shlex
+
+    text = (CONF_DIR.parent / "README.md").read_text()
+    block = text.split("**Evaluate, track, promote**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    launched = [c for c in commands if len(c) > 1 and re.fullmatch(r"launch/\w+\.py", c[1])]
+    assert len(launched) >= 5
+    for command in launched:
+        spec = importlib.util.spec_from_file_location("walk_" + command[1][7:-3], CONF_DIR.parent / command[1])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        args = [a.replace("rollback", "promote.action=rollback") if a == "rollback" else a for a in command[2:] if a != "&"]
+        module.main.job.compose(args)

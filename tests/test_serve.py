@@ -384,7 +384,11 @@ LM_EVAL_TASKS = ROOT / "tests" / "data" / "lm_eval"
 
 
 def test_lm_evaluation_harness_scores_the_served_model(server: str, served_model_dir: Path, tmp_path: Path) -> None:
-    """`lm_eval --model local-completions`: a loglikelihood task (echo + logprobs) and a generate_until task."""
+    """`lm_eval --model local-completions` by hand: a loglikelihood task (echo + logprobs) and a generate_until task;
+    then launch/eval.py against the same endpoint (its key from the environment) gives the same scores."""
+    from framework.evaluation.config import EVAL
+    from framework.evaluation.job import run_eval
+
     model_args = ",".join([
         f"model={MODEL_NAME}", f"base_url={server}/v1/completions", "tokenizer_backend=huggingface",
         f"tokenizer={served_model_dir}", "num_concurrent=2", "max_retries=1", f"max_length={CONTEXT}",
@@ -402,6 +406,18 @@ def test_lm_evaluation_harness_scores_the_served_model(server: str, served_model
     scores = json.loads(results_file.read_text())["results"]
     assert 0.0 <= scores["serve_snippets_choice"]["acc,none"] <= 1.0
     assert 0.0 <= scores["serve_snippets_generate"]["exact_match,none"] <= 1.0
+
+    [record] = run_eval(EVAL.from_overrides([
+        f"eval.model={server}", "eval.perplexity=false", f"eval.tokenizer={served_model_dir}", f"eval.api_key_env={KEY_ENV}",
+        f"eval.output={tmp_path / 'served.json'}", f"eval.include_path={LM_EVAL_TASKS}",
+        "eval.tasks=[serve_snippets_choice,serve_snippets_generate]",
+        f"+eval.chat_sets.arith={{path: {ROOT / 'tests' / 'data' / 'arith_chat.jsonl'}, scoring: last_number, field: answer}}",
+    ]))
+    written = json.loads((tmp_path / "served.json").read_text())
+    assert written["scores"].keys() == record["scores"].keys() and written["model_id"] == MODEL_NAME
+    assert written["scores"]["eval/serve_snippets_choice/acc"]["value"] == scores["serve_snippets_choice"]["acc,none"]
+    assert written["scores"]["eval/serve_snippets_generate/exact_match"]["value"] == scores["serve_snippets_generate"]["exact_match,none"]
+    assert written["scores"]["eval/arith/last_number"]["count"] == 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,6 +251,33 @@ def test_running_a_finished_sweep_again_resumes_it_without_training(finished, sw
 
 
 @pytest.mark.slow
+def test_a_sweep_ranked_on_an_eval_score_promotes_the_trial_with_the_best_score(finished, sweep_run, prepared_data, tmp_path,
+                                                                              ray_session):
+    """tune.metric names an eval.json score: the finished sweep (resumed, nothing trained again) exports each trial and
+    scores it with the eval stage over every validation row (training measured EVAL_ROWS of them); best.json names the
+    trial whose own eval.json has the lowest perplexity, and its export."""
+    from framework.data.shards import read_manifest
+    from framework.tune.plan import plan_sweep
+    from framework.tune.runner import run_sweep
+
+    out = tmp_path / "ranked"
+    overrides = sweep_run["overrides"] + ["tune.metric=val/perplexity", "tune.mode=min", f"tune.output_dir={out}",
+                                          "tune.eval=['eval.eval_rows=null']"]
+    result = run_sweep(plan_sweep(overrides))
+    table, _ = finished
+    scores = {}
+    for folder in (out / "trials").iterdir():
+        score = json.loads((folder / "eval.json").read_text())["scores"]["val/perplexity"]
+        scores[folder.name] = score["value"]
+        assert score["count"] == read_manifest(prepared_data)["splits"]["validation"]["rows"] != EVAL_ROWS
+    assert set(scores) == set(table["trial"])  # every trial finished, every one scored
+    best = json.loads((out / "best.json").read_text())
+    assert best == result.best and best["ranked_by"] == "eval" and best["metric"] == "val/perplexity"
+    assert best["trial"] == min(scores, key=scores.get) and best["value"] == scores[best["trial"]]
+    assert best["path"] == str(out / "trials" / best["trial"])
+
+
+@pytest.mark.slow
 def test_resuming_with_a_different_space_is_refused(finished, sweep_run):
     from framework.tune.plan import plan_sweep
     from framework.tune.runner import run_sweep
@@ -356,6 +383,9 @@ def test_hydra_grammar_maps_to_tune_domains():
         (['+tune.space.optim.lr="interval(3e-3,1e-4)"'], "tune.space.optim.lr=interval(3e-3,1e-4): expected start < end"),
         (['+tune.space.optim.lr="tag(lg, interval(1e-4,3e-3))"'], "tune.space.optim.lr=tag(lg, interval(1e-4,3e-3)): unknown tag lg"),
         (['+tune.space.run.micro_batch_size="range(5,1)"'], "tune.space.run.micro_batch_size=range(5,1): the range holds no values"),
+        (["tune.metric=eval/my_task/acc", "tune.mode=max", "tune.promote=false"],
+         "tune.promote=False: tune.metric=eval/my_task/acc ranks trials by evaluating their exports: expected tune.promote=true"),
+        (["tune.eval=['eval.limit=10']"], "tune.eval=['eval.limit=10']: scores trials on an eval score; tune.metric=val_loss is not one"),
         (['+tune.space.run.micro_batch_size="choice(3,4)"'], "tune.space.run.micro_batch_size: choice(3,4) gives 3: run.global_batch_size=16"),
         (['+tune.space.optim.warmup_steps="int(interval(2,300))"'], "tune.space.optim.warmup_steps: int(interval(2,300)) gives 300: optim.warmup_steps=300"),
         (['+tune.space.deepspeed="choice(zero1,zero9)"'], "tune.space.deepspeed: choice(zero1,zero9) gives zero9: 'zero9' is not an option"),

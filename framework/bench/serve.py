@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import MISSING, DictConfig
 
 from framework.bench.common import BENCHMARKS, Benchmark, folder_params, write_figures
-from framework.cluster import machine
+from framework.cluster import free_port, machine
 from framework.config import ConfigError, absolute, typed
 from framework.data.sources import stdlib_prompts
 from framework.testing import RandomModelConfig, random_model_folder
@@ -209,12 +208,6 @@ async def _serve_side(url: str, bench: ServeBenchConfig, prompts: List[str]) -> 
     return {"head_of_line": head_of_line, "load": load, "load_seconds": seconds}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def bench_serve_config(folder: Path, bench: ServeBenchConfig, port: int) -> Any:
     from framework.serve.config import compose_serve_config
 
@@ -229,7 +222,7 @@ def run_served(folder: Path, bench: ServeBenchConfig, prompts: List[str]) -> Tup
 
     from framework.serve.app import deploy
 
-    serve_cfg = bench_serve_config(folder, bench, _free_port())
+    serve_cfg = bench_serve_config(folder, bench, free_port())
     ray.init(address="local", num_cpus=bench.num_cpus, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     try:
@@ -252,7 +245,7 @@ def run_vllm_server(folder: Path, bench: ServeBenchConfig, prompts: List[str], l
 
     from framework.serve.llm import engine_cli, engine_env
 
-    port = _free_port()
+    port = free_port()
     serve_cfg = bench_serve_config(folder, bench, port)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), *engine_cli(serve_cfg)]

@@ -12,8 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from framework.compress.config import CompressConfig, check_values, to_compress_config
-from framework.config import Job, absolute, require
-from framework.model import PROBE_TEXT
+from framework.config import Job, require
 
 # What a compression writes into its folder: where the folder came from and what it costs; an output_dir
 # holding it may be replaced by a new compression, one without it is not ours to delete.
@@ -67,51 +66,11 @@ def default_compress_dir(model_path: str, name: str) -> str:
     return os.path.join("outputs", "compressed", f"{default_model_id(model_path)}-{name}")
 
 
-def training_shards(source: Path) -> Optional[str]:
-    """The shards the source was trained on, when its export.json names a checkpoint that is still there; else None."""
-    from framework import storage
-    from framework.data.shards import MANIFEST, fingerprint
-    from framework.export import EXPORT_MARKER
-    from framework.train import checkpoint as ckpt
-
-    try:
-        checkpoint = json.loads((source / EXPORT_MARKER).read_text())["checkpoint"]
-        data_dir = ckpt.read_config(checkpoint).data.output_dir
-        trained_on = ckpt.read_state(checkpoint).data_fingerprint
-        manifest = storage.read_json(storage.join(data_dir, MANIFEST))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    # The same path re-prepared with other data (or another tokenizer) is not what the model trained on.
-    return data_dir if not trained_on or fingerprint(manifest) == trained_on else None
-
-
-def check_data_dir(c: CompressConfig, source: Path) -> str:
-    """The prepared shards perplexity is measured on: there, and tokenised as the source model tokenises."""
-    from transformers import AutoTokenizer
-
-    from framework import storage
-    from framework.data.shards import MANIFEST, TOKENIZER_DIR
-
-    key = "compress.data_dir"
-    data_dir = c.data_dir
-    if data_dir is None:
-        data_dir = training_shards(source)
-        require(data_dir is not None, key, None,
-                f"{source} does not lead to the shards it was trained on (no export.json naming a checkpoint that is "
-                f"still there, with its shards unchanged); name the prepared shards to score on, e.g. {key}=data/stdlib")
-    data_dir = absolute(data_dir)
-    require(storage.exists(storage.join(data_dir, MANIFEST)), key, data_dir, f"no {MANIFEST} there; run `python launch/prep.py` first")
-    shards = AutoTokenizer.from_pretrained(storage.join(data_dir, TOKENIZER_DIR), local_files_only=True)
-    model = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    require(shards(PROBE_TEXT)["input_ids"] == model(PROBE_TEXT)["input_ids"], key, data_dir,
-            f"these shards were tokenised with another tokenizer than {source}'s: its perplexity on them means nothing")
-    return data_dir
-
-
 def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
     """Check everything a compression can check before reading weights; raises ConfigError naming the first bad key.
 
     `scored=False` (a benchmark's random-weight model) leaves out the shards and so the perplexity."""
+    from framework.export import scoring_shards
     from framework.hf_folder import (
         TORCHAO,
         check_model_folder,
@@ -129,7 +88,7 @@ def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
     layers = check_layers(c, source)
     output_dir = c.output_dir or default_compress_dir(c.model_path, c.name)
     check_output_dir(output_dir, str(source), "compress.output_dir", COMPRESS_MARKER, "compression", "the source folder")
-    data_dir = check_data_dir(c, source) if scored else None
+    data_dir = scoring_shards(c.data_dir, source, "compress.data_dir") if scored else None
     return CompressPlan(c, source, os.path.abspath(output_dir), data_dir, layers)
 
 

@@ -12,6 +12,7 @@ cover the common verifiable tasks:
 
     last_number     1 if the last number of the completion equals the record's `field` (GSM8K-style answers)
     exact_match     1 if the stripped completion equals the record's `field`
+    contains        1 if the record's `field`, stripped, occurs in the completion
     regex           1 if `pattern` matches (search, or the whole completion with full=true); `{field}` in the
                     pattern is replaced by that field of the record, escaped (a format check, or "answer: {answer}")
     length_penalty  DAPO's soft overlong penalty: 0 up to max_tokens − soft_tokens, then falling linearly to −1 at
@@ -88,6 +89,13 @@ def exact_match(prompts: Sequence[str], completions: Sequence[str], completion_i
     """1.0 where the completion, stripped, equals the record's `field`, stripped."""
     answers = _column(columns, field, "exact_match")
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answers)]
+
+
+def contains(prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]], *,
+             field: str = "answer", **columns: Sequence[Any]) -> List[float]:
+    """1.0 where the record's `field`, stripped, occurs in the completion."""
+    answers = _column(columns, field, "contains")
+    return [float(str(a).strip() in c) for c, a in zip(completions, answers)]
 
 
 def regex(prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]], *,

@@ -18,6 +18,7 @@ from framework.data.config import DataConfig, check_data, is_preference, is_prom
 from framework.data.shards import check_prep_dir
 from framework.model import ModelConfig, check_model_config
 from framework.rl.config import RLConfig, check_rl
+from framework.tracking import TrackingConfig, check_tracking
 from framework.rl.rewards import RewardConfig, reward_functions
 
 # optim.name → the torch.optim class framework/train/optim.py builds; both take lr, betas, eps and
@@ -209,6 +210,7 @@ class TrainRoot:
     # `rl=grpo` and a `reward` (or experiment=grpo) train by reinforcement learning on prompts (data=prompts).
     rl: Optional[RLConfig] = optional_group()
     reward: Optional[RewardConfig] = optional_group()
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # `conf/config.yaml` names it first in its defaults: misspelt keys and wrong types fail at composition.
@@ -232,6 +234,7 @@ def validate(cfg: TrainRoot) -> TrainRoot:
     )
     if cfg.rl is not None or cfg.reward is not None:
         check_rl_run(cfg)
+    check_tracking(cfg.tracking)
     return cfg
 
 

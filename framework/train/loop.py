@@ -188,7 +188,7 @@ def train(plan: TrainPlan, session: Session) -> None:
         session.report({"step": state.step, "tokens": state.tokens, **{report_key(k): v for k, v in result.items()}})
         return
 
-    logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps)
+    logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps, plan.tracking)
     if state.step == 0 and objective.baseline_eval:
         # A preference run's start, logged as step 0: what every later evaluation is read against.
         logger.log([{"step": 0, **evaluate(engine, objective, validation, plan.eval_rows, run.micro_batch_size, rank, world, device)}])

@@ -66,8 +66,9 @@ class MetricsLogger:
     uploaded after every log interval, so they outlive the pod that trained.
     """
 
-    def __init__(self, log_dir: str, enabled: bool, start_step: int, max_steps: int):
+    def __init__(self, log_dir: str, enabled: bool, start_step: int, max_steps: int, tracking: Any = None):
         self.enabled = enabled
+        self.tracking = tracking  # framework.tracking.RunRef: the MLflow run (tracking=mlflow), rank 0 logs to it
         self.max_steps = max_steps
         self.writer = None
         self.jsonl: Optional[str] = None
@@ -113,6 +114,10 @@ class MetricsLogger:
                         self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
         self._upload()
+        if self.tracking is not None:
+            from framework.tracking import log_metrics
+
+            log_metrics(self.tracking, records)
         last = records[-1]
         done = last["step"] - self.start_step
         eta = (time.perf_counter() - self.started) / done * (self.max_steps - last["step"]) if done else 0.0

@@ -19,6 +19,7 @@ from framework import storage
 from framework.config import ConfigError, absolute
 from framework.data.sampler import evaluation_rows
 from framework.data.shards import PAIRS_COLUMN, PROMPT_IDS, read_manifest
+from framework.tracking import RunRef
 from framework.train.config import TrainRoot, validate
 from framework.train import checkpoint
 from framework.train.checkpoint import TrainState
@@ -36,6 +37,7 @@ class TrainPlan:
     log_dir: str  # TensorBoard events and metrics.jsonl
     resume_from: Optional[str]  # the latest complete checkpoint, resumed by a re-run of the same name
     resume_state: Optional[TrainState]
+    tracking: Optional[RunRef] = None  # the MLflow run this run logs to (tracking=mlflow), set when it starts
 
     @property
     def data_dir(self) -> str:

@@ -306,7 +306,7 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
         session.report({"step": state.step, "tokens": state.tokens, **{report_key(k): v for k, v in result.items()}})
         return
 
-    logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps)
+    logger = MetricsLogger(plan.log_dir, rank == 0, state.step, run.max_steps, plan.tracking)
     if state.step == 0:
         logger.log([{"step": 0, **evaluate()}])  # the starting policy: what every later evaluation is read against
     pending: List[Dict[str, float]] = []

@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from typing import Any, Dict, Iterator, List, Optional, Protocol
 
 import torch
 
+from framework.cluster import free_port
 from framework.train import checkpoint
 
 
@@ -87,12 +87,6 @@ class RaySession:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LocalSession:
     """One process, no Ray: world of one, checkpoints kept under `run_dir` (the newest `keep`), reports kept in `reports`."""
 
@@ -111,7 +105,7 @@ class LocalSession:
         if not dist.is_initialized():
             # DeepSpeed needs a process group even for one process.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             for name in ("RANK", "LOCAL_RANK"):
                 os.environ.setdefault(name, "0")
             os.environ.setdefault("WORLD_SIZE", "1")

@@ -6,7 +6,9 @@ through the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import ray
@@ -16,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from framework import storage
 from framework.cluster import connect
 from framework.config import RunError
+from framework.tracking import TRACKING_FILE, RunRef, end_run, resume_run, start_run
 from framework.train.config import TrainRoot
 from framework.train.checkpoint import mark_complete
 from framework.train.plan import TrainPlan, beside_engines, make_plan, node_resources, size_workers
@@ -142,18 +145,41 @@ def build_trainer(plan: TrainPlan, resources: Dict[str, float], callbacks: Optio
     )
 
 
+def tracked(plan: TrainPlan) -> TrainPlan:
+    """The plan with its MLflow run (tracking=mlflow): the run this run directory logged to before (a resume goes on
+    in the same MLflow run), or a new one whose id is kept in the run directory (tracking.json)."""
+    t = plan.config.tracking
+    if t.backend == "none":
+        return plan
+    marker = storage.join(plan.run_dir, TRACKING_FILE)
+    if storage.exists(marker):
+        ref = RunRef.from_dict(storage.read_json(marker))
+        if ref.uri == (t.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            resume_run(ref)
+            return replace(plan, tracking=ref)
+    c = plan.config
+    ref = start_run(t, "train", c.run.name, dataclasses.asdict(c), tags={"framework.run_dir": plan.run_dir})
+    storage.write_json(marker, ref.as_dict())
+    return replace(plan, tracking=ref)
+
+
 def fit(plan: TrainPlan, resources: Dict[str, float], callbacks: Optional[List[Any]] = None) -> ray.train.Result:
     """Run the TorchTrainer of `plan` to the end; a run whose workers could not be placed ends in one RunError line."""
+    plan = tracked(plan)
     trainer = build_trainer(plan, resources, callbacks)
     previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
     os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(start_attempt_s(plan))
+    ok = False
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        ok = True
+        return result
     except ray.train.ControllerError as exc:
         raise unplaced_workers_error(plan, resources, exc) from exc
     except ray.train.WorkerGroupError as exc:
         raise worker_error(exc) from exc
     finally:
+        end_run(plan.tracking, ok)
         if previous is None:
             os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from omegaconf import MISSING
 
@@ -39,8 +39,12 @@ class TuneConfig:
     space: Dict[str, Any] = MISSING
     search: str = MISSING  # random | grid | optuna
     scheduler: str = MISSING  # fifo | asha | pbt
-    metric: str = MISSING  # val_loss | val_perplexity | train_loss
-    mode: str = MISSING  # min | max
+    # val_loss | val_perplexity | train_loss, or a score of eval.json (launch/eval.py) such as eval/<task>/acc or
+    # val/perplexity: then early stopping and the search follow val_loss, and the finished trials are ranked on the
+    # score, each exported and evaluated with `eval` (framework/tune/promotion.py).
+    metric: str = MISSING
+    mode: str = MISSING  # min | max (for an eval score: its direction, which must be eval.json's higher_is_better)
+    eval: List[str] = MISSING  # conf/eval.yaml overrides scoring each finished trial when tune.metric is an eval score
     # Trials drawn from the space (grid: repetitions of the whole grid).
     num_samples: int = MISSING
     # Trials training at once; each runs run.num_workers Train workers.

@@ -67,12 +67,18 @@ def check_space(params: Mapping[str, Param]) -> None:
                     raise ConfigError(f"tune.space.{key}: {param.text} gives {format_value(option)}: {error}")
 
 
+def is_eval_score(metric: str) -> bool:
+    """A score named as eval.json names it (val/perplexity, eval/<task>/<metric>), not as the training loop reports it."""
+    return "/" in metric
+
+
 def check_tune(sweep: Sweep) -> None:
     """The rules of a sweep's settings, search and scheduler; raises ConfigError naming the first bad `tune.*` key."""
     tune = sweep.tune
     require(bool(tune.name) and "/" not in tune.name, "tune.name", tune.name, "expected a name without '/'")
     search, scheduler = SEARCHES.get(tune.search), SCHEDULERS.get(tune.scheduler)
-    require(tune.metric in METRICS, "tune.metric", tune.metric, f"expected a metric the training loop reports: {METRICS}")
+    require(tune.metric in METRICS, "tune.metric", tune.metric,
+            f"expected a metric the training loop reports: {METRICS}, or an eval.json score such as eval/<task>/acc")
     require(tune.mode in ("min", "max"), "tune.mode", tune.mode, "expected min or max")
     require(tune.num_samples >= 1, "tune.num_samples", tune.num_samples, "expected at least 1")
     require(tune.max_concurrent_trials >= 1, "tune.max_concurrent_trials", tune.max_concurrent_trials, "expected at least 1")
@@ -122,7 +128,15 @@ def check_sweep(cfg: DictConfig, base_overrides: Optional[List[str]] = None) -> 
     base = replace(resolve_paths(to_train_root(cfg)), tune=None)
     params = parse_space(tune.space)
     check_space(params)
-    sweep = Sweep(tune, params, None if base_overrides is None else list(base_overrides), base, {}, [])
+    ranking = None
+    if is_eval_score(tune.metric):
+        require(tune.mode in ("min", "max"), "tune.mode", tune.mode, "expected min or max")
+        require(tune.promote, "tune.promote", tune.promote,
+                f"tune.metric={tune.metric} ranks trials by evaluating their exports: expected tune.promote=true")
+        ranking, tune = (tune.metric, tune.mode), replace(tune, metric="val_loss", mode="min")
+    else:
+        require(not tune.eval, "tune.eval", tune.eval, f"scores trials on an eval score; tune.metric={tune.metric} is not one")
+    sweep = Sweep(tune, params, None if base_overrides is None else list(base_overrides), base, {}, [], ranking)
     check_tune(sweep)
     if base_overrides is not None and sweep.group_keys:
         sweep.bases = _compose_bases(params, sweep.group_keys, sweep.base_overrides)

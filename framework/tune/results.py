@@ -210,13 +210,19 @@ def plot_params(table: pd.DataFrame, sweep: Sweep, path: str) -> None:
     plt.close(fig)
 
 
-def best_trial(table: pd.DataFrame, metric: str) -> Optional[str]:
-    """The trial promotion exports (and the plots mark): the best final metric among the ended trials whose
-    final report came with a checkpoint (every completed trial: the loop checkpoints at
-    run.max_steps), so that the exported weights are exactly those the metric was measured on."""
+def finished_trials(table: pd.DataFrame) -> pd.DataFrame:
+    """The ended trials whose final report came with a checkpoint (every completed trial: the loop checkpoints at
+    run.max_steps), so that exported weights are exactly those the final metric was measured on."""
     if not len(table):
-        return None
+        return table
     ended = ~table["status"].isin([ERROR, UNFINISHED])
-    candidates = table[ended & table["checkpoint"].notna() & (table["checkpoint_step"] == table["steps"])]
+    return table[ended & table["checkpoint"].notna() & (table["checkpoint_step"] == table["steps"])]
+
+
+def best_trial(table: pd.DataFrame, metric: str) -> Optional[str]:
+    """The trial promotion exports (and the plots mark): the best final metric among the finished trials."""
+    candidates = finished_trials(table)
+    if not len(candidates):
+        return None
     candidates = candidates.dropna(subset=[f"final_{metric}"])
     return str(candidates["trial"].iloc[0]) if len(candidates) else None  # the table is sorted best first

@@ -125,7 +125,10 @@ def publish(sweep: Sweep, trials: List[results.TrialOutcome], table: pd.DataFram
     results.plot_curves(trials, table, sweep, os.path.join(out, "curves.png"))
     results.plot_params(table, sweep, os.path.join(out, "params.png"))
     results.print_table(table, sweep)
-    best = promotion.promote(table, sweep, out) if t.promote else None
+    if sweep.ranking is not None:
+        best = promotion.promote_on_eval(table, sweep, out)
+    else:
+        best = promotion.promote(table, sweep, out) if t.promote else None
     if "://" in sweep.sweep_dir:
         mirror(out, storage.join(sweep.sweep_dir, PUBLISHED), best)
     return best

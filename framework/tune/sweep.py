@@ -35,6 +35,9 @@ class Sweep:
     # The composed training config of every combination of the space's config-group options.
     bases: Dict[GroupChoice, TrainRoot]
     corners: List[Tuple[str, TrainRoot]]  # every corner of the space: the words its errors start with, its config
+    # tune.metric an eval score: (score, mode) the finished trials are ranked on; `tune` then carries val_loss (min),
+    # which Tune's scheduler and search follow. None: the trials are ranked on tune.metric itself.
+    ranking: Optional[Tuple[str, str]]
 
     @property
     def sweep_dir(self) -> str:
