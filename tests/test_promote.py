@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,90 @@ def test_a_record_that_is_not_ours_is_refused(tmp_path):
     (tmp_path / "champion.json").write_text('{"path": "/models/x"}')
     with pytest.raises(ConfigError, match=r"promote.record=.*: exists and is not a promotion record"):
         run_promote(PROMOTE.from_overrides([f"promote.record={tmp_path / 'champion.json'}", "promote.action=rollback"]))
+
+
+def _prompt_logprobs(folder: str, ids: list) -> list:
+    """transformers' log-probability of each prompt token after the first: what `echo` + `logprobs` must give."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+
+
+@pytest.mark.slow
+def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answered(trained_runs, tmp_path):
+    """launch/serve.py serving the promotion record; clients send requests the whole time; a promotion, then a
+    rollback, each roll out in place: every request gets a 200, and after each the server scores a prompt as
+    transformers does with the folder the record names (and not as with the other)."""
+    import threading
+
+    import requests
+    from transformers import AutoTokenizer
+
+    from conftest import Interruptible, free_port
+    from framework.export import export_checkpoint
+    from framework.promote.job import run_promote
+
+    run = trained_runs[2]
+    early = export_checkpoint(os.path.join(run, "checkpoint_00000010"), str(tmp_path / "early"))
+    late = export_checkpoint(os.path.join(run, "checkpoint_00000020"), str(tmp_path / "late"))
+    record = tmp_path / "promoted" / "champion.json"
+    run_promote(PROMOTE.from_overrides([f"promote.record={record}", f"promote.candidate={early}"]))
+    ids = AutoTokenizer.from_pretrained(early)("def main(argv):\n    return", add_special_tokens=False)["input_ids"]
+    expected = {folder: _prompt_logprobs(folder, ids) for folder in (early, late)}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with Interruptible("serve.py", f"serve.model_path={record}", "serve.host=127.0.0.1", f"serve.port={port}",
+                       "serve.app_name=test-rollout", "serve.min_replicas=1", "serve.max_replicas=1",
+                       "serve.follow_interval_s=1", "serve.drain_timeout_s=30") as server:
+        server.wait_until(lambda: "SIGTERM or Ctrl-C to stop" in server.text(), 600)
+        model = requests.get(url + "/v1/models", timeout=30).json()["data"][0]
+        assert model["id"] == "promoted" and model["root"] == early
+
+        def scored() -> tuple:
+            body = {"model": "promoted", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+            response = requests.post(url + "/v1/completions", json=body, timeout=120).json()
+            return tuple(response["choices"][0]["logprobs"]["token_logprobs"][1:])
+
+        def serving(folder: str) -> bool:
+            return requests.get(url + "/v1/models", timeout=30).json()["data"][0]["root"] == folder
+
+        statuses, stop = [], threading.Event()
+
+        def client(n: int) -> None:
+            while not stop.is_set():
+                try:
+                    r = requests.post(url + "/v1/completions", timeout=300,
+                                      json={"model": "promoted", "prompt": f"import os{n}", "max_tokens": 8})
+                    statuses.append(r.status_code)
+                except requests.RequestException as exc:  # a dropped connection is a failed request too
+                    statuses.append(repr(exc))
+
+        clients = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(3)]
+        for thread in clients:
+            thread.start()
+        try:
+            assert scored() == pytest.approx(expected[early], abs=2e-3)
+            run_promote(PROMOTE.from_overrides([f"promote.record={record}", f"promote.candidate={late}"]))
+            server.wait_until(lambda: serving(late), 600)
+            assert "now serving " + late in server.text()
+            got = scored()
+            assert got == pytest.approx(expected[late], abs=2e-3) and got != pytest.approx(expected[early], abs=2e-3)
+            served_before_rollback = len(statuses)
+
+            result = launch("promote.py", "rollback", f"promote.record={record}")
+            assert result.returncode == 0, result.stderr[-2000:]
+            server.wait_until(lambda: serving(early), 600)
+            assert scored() == pytest.approx(expected[early], abs=2e-3)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=300)
+        assert len(statuses) > served_before_rollback > 0
+        assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=120) == 0

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from framework.config import ConfigError
+from framework.config import ConfigError, one_line
 from framework.hf_folder import default_model_id
 from framework.serve import routes
 from framework.serve.gate import ExclusiveGate
@@ -153,7 +153,7 @@ def served_model_id(cfg: ServeConfig) -> str:
 class Ingress:
     """The OpenAI routes in front of the LLMServer deployment."""
 
-    def __init__(self, serve_cfg: Dict[str, Any], llm: Any) -> None:
+    def __init__(self, serve_cfg: Dict[str, Any], llm: Any, folder: str) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         from framework.hf_folder import model_context
@@ -169,12 +169,16 @@ class Ingress:
                                   f"replica's node")
         self.metrics = ReplicaState.metrics = IngressMetrics()
         ReplicaState.policy = IngressPolicy(cfg.api_key_env, key, cfg.route_prefix, cfg.max_request_bytes)
-        folder = check_model_path(cfg)
+        # The folder `build` resolved (a promotion record or best.json names it): passed in, so that a new model changes
+        # this deployment's arguments and Serve replaces its replicas too.
+        check_model_path(cfg)
+        self.folder = folder
         self.context = cfg.max_model_len or model_context(folder)
         self.vocab_size = AutoConfig.from_pretrained(folder).vocab_size
         self.prompts = PromptEncoder(AutoTokenizer.from_pretrained(folder), self.context)
         self.model_id = served_model_id(cfg)
         self.adapters = sorted(cfg.adapters)
+        self.adapter_folders = dict(cfg.adapters)
         self.default_max_tokens = cfg.default_max_tokens
         self.created = now()
         # vLLM's request model, imported now rather than on the first request (vLLM takes seconds to import).
@@ -252,7 +256,8 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=m, created=self.created) for m in [self.model_id, *self.adapters]])
+        return ModelList(data=[ModelCard(id=self.model_id, created=self.created, root=self.folder),
+                               *(ModelCard(id=a, created=self.created, root=self.adapter_folders[a]) for a in self.adapters)])
 
     @api.get("/v1/models/{model}")
     async def model(self, model: str) -> ModelCard:
@@ -326,7 +331,7 @@ def build(cfg: ServeConfig) -> serve.Application:
     """The application: the ingress bound to its config (plain data) and to the LLMServer deployment."""
     from ray.serve.llm import build_llm_deployment
 
-    from framework.serve.llm import llm_config
+    from framework.serve.llm import ROLLOUT_SURGE_PERCENT, llm_config
 
     from framework.serve.lora import local_adapter_loader
 
@@ -340,8 +345,9 @@ def build(cfg: ServeConfig) -> serve.Application:
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": cfg.backpressure_status},
         graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        max_surge_percent=ROLLOUT_SURGE_PERCENT,
     )
-    return ingress.bind(dataclasses.asdict(cfg), llm)
+    return ingress.bind(dataclasses.asdict(cfg), llm, str(folder))
 
 
 def config_from_args(args: Dict[str, Any]) -> ServeConfig:
@@ -362,6 +368,39 @@ def deploy(cfg: ServeConfig, blocking: bool = False) -> str:
     serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def follow(cfg: ServeConfig, stop: threading.Event) -> None:
+    """Until `stop`: when serve.model_path is a JSON that names the folder (a promotion record, a sweep's best.json),
+    check it every serve.follow_interval_s and roll a newly named folder out in place.
+
+    The rollout is Serve's in-place application update with surge (`ROLLOUT_SURGE_PERCENT`): replicas of the new
+    model start and pass their health checks while the old ones go on serving, and only then do the old ones drain
+    (up to serve.drain_timeout_s), so no request finds the application without a replica. The model id is the
+    JSON's (its folder's name), the same before and after; /v1/models shows the folder as `root`."""
+    from framework.hf_folder import resolve_model_path
+
+    if not cfg.model_path.endswith(".json") or cfg.follow_interval_s <= 0:
+        stop.wait()
+        return
+    serving = tried = resolve_model_path(cfg.model_path)
+    while not stop.wait(cfg.follow_interval_s):
+        try:
+            named = resolve_model_path(cfg.model_path)
+        except ConfigError as exc:  # being rewritten, or broken: read again next time
+            print(f"serve: cannot read {cfg.model_path} ({exc}); still serving {serving}", flush=True)
+            continue
+        if named == tried:
+            continue
+        tried = named  # a folder that fails to roll out is not tried again until the JSON names another
+        print(f"serve: {cfg.model_path} names {named}: rolling it out in place of {serving}", flush=True)
+        try:
+            serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+        except Exception as exc:  # noqa: BLE001 - the running model goes on serving; the reason in one line
+            print(f"serve: not rolled out, still serving {serving}: {one_line(exc)}", flush=True)
+            continue
+        serving = named
+        print(f"serve: now serving {serving}", flush=True)
 
 
 def serve_model(serve_cfg: ServeConfig) -> int:
@@ -385,7 +424,7 @@ def serve_model(serve_cfg: ServeConfig) -> int:
         signal.signal(signum, on_signal)
     url = deploy(serve_cfg)
     print(f"serve: {served_model_id(serve_cfg)} at {url}/v1 (SIGTERM or Ctrl-C to stop)", flush=True)
-    stop.wait()
+    follow(serve_cfg, stop)
     print(f"serve: stopping; draining requests in flight (up to {serve_cfg.drain_timeout_s:g} s)", flush=True)
     serve.delete(serve_cfg.app_name)
     serve.shutdown()

@@ -64,6 +64,9 @@ class ServeConfig:
     max_request_bytes: int = MISSING
     # On SIGTERM / Ctrl-C, and when Serve stops a replica: how long in-flight requests may run to their end.
     drain_timeout_s: float = MISSING
+    # serve.model_path a JSON naming the folder (a promotion record, a best.json): how often launch/serve.py reads it
+    # again and rolls a new folder out in place (framework/serve/app.py: follow); 0: never.
+    follow_interval_s: float = MISSING
     # Name of an environment variable holding the API key (a Kubernetes Secret, say); null: no key.
     api_key_env: Optional[str] = MISSING
     # HTTP proxy and application.
@@ -121,6 +124,7 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
     require(0 < serve.gpu_memory_utilization <= 1, "serve.gpu_memory_utilization", serve.gpu_memory_utilization,
             "expected a fraction in (0, 1]")
     require(serve.drain_timeout_s >= 0, "serve.drain_timeout_s", serve.drain_timeout_s, "expected 0 or more seconds")
+    require(serve.follow_interval_s >= 0, "serve.follow_interval_s", serve.follow_interval_s, "expected 0 or more seconds")
     require(
         serve.max_queued_requests == -1 or serve.max_queued_requests >= 0,
         "serve.max_queued_requests", serve.max_queued_requests, "expected 0 or more, or -1 (unbounded)",

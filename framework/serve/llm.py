@@ -72,6 +72,11 @@ def engine_bundle(cfg: ServeConfig) -> Dict[str, float]:
     return {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus} if on_gpu(cfg) else {"CPU": cfg.num_cpus}
 
 
+# Extra replicas allowed while a deployment's replicas are replaced (Ray Serve's max_surge_percent): a whole second set,
+# so no request finds the deployment without a running replica.
+ROLLOUT_SURGE_PERCENT = 100
+
+
 def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
     """Ray Serve LLM's LLMConfig for `cfg` serving `folder` as `model_id`, and serve.adapters on it (vLLM's LoRA)."""
     from ray.serve.llm import LLMConfig
@@ -103,6 +108,9 @@ def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
             # The ingress in front bounds the queue and answers serve.backpressure_status past it.
             "max_queued_requests": -1,
             "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
+            # A new model rolls out in place (framework/serve/app.py: follow): new replicas start and pass their health
+            # check while the old ones serve, which then drain.
+            "max_surge_percent": ROLLOUT_SURGE_PERCENT,
         },
         log_engine_metrics=True,
     )

@@ -256,6 +256,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "framework"
+    root: Optional[str] = None  # the folder served under this id (vLLM's field): it changes when a new model rolls out
 
 
 class ModelList(BaseModel):
