@@ -383,16 +383,26 @@ class Interruptible:
 @contextlib.contextmanager
 def another_ray_instance() -> Iterator[None]:
     """A second Ray instance on this host while the block runs (a serve, another user's sweep), started by `ray start`."""
+    with ray_head(num_cpus=0):
+        yield
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int) -> Iterator[str]:
+    """A Ray head of `num_cpus` logical CPUs started by `ray start` for the block, stopped after it; gives its address.
+    Its processes inherit this process's environment (the suite's Serve ingress policy among it)."""
     import tempfile
 
     import psutil
+    import ray
 
     temp_dir = tempfile.mkdtemp(prefix="other-ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={free_port()}",
-                    f"--temp-dir={temp_dir}", "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+    port = free_port()
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={port}",
+                    f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=120)
     try:
-        yield
+        yield f"{ray.util.get_node_ip_address()}:{port}"
     finally:
         # That instance alone (`ray stop` stops every instance): its processes are the ones started with its temp
         # dir; SIGTERM, then SIGKILL for those still there (its GCS and raylet outlive a SIGTERM).

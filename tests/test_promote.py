@@ -126,10 +126,11 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
     import requests
     from transformers import AutoTokenizer
 
-    from conftest import Interruptible, free_port
+    from conftest import SERVE_API_KEY, SERVE_KEY_ENV, Interruptible, free_port, ray_head
     from framework.export import export_checkpoint
     from framework.promote.job import run_promote
 
+    KEY = {"Authorization": f"Bearer {SERVE_API_KEY}"}
     run = trained_runs[2]
     early = export_checkpoint(os.path.join(run, "checkpoint_00000010"), str(tmp_path / "early"))
     late = export_checkpoint(os.path.join(run, "checkpoint_00000020"), str(tmp_path / "late"))
@@ -140,27 +141,30 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with Interruptible("serve.py", f"serve.model_path={record}", "serve.host=127.0.0.1", f"serve.port={port}",
-                       "serve.app_name=test-rollout", "serve.min_replicas=1", "serve.max_replicas=1",
-                       "serve.follow_interval_s=1", "serve.drain_timeout_s=30") as server:
+    # A rollout needs room for the new replica beside the old one (a CPU replica of serve=default takes 2 CPUs): a
+    # cluster of 4 logical CPUs, as an autoscaler would make room. Its proxy applies the suite's ingress policy (the key).
+    with ray_head(num_cpus=4) as address, Interruptible(
+            "serve.py", f"serve.model_path={record}", "serve.host=127.0.0.1", f"serve.port={port}",
+            "serve.app_name=test-rollout", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.ray_address={address}",
+            f"serve.api_key_env={SERVE_KEY_ENV}", "serve.follow_interval_s=1", "serve.drain_timeout_s=30") as server:
         server.wait_until(lambda: "SIGTERM or Ctrl-C to stop" in server.text(), 600)
-        model = requests.get(url + "/v1/models", timeout=30).json()["data"][0]
+        model = requests.get(url + "/v1/models", headers=KEY, timeout=30).json()["data"][0]
         assert model["id"] == "promoted" and model["root"] == early
 
         def scored() -> tuple:
             body = {"model": "promoted", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
-            response = requests.post(url + "/v1/completions", json=body, timeout=120).json()
+            response = requests.post(url + "/v1/completions", json=body, headers=KEY, timeout=120).json()
             return tuple(response["choices"][0]["logprobs"]["token_logprobs"][1:])
 
         def serving(folder: str) -> bool:
-            return requests.get(url + "/v1/models", timeout=30).json()["data"][0]["root"] == folder
+            return requests.get(url + "/v1/models", headers=KEY, timeout=30).json()["data"][0]["root"] == folder
 
         statuses, stop = [], threading.Event()
 
         def client(n: int) -> None:
             while not stop.is_set():
                 try:
-                    r = requests.post(url + "/v1/completions", timeout=300,
+                    r = requests.post(url + "/v1/completions", timeout=300, headers=KEY,
                                       json={"model": "promoted", "prompt": f"import os{n}", "max_tokens": 8})
                     statuses.append(r.status_code)
                 except requests.RequestException as exc:  # a dropped connection is a failed request too
@@ -173,7 +177,7 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
             assert scored() == pytest.approx(expected[early], abs=2e-3)
             run_promote(PROMOTE.from_overrides([f"promote.record={record}", f"promote.candidate={late}"]))
             server.wait_until(lambda: serving(late), 600)
-            assert "now serving " + late in server.text()
+            server.wait_until(lambda: "now serving " + late in server.text(), 300)  # the old replicas stopped too
             got = scored()
             assert got == pytest.approx(expected[late], abs=2e-3) and got != pytest.approx(expected[early], abs=2e-3)
             served_before_rollback = len(statuses)
@@ -181,6 +185,7 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
             result = launch("promote.py", "rollback", f"promote.record={record}")
             assert result.returncode == 0, result.stderr[-2000:]
             server.wait_until(lambda: serving(early), 600)
+            server.wait_until(lambda: server.text().count("now serving " + early) == 1, 300)
             assert scored() == pytest.approx(expected[early], abs=2e-3)
         finally:
             stop.set()

@@ -87,3 +87,16 @@ def fresh_storage(path: str, key: str = "bench.storage_path") -> str:
     os.makedirs(root, exist_ok=True)
     Path(root, SCRATCH_MARKER).touch()
     return root
+
+
+def random_model(preset: str) -> Path:
+    """The random-weight Llama folder of conf/bench/<preset>.yaml (its random_model, at its model_dir), written first
+    if it is not there: a model of a real model's shape for benchmarks that need only the shapes."""
+    from framework.config import compose, typed
+    from framework.testing import RandomModelConfig, random_model_folder
+
+    node = compose([f"bench={preset}"], "bench").bench
+    folder = Path(absolute(node.model_dir))
+    if not (folder / "config.json").is_file():
+        random_model_folder(folder, typed(RandomModelConfig, node.random_model, "bench.random_model"))
+    return folder

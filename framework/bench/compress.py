@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
-from framework.bench.common import BENCHMARKS, Benchmark, folder_params, write_figures
+from framework.bench.common import BENCHMARKS, Benchmark, folder_params, random_model, write_figures
 from framework.cluster import machine
 from framework.config import ConfigError, absolute, compose, typed
 
@@ -83,17 +83,6 @@ def check(cfg: DictConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The two sources
-
-def random_model(bench: CompressBenchConfig) -> Path:
-    """The serving benchmark's random-weight Llama folder, written first if it is not there."""
-    from framework.testing import RandomModelConfig, random_model_folder
-
-    node = compose([f"bench={bench.random_model}"], "bench").bench
-    folder = Path(absolute(node.model_dir))
-    if not (folder / "config.json").is_file():
-        random_model_folder(folder, typed(RandomModelConfig, node.random_model, "bench.random_model"))
-    return folder
-
 
 def trained_model(bench: CompressBenchConfig) -> str:
     """The trained tiny model's export: `trained.model_path`, or trained and exported here (once; reused after)."""
@@ -195,7 +184,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     result = {
         "machine": machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "prompts": plan_cfg.prompts, "max_tokens": plan_cfg.max_tokens,
-        "random": bench_random(bench, random_model(bench)),
+        "random": bench_random(bench, random_model(bench.random_model)),
         "trained": bench_trained(bench, trained),
         "config": asdict(bench),
     }

@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, AsyncIterator, Dict, Optional
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -377,14 +377,26 @@ def follow(cfg: ServeConfig, stop: threading.Event) -> None:
     The rollout is Serve's in-place application update with surge (`ROLLOUT_SURGE_PERCENT`): replicas of the new
     model start and pass their health checks while the old ones go on serving, and only then do the old ones drain
     (up to serve.drain_timeout_s), so no request finds the application without a replica. The model id is the
-    JSON's (its folder's name), the same before and after; /v1/models shows the folder as `root`."""
+    JSON's (its folder's name), the same before and after; /v1/models shows the folder as `root`. The cluster needs
+    room for the second set of replicas (an autoscaler adds a node for them); until it has it, the old ones serve."""
     from framework.hf_folder import resolve_model_path
 
     if not cfg.model_path.endswith(".json") or cfg.follow_interval_s <= 0:
         stop.wait()
         return
     serving = tried = resolve_model_path(cfg.model_path)
+    rollout: Optional[threading.Thread] = None
+    failed: List[str] = []
     while not stop.wait(cfg.follow_interval_s):
+        if rollout is not None:  # one rollout at a time; a JSON changed meanwhile is read when it has ended
+            if rollout.is_alive():
+                continue
+            rollout = None
+            if failed:
+                print(f"serve: {tried} not rolled out, still serving {serving}: {failed.pop()}", flush=True)
+            else:
+                serving = tried
+                print(f"serve: now serving {serving}", flush=True)
         try:
             named = resolve_model_path(cfg.model_path)
         except ConfigError as exc:  # being rewritten, or broken: read again next time
@@ -394,13 +406,17 @@ def follow(cfg: ServeConfig, stop: threading.Event) -> None:
             continue
         tried = named  # a folder that fails to roll out is not tried again until the JSON names another
         print(f"serve: {cfg.model_path} names {named}: rolling it out in place of {serving}", flush=True)
-        try:
-            serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
-        except Exception as exc:  # noqa: BLE001 - the running model goes on serving; the reason in one line
-            print(f"serve: not rolled out, still serving {serving}: {one_line(exc)}", flush=True)
-            continue
-        serving = named
-        print(f"serve: now serving {serving}", flush=True)
+
+        def roll_out() -> None:
+            try:
+                # Returns once the application runs the new replicas only: Serve waits for room for them (the old
+                # ones serve meanwhile), so this runs beside the loop rather than in it.
+                serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+            except Exception as exc:  # noqa: BLE001 - the running model goes on serving; the reason in one line
+                failed.append(one_line(exc))
+
+        rollout = threading.Thread(target=roll_out, name="rollout", daemon=True)
+        rollout.start()
 
 
 def serve_model(serve_cfg: ServeConfig) -> int:
