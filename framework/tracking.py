@@ -54,6 +54,21 @@ def check_tracking(t: TrackingConfig) -> None:
             import mlflow  # noqa: F401
         except ImportError:
             raise ConfigError("tracking=mlflow: the mlflow package is not installed (pip install -e '.[tracking]')") from None
+        check_reachable(_uri(t))
+
+
+def check_reachable(uri: str) -> None:
+    """An http(s) tracking server answers its health check (MLflow's client would otherwise retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        ok = requests.get(f"{uri.rstrip('/')}/health", timeout=10).status_code == 200
+    except requests.RequestException as exc:
+        raise ConfigError(f"tracking.uri={uri}: no MLflow server answers there ({type(exc).__name__}); start one with "
+                          "`python launch/tracking.py`, or name the right one") from None
+    require(ok, "tracking.uri", uri, "the server there does not answer MLflow's /health with 200")
 
 
 @dataclass(frozen=True)
@@ -94,10 +109,10 @@ def flat_params(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
-def start_run(t: TrackingConfig, kind: str, name: str, params: Mapping[str, Any],
+def start_run(t: Optional[TrackingConfig], kind: str, name: str, params: Mapping[str, Any],
               parent: Optional[RunRef] = None, tags: Optional[Mapping[str, str]] = None) -> Optional[RunRef]:
-    """A new run in `tracking.experiment` (None when tracking is off), its params logged."""
-    if t.backend != "mlflow":
+    """A new run in `tracking.experiment` (None when tracking is off, or `t` is None), its params logged."""
+    if t is None or t.backend != "mlflow":
         return None
     from mlflow.entities import Param
 
@@ -153,6 +168,47 @@ def resume_run(ref: RunRef) -> None:
 def end_run(ref: Optional[RunRef], ok: bool) -> None:
     if ref is not None:
         client(ref.uri).set_terminated(ref.run_id, "FINISHED" if ok else "FAILED")
+
+
+def record_run(t: Optional[TrackingConfig], kind: str, name: str, params: Mapping[str, Any], metrics: Mapping[str, Any],
+               parent: Optional[RunRef] = None, tags: Optional[Mapping[str, str]] = None) -> Optional[RunRef]:
+    """A finished job as one run: its params, its numeric figures as metrics (step 0); None when tracking is off."""
+    ref = start_run(t, kind, name, params, parent=parent, tags=tags)
+    ok = False
+    try:
+        log_metrics(ref, [{"step": 0, **numbers(metrics)}])
+        ok = True
+    finally:
+        end_run(ref, ok)
+    return ref
+
+
+def numbers(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, float]:
+    """The finite numbers of a nested dict, under dotted names (a report's figures as metrics)."""
+    import math
+
+    out: Dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(numbers(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def parent_of(marker: str) -> Optional[RunRef]:
+    """The run a tracking.json (or a file's `mlflow` entry) names, if that file is there."""
+    from framework import storage
+
+    if not storage.exists(marker):
+        return None
+    record = storage.read_json(marker)
+    record = record.get("mlflow", record) if isinstance(record, dict) else None
+    try:
+        return RunRef.from_dict(record) if record else None
+    except (KeyError, TypeError):
+        return None
 
 
 def register_folder(t: TrackingConfig, ref: Optional[RunRef], folder: str) -> Optional[Dict[str, Any]]:

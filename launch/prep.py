@@ -8,7 +8,7 @@ from framework.train.config import PREP, TrainRoot
 def main(root: TrainRoot) -> None:
     from framework.data.prepare import prepare_shards
 
-    prepare_shards(root.data, root.run.ray_address)
+    prepare_shards(root.data, root.run.ray_address, root.tracking)
 
 
 if __name__ == "__main__":

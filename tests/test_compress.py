@@ -219,6 +219,21 @@ def test_each_method_gives_a_smaller_folder_within_its_bound(compressed: Dict[st
 
 
 @pytest.mark.slow
+def test_eval_scores_a_compressed_folder_on_the_shards_its_report_names(compressed: Dict[str, Tuple[Path, Dict]],
+                                                                       tmp_path: Path) -> None:
+    """launch/eval.py on a compressed folder (no export.json) finds the shards through compress_report.json, and its
+    perplexity is the report's: one function measures both."""
+    from framework.evaluation.config import EVAL
+    from framework.evaluation.job import run_eval
+
+    preset, (folder, report) = next(iter(compressed.items()))
+    [record] = run_eval(EVAL.from_overrides([f"eval.model={folder}", f"eval.output={tmp_path / 'eval.json'}"]))
+    ppl = record["scores"]["val/perplexity"]
+    assert ppl["source"] == f"shards {report['perplexity']['data_dir']}" and ppl["count"] == report["perplexity"]["rows"]
+    assert ppl["value"] == pytest.approx(report["perplexity"]["compressed"], rel=1e-4), preset
+
+
+@pytest.mark.slow
 def test_the_folder_reloads_with_from_pretrained_holding_int8_weights(compressed: Dict[str, Tuple[Path, Dict]], source: Path) -> None:
     from torchao.quantization import Int8Tensor
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -216,3 +216,12 @@ def test_the_readme_walk_through_commands_compose(monkeypatch):
         spec.loader.exec_module(module)
         args = [a.replace("rollback", "promote.action=rollback") if a == "rollback" else a for a in command[2:] if a != "&"]
         module.main.job.compose(args)
+
+
+def test_tracking_at_an_address_where_no_server_answers_fails_in_one_line():
+    from framework.train.config import TRAIN
+
+    from conftest import free_port
+
+    with pytest.raises(ConfigError, match=r"^tracking.uri=http://127.0.0.1:\d+: no MLflow server answers there"):
+        TRAIN.from_overrides(["tracking=mlflow", f"tracking.uri=http://127.0.0.1:{free_port()}"])

@@ -141,8 +141,8 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # A rollout needs room for the new replica beside the old one (a CPU replica of serve=default takes 2 CPUs): a
-    # cluster of 4 logical CPUs, as an autoscaler would make room. Its proxy applies the suite's ingress policy (the key).
+    # A rollout needs room for the new replica beside the old one: a head of its own (4 logical CPUs), whatever else the
+    # suite runs on this machine meanwhile. Its proxy applies the suite's ingress policy (the key).
     with ray_head(num_cpus=4) as address, Interruptible(
             "serve.py", f"serve.model_path={record}", "serve.host=127.0.0.1", f"serve.port={port}",
             "serve.app_name=test-rollout", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.ray_address={address}",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, free_port, run_overrides
+from conftest import ROOT, free_port, prep_overrides, run_overrides
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-tracked"
@@ -44,9 +44,12 @@ def mlflow_uri(tmp_path_factory):
     log.close()
 
 
-def test_train_export_eval_and_promote_are_tracked_with_their_lineage(mlflow_uri, prepared_data, run_storage, tmp_path):
+def test_prep_train_export_eval_compress_and_promote_are_tracked_with_their_lineage(mlflow_uri, run_storage, tmp_path, ray_session):
     from mlflow.tracking import MlflowClient
 
+    from framework.compress.job import compress
+    from framework.compress.plan import COMPRESS
+    from framework.data.prepare import prepare_shards
     from framework.evaluation.config import EVAL
     from framework.evaluation.job import run_eval
     from framework.export import EXPORT, export_checkpoint
@@ -56,15 +59,25 @@ def test_train_export_eval_and_promote_are_tracked_with_their_lineage(mlflow_uri
     from framework.train.trainer import train
 
     tracking = ["tracking=mlflow", f"tracking.uri={mlflow_uri}", f"tracking.registered_model={MODEL}"]
-    overrides = run_overrides(prepared_data, run_storage, "tracked", **{"run.max_steps": 10, "run.checkpoint_interval": 5,
-                                                                        "run.eval_interval": 5})
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+
+    # The preparation: a run with the split counts; its id beside the shards.
+    data_dir = str(tmp_path / "data")
+    prep = TRAIN.from_overrides(prep_overrides(data_dir) + tracking[:2])
+    manifest = prepare_shards(prep.data, None, prep.tracking)
+    prep_run = client.get_run(json.loads((Path(data_dir) / "tracking.json").read_text())["run_id"])
+    assert prep_run.data.tags["framework.kind"] == "prep" and prep_run.info.status == "FINISHED"
+    assert prep_run.data.metrics["splits.train.rows"] == manifest["splits"]["train"]["rows"] > 0
+
+    overrides = run_overrides(data_dir, run_storage, "tracked", **{"run.max_steps": 10, "run.checkpoint_interval": 5,
+                                                                   "run.eval_interval": 5})
     train(TRAIN.from_overrides(overrides + tracking[:2]))
     run_dir = Path(run_storage) / "tracked"
-    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
 
     # The training run: its composed config as params, every logged step's metrics, FINISHED.
     train_run = client.get_run(json.loads((run_dir / "tracking.json").read_text())["run_id"])
     assert train_run.info.status == "FINISHED" and train_run.data.tags["framework.kind"] == "train"
+    assert train_run.data.tags["framework.parent_run"] == prep_run.info.run_id  # the shards it trained on
     assert train_run.data.params["run.max_steps"] == "10" and train_run.data.params["model.name"] == "tiny"
     with open(run_dir / "logs" / "metrics.jsonl") as f:
         logged = [r for r in map(json.loads, f) if "train/loss" in r]
@@ -94,6 +107,14 @@ def test_train_export_eval_and_promote_are_tracked_with_their_lineage(mlflow_uri
     exported = json.loads((Path(folders[0]) / "export.json").read_text())["mlflow"]["run_id"]
     assert eval_run.data.tags["framework.parent_run"] == exported
     assert eval_run.data.metrics["val/perplexity"] == scored["scores"]["val/perplexity"]["value"]
+
+    # A compression: a run under the export it compressed, the report's figures as metrics.
+    plan = COMPRESS.from_overrides([f"compress.model_path={folders[1]}", f"compress.output_dir={tmp_path / 'int8'}",
+                                    "compress.prompts=2", "compress.max_tokens=8", *tracking[:2]])
+    report = compress(plan)
+    compress_run = client.get_run(json.loads((tmp_path / "int8" / "tracking.json").read_text())["run_id"])
+    assert compress_run.data.tags["framework.parent_run"] == json.loads((Path(folders[1]) / "export.json").read_text())["mlflow"]["run_id"]
+    assert compress_run.data.metrics["perplexity.ratio"] == report["perplexity"]["ratio"]
 
     # Promotion moves the alias `champion`; with no promotion record at all, the gate reads the champion from the registry.
     run_promote(PROMOTE.from_overrides([f"promote.candidate={folders[0]}", f"promote.record={tmp_path / 'a.json'}", *tracking]))

@@ -11,6 +11,7 @@ from omegaconf import MISSING, DictConfig
 from framework.compress.methods import DEVICES, METHODS, torchao_version
 from framework.config import register, require, typed
 from framework.hf_folder import DTYPE_NAMES
+from framework.tracking import TrackingConfig
 
 
 @dataclass
@@ -43,6 +44,7 @@ class CompressRoot:
     """The root of conf/compress.yaml."""
 
     compress: CompressConfig = field(default_factory=CompressConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # Registered on import (`conf/compress.yaml` names it) so that `compose(..., "compress")` finds it from any entry point.

@@ -120,7 +120,23 @@ def compress(plan: CompressPlan, source: Optional[Figures] = None) -> Dict[str, 
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     print(table(result, plan.output_dir), flush=True)
+    track(plan, result)
     return result
+
+
+def track(plan: CompressPlan, result: Dict[str, Any]) -> None:
+    """tracking=mlflow: the compression as a run under the source's export run, the report's figures as metrics; its
+    id in the folder's tracking.json."""
+    import dataclasses
+
+    from framework import storage, tracking
+    from framework.export import EXPORT_MARKER
+
+    ref = tracking.record_run(plan.tracking, "compress", os.path.basename(plan.output_dir),
+                              {"compress": dataclasses.asdict(plan.compress)}, result,
+                              parent=tracking.parent_of(str(plan.source / EXPORT_MARKER)))
+    if ref is not None:
+        storage.write_json(os.path.join(plan.output_dir, tracking.TRACKING_FILE), ref.as_dict())
 
 
 def table(r: Dict[str, Any], output_dir: str) -> str:

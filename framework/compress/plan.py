@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from framework.compress.config import CompressConfig, check_values, to_compress_config
 from framework.config import Job, require
+from framework.tracking import TrackingConfig
 
 # What a compression writes into its folder: where the folder came from and what it costs; an output_dir
 # holding it may be replaced by a new compression, one without it is not ours to delete.
@@ -28,6 +29,7 @@ class CompressPlan:
     output_dir: str
     data_dir: Optional[str]  # None only for a benchmark's random-weight model, whose perplexity means nothing
     linear_layers: int  # the layers torchao will quantise
+    tracking: Optional[TrackingConfig] = None  # launch/compress.py's tracking.*; None: not tracked
 
 
 def quantisable_layers(source: Path) -> List[Tuple[str, int]]:
@@ -94,7 +96,12 @@ def plan_compression(c: CompressConfig, scored: bool = True) -> CompressPlan:
 
 def load_compress(cfg: DictConfig) -> CompressPlan:
     """`launch/compress.py`'s plan: schema, values, the machine, the source, the shards (no weights read)."""
-    return plan_compression(to_compress_config(cfg))
+    from framework.config import typed
+    from framework.tracking import check_tracking
+
+    tracking = typed(TrackingConfig, cfg["tracking"], "tracking")
+    check_tracking(tracking)
+    return replace(plan_compression(to_compress_config(cfg)), tracking=tracking)
 
 
 COMPRESS = Job("compress", load=load_compress)

@@ -10,6 +10,7 @@ and the same input always gives byte-identical shards. The tokenizer is trained 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import tempfile
@@ -37,6 +38,8 @@ from framework.data.sources import (
 )
 from framework.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from framework.model import pad_token_id
+from framework.tracking import TrackingConfig
+
 SHARD_PATTERN = "part-*.parquet"
 
 
@@ -199,8 +202,11 @@ def clear_previous(output_dir: str) -> None:
         fs.delete_dir(f"{path}/{TOKENIZER_DIR}")
 
 
-def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[str, Any]:
-    """Prepare `data` into `data.output_dir` with Ray tasks on the cluster at `ray_address` (run.ray_address); returns the manifest."""
+def prepare_shards(data: DataConfig, ray_address: Optional[str] = None, tracking: Optional[TrackingConfig] = None) -> Dict[str, Any]:
+    """Prepare `data` into `data.output_dir` with Ray tasks on the cluster at `ray_address` (run.ray_address); returns the manifest.
+
+    With tracking=mlflow the preparation is a run (its config, each split's counts), whose id goes beside the shards
+    (tracking.json): training finds it there and runs as its child."""
     output_dir = absolute(data.output_dir)
     started = time.time()
     check_prep_dir(output_dir)
@@ -247,6 +253,11 @@ def prepare_shards(data: DataConfig, ray_address: Optional[str] = None) -> Dict[
     check_splits(manifest, data)
     storage.write_json(storage.join(output_dir, MANIFEST), manifest)
     print(f"prep: done in {time.time() - started:.1f}s")
+    from framework import tracking as track
+
+    ref = track.record_run(tracking, "prep", data.name, {"data": dataclasses.asdict(data)}, {"splits": manifest["splits"]})
+    if ref is not None:
+        storage.write_json(storage.join(output_dir, track.TRACKING_FILE), ref.as_dict())
     return manifest
 
 

@@ -123,6 +123,16 @@ def check_output(path: str, key: str) -> None:
     require(os.access(parent, os.W_OK), key, path, f"cannot write into {parent}")
 
 
+def compressed_from(folder: Path) -> Optional[str]:
+    """For a compressed folder (launch/compress.py): the shards its report scored it on, which are its source's."""
+    from framework.compress.plan import COMPRESS_MARKER
+
+    try:
+        return json.loads((folder / COMPRESS_MARKER).read_text())["perplexity"]["data_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resolve_target(c: EvalConfig, spec: str, key: str, output: Optional[str]) -> Target:
     from framework.export import scoring_shards
     from framework.hf_folder import check_model_folder, resolve_model_path
@@ -140,7 +150,7 @@ def resolve_target(c: EvalConfig, spec: str, key: str, output: Optional[str]) ->
         return Target(spec, key, url=spec.rstrip("/"), output=output)
     folder = resolve_model_path(spec, key)
     check_model_folder(folder, key)
-    data_dir = scoring_shards(c.data_dir, folder, "eval.data_dir") if c.perplexity else None
+    data_dir = scoring_shards(c.data_dir or compressed_from(folder), folder, "eval.data_dir") if c.perplexity else None
     return Target(spec, key, folder=folder, data_dir=data_dir, output=output or str(folder / EVAL_FILE))
 
 

@@ -142,14 +142,9 @@ def track_eval(plan: EvalPlan, target: Target, record: Dict[str, Any]) -> Dict[s
     if target.folder is not None and (target.folder / EXPORT_MARKER).is_file():
         exported = json.loads((target.folder / EXPORT_MARKER).read_text()).get("mlflow")
         parent = track.RunRef.from_dict(exported) if exported else None
-    ref = track.start_run(plan.tracking, "eval", record["model_id"], {"eval": {**dataclasses.asdict(plan.cfg), "model": target.spec}},
-                          parent=parent, tags={"framework.model": record["model"]})
-    ok = False
-    try:
-        track.log_metrics(ref, [{"step": 0, **{name: score["value"] for name, score in record["scores"].items()}}])
-        ok = True
-    finally:
-        track.end_run(ref, ok)
+    ref = track.record_run(plan.tracking, "eval", record["model_id"], {"eval": {**dataclasses.asdict(plan.cfg), "model": target.spec}},
+                           {name: score["value"] for name, score in record["scores"].items()}, parent=parent,
+                           tags={"framework.model": record["model"]})
     return ref.as_dict()
 
 

@@ -378,7 +378,8 @@ def follow(cfg: ServeConfig, stop: threading.Event) -> None:
     model start and pass their health checks while the old ones go on serving, and only then do the old ones drain
     (up to serve.drain_timeout_s), so no request finds the application without a replica. The model id is the
     JSON's (its folder's name), the same before and after; /v1/models shows the folder as `root`. The cluster needs
-    room for the second set of replicas (an autoscaler adds a node for them); until it has it, the old ones serve."""
+    room for the second set of replicas (a CPU replica takes serve.num_cpus; an autoscaler adds a node for GPU ones);
+    until it has it, the old ones serve."""
     from framework.hf_folder import resolve_model_path
 
     if not cfg.model_path.endswith(".json") or cfg.follow_interval_s <= 0:

@@ -111,6 +111,10 @@ def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
             # A new model rolls out in place (framework/serve/app.py: follow): new replicas start and pass their health
             # check while the old ones serve, which then drain.
             "max_surge_percent": ROLLOUT_SURGE_PERCENT,
+            # A CPU replica is its engine's threads (the bundle's serve.num_cpus): the replica actor's own loop shares
+            # them, as the ingress shares the proxy's, rather than holding a CPU more (Ray Serve LLM's default: 1), so
+            # that a 2-core machine has room for the second replica a rollout starts.
+            **({} if on_gpu(cfg) else {"ray_actor_options": {"num_cpus": 0}}),
         },
         log_engine_metrics=True,
     )

@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from framework import storage
 from framework.cluster import connect
 from framework.config import RunError
-from framework.tracking import TRACKING_FILE, RunRef, end_run, resume_run, start_run
+from framework.tracking import TRACKING_FILE, RunRef, end_run, parent_of, resume_run, start_run
 from framework.train.config import TrainRoot
 from framework.train.checkpoint import mark_complete
 from framework.train.plan import TrainPlan, beside_engines, make_plan, node_resources, size_workers
@@ -158,7 +158,8 @@ def tracked(plan: TrainPlan) -> TrainPlan:
             resume_run(ref)
             return replace(plan, tracking=ref)
     c = plan.config
-    ref = start_run(t, "train", c.run.name, dataclasses.asdict(c), tags={"framework.run_dir": plan.run_dir})
+    prepared = parent_of(storage.join(plan.data_dir, TRACKING_FILE))  # the shards' preparation, when it was tracked
+    ref = start_run(t, "train", c.run.name, dataclasses.asdict(c), parent=prepared, tags={"framework.run_dir": plan.run_dir})
     storage.write_json(marker, ref.as_dict())
     return replace(plan, tracking=ref)
 
