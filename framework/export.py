@@ -468,9 +468,7 @@ def track_export(tracking: TrackingConfig, checkpoint: str, folder: str, params:
     model version; the run and version are added to the folder's export.json."""
     from framework import tracking as track
 
-    run_dir = os.path.dirname(checkpoint.rstrip("/"))
-    marker = storage.join(run_dir, track.TRACKING_FILE)
-    parent = track.RunRef.from_dict(storage.read_json(marker)) if storage.exists(marker) else None
+    parent = track.parent_of(storage.join(os.path.dirname(checkpoint.rstrip("/")), track.TRACKING_FILE))  # the run dir's
     ref = track.start_run(tracking, "export", os.path.basename(folder), {"export": params}, parent=parent)
     ok = False
     try:

@@ -142,6 +142,11 @@ def test_a_task_lm_eval_does_not_know_fails_in_one_line(tmp_path):
               "eval.tasks=[no_such_task]")
 
 
+def test_endpoint_options_on_a_folder_are_refused_not_ignored(tmp_path):
+    with pytest.raises(ConfigError, match=r"^eval.model_name=x: applies to an endpoint"):
+        _plan(f"eval.model={tmp_path}", "eval.model_name=x")
+
+
 def test_bad_chat_sets_fail_in_one_line():
     with pytest.raises(ConfigError, match=r"^eval.chat_sets.a.path=missing.jsonl: no such file"):
         _plan("eval.model=http://h:8000", "eval.perplexity=false", "eval.output=x.json",

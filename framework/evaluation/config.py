@@ -218,6 +218,10 @@ def load_eval(cfg: DictConfig) -> EvalPlan:
                                example="data/arith.jsonl") for name, node in c.chat_sets.items()}
     check_values(c)
     require(not is_scores_file(c.model), "eval.model", c.model, "expected a model to evaluate (an eval.json goes in eval.compare)")
+    if not any(is_endpoint(spec) for spec in [c.model, *c.compare]):
+        for key in ("model_name", "tokenizer", "api_key_env"):
+            require(getattr(c, key) is None, f"eval.{key}", getattr(c, key),
+                    "applies to an endpoint (http://...) only; a folder is served under its own name, with its own tokenizer")
     main = resolve_target(c, c.model, "eval.model", c.output)
     if main.output is not None:
         check_output(main.output, "eval.output")

@@ -133,15 +133,11 @@ def evaluate(target: Target, c: EvalConfig) -> Dict[str, Any]:
 def track_eval(plan: EvalPlan, target: Target, record: Dict[str, Any]) -> Dict[str, str]:
     """The evaluation as an MLflow run, its scores as metrics; a child of the export run that wrote the folder."""
     import dataclasses
-    import json
 
     from framework import tracking as track
     from framework.export import EXPORT_MARKER
 
-    parent = None
-    if target.folder is not None and (target.folder / EXPORT_MARKER).is_file():
-        exported = json.loads((target.folder / EXPORT_MARKER).read_text()).get("mlflow")
-        parent = track.RunRef.from_dict(exported) if exported else None
+    parent = track.parent_of(str(target.folder / EXPORT_MARKER)) if target.folder is not None else None
     ref = track.record_run(plan.tracking, "eval", record["model_id"], {"eval": {**dataclasses.asdict(plan.cfg), "model": target.spec}},
                            {name: score["value"] for name, score in record["scores"].items()}, parent=parent,
                            tags={"framework.model": record["model"]})
