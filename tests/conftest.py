@@ -53,8 +53,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # their times in the last full run on the 2-core VM), and the rest in collection order behind them: both processes
 # now end together. (The suite took as long: it is CPU-bound, and what ran alone at the end now shares the CPUs.)
 LONGEST_FILES_FIRST = (
-    "test_tune.py", "test_serve.py", "test_grpo.py", "test_cluster.py", "test_checkpoints.py", "test_train.py",
-    "test_compress.py", "test_sft.py", "test_generate.py", "test_dpo.py", "test_prep.py",
+    "test_cluster.py", "test_tune.py", "test_serve.py", "test_promote.py", "test_checkpoints.py", "test_train.py",
+    "test_grpo.py", "test_eval.py", "test_compress.py", "test_sft.py", "test_generate.py", "test_tracking.py", "test_dpo.py",
+    "test_prep.py",
 )
 
 
@@ -248,6 +249,54 @@ def exports(trained_checkpoints, tmp_path_factory) -> Dict[int, str]:
         return {stage: export_checkpoint(path, str(root / f"tiny-zero{stage}")) for stage, path in trained_checkpoints.items()}
 
     return _by_stage(made_once(tmp_path_factory, "exports", make))
+
+
+# Compression: the methods this machine's torch and torchao run (int4 needs CUDA), each compressed once for the session,
+# with a small greedy-agreement probe; the int8 folder is compressed through a sweep's best.json named COMPRESS_SWEEP.
+COMPRESS_PRESETS = ("int8", "int8-dynamic")
+COMPRESS_PROMPTS, COMPRESS_MAX_TOKENS = 4, 16
+COMPRESS_SWEEP = "tiny-sweep"
+
+
+def compress_config(model_path: object, preset: str = "int8", **overrides: object):
+    """A checked CompressConfig of `preset` on `model_path`, with the session's small probe."""
+    from framework.compress.config import to_compress_config
+    from framework.config import compose
+
+    values = {"model_path": model_path, "prompts": COMPRESS_PROMPTS, "max_tokens": COMPRESS_MAX_TOKENS, **overrides}
+    return to_compress_config(compose([f"compress={preset}", *(f"compress.{k}={v}" for k, v in values.items())], "compress"))
+
+
+def sweep_best_json(folder: Path, sweeps: Path) -> Path:
+    """A sweep's best.json pointing at `folder`, as promotion writes it (outputs/sweeps/<COMPRESS_SWEEP>/best.json)."""
+    sweep = sweeps / COMPRESS_SWEEP
+    sweep.mkdir(parents=True, exist_ok=True)
+    best = sweep / "best.json"
+    best.write_text(json.dumps({"trial": "t0", "metric": "val_loss", "value": 1.0, "overrides": [],
+                                "path": os.path.relpath(folder, sweep)}))
+    return best
+
+
+@pytest.fixture(scope="session")
+def compressed(exports, tmp_path_factory) -> Dict[str, tuple]:
+    """preset → (folder, report) of the ZeRO-3 export compressed by every method this machine runs, the source measured
+    once for all of them; made once for both processes (test_compress checks them, test_promote serves the int8 one).
+    compress.data_dir is left null: the shards are found through the source's export.json."""
+
+    def make() -> Dict[str, list]:
+        from framework.compress.job import compress
+        from framework.compress.measure import measure_source
+        from framework.compress.plan import plan_compression
+
+        source = Path(exports[3])
+        root = tmp_path_factory.mktemp("compressed")
+        best = sweep_best_json(source, tmp_path_factory.mktemp("sweeps"))
+        plans = {p: plan_compression(compress_config(best if p == "int8" else source, p, output_dir=root / f"tiny-{p}"))
+                 for p in COMPRESS_PRESETS}
+        figures = measure_source(plans[COMPRESS_PRESETS[0]])
+        return {p: [plan.output_dir, compress(plan, figures)] for p, plan in plans.items()}
+
+    return {preset: (Path(folder), report) for preset, (folder, report) in made_once(tmp_path_factory, "compressed", make).items()}
 
 
 def copy_run_until(run_dir: str, step: int, target: str) -> None:

@@ -2,77 +2,35 @@
 serving engine's greedy decoding, Ray Serve and the `openai` client.
 
 The session's tiny export (trained under ZeRO-3 by the shared fixture) is compressed once per method this
-machine runs (the int8 one through a sweep's best.json); launch/serve.py serves the int8 folder once, for the answers
-and for draining on SIGTERM. Refusals are checked on small random-weight folders built here, before any weights are read.
+machine runs (the int8 one through a sweep's best.json: conftest's `compressed`); test_promote.py's rollout serves the
+int8 folder with launch/serve.py, for its answers and for draining on SIGTERM. Refusals are checked on small
+random-weight folders built here, before any weights are read.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import pytest
-import requests
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, SERVE_API_KEY, SERVE_KEY_ENV, free_port, greedy_reference, launch
+from conftest import COMPRESS_PROMPTS, COMPRESS_SWEEP, compress_config, launch, sweep_best_json
 from framework.compress.plan import COMPRESS_MARKER, plan_compression
-from framework.compress.config import CompressConfig, to_compress_config
 from framework.compress.job import CompressError
 from framework.config import CONF_DIR, ConfigError, compose
 
-# What this machine's torch and torchao can run (int4 needs CUDA); each compressed once for the session.
-CPU_PRESETS = ("int8", "int8-dynamic")
-PROMPTS, MAX_TOKENS = 4, 16
-SWEEP = "tiny-sweep"  # the int8 folder is compressed through outputs/sweeps/<SWEEP>/best.json
-
-
-def _config(model_path: object, preset: str = "int8", **overrides: object) -> CompressConfig:
-    values = {"model_path": model_path, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, **overrides}
-    return to_compress_config(compose([f"compress={preset}", *(f"compress.{k}={v}" for k, v in values.items())], "compress"))
-
-
-def _best_json(folder: Path, sweeps: Path) -> Path:
-    """A sweep's best.json pointing at `folder`, as promotion writes it (outputs/sweeps/<name>/best.json)."""
-    sweep = sweeps / SWEEP
-    sweep.mkdir(parents=True, exist_ok=True)
-    best = sweep / "best.json"
-    best.write_text(json.dumps({"trial": "t0", "metric": "val_loss", "value": 1.0, "overrides": [],
-                                "path": os.path.relpath(folder, sweep)}))
-    return best
-
-
 # ---------------------------------------------------------------------------------------------
-# Shared artefacts
+# Shared artefacts (`compressed`, the session's compressions, is conftest's: test_promote serves the int8 one)
 
 @pytest.fixture(scope="session")
 def source(exports: Dict[int, str]) -> Path:
     """The session's tiny export: a trained Llama with its BPE and ChatML template, and its export.json."""
     return Path(exports[3])
-
-
-@pytest.fixture(scope="session")
-def compressed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Tuple[Path, Dict]]:
-    """preset → (folder, report) for every method this machine runs, the source measured once for all of them.
-    compress.data_dir is left null: the shards are found through the source's export.json."""
-    from framework.compress.job import compress
-    from framework.compress.measure import measure_source
-
-    root = tmp_path_factory.mktemp("compressed")
-    best = _best_json(source, tmp_path_factory.mktemp("sweeps"))
-    plans = {p: plan_compression(_config(best if p == "int8" else source, p, output_dir=root / f"tiny-{p}")) for p in CPU_PRESETS}
-    figures = measure_source(plans[CPU_PRESETS[0]])
-    return {p: (Path(plan.output_dir), compress(plan, figures)) for p, plan in plans.items()}
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +98,16 @@ def test_a_method_this_machine_cannot_run_is_refused() -> None:
 def test_layers_the_method_cannot_take_and_missing_shards_are_refused(random_folders: Dict[str, Path], tmp_path: Path) -> None:
     llama = random_folders["llama"]
     with pytest.raises(ConfigError, match=r"^compress\.group_size=7: does not divide the 64 inputs of model\.layers\.0\.self_attn\.q_proj"):
-        plan_compression(_config(llama, group_size=7, output_dir=tmp_path / "out"))
+        plan_compression(compress_config(llama, group_size=7, output_dir=tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"^compress\.group_size=32: expected null: int8_dynamic scales per row"):
-        plan_compression(_config(llama, "int8-dynamic", group_size=32, output_dir=tmp_path / "out"))
+        plan_compression(compress_config(llama, "int8-dynamic", group_size=32, output_dir=tmp_path / "out"))
     # A folder without export.json does not say which shards it was trained on: the user must name them.
     with pytest.raises(ConfigError, match=r"^compress\.data_dir=None: .* does not lead to the shards it was trained on"):
-        plan_compression(_config(llama, output_dir=tmp_path / "out"))
+        plan_compression(compress_config(llama, output_dir=tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"^compress\.data_dir=.*: no manifest\.json there"):
-        plan_compression(_config(llama, output_dir=tmp_path / "out", data_dir=tmp_path))
+        plan_compression(compress_config(llama, output_dir=tmp_path / "out", data_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"^compress\.max_ppl_increase=0\.0: expected a positive ratio"):
-        plan_compression(_config(llama, max_ppl_increase=0.0))
+        plan_compression(compress_config(llama, max_ppl_increase=0.0))
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match=r"compress\.methd"):  # the schema: launch/compress.py says it in one line
@@ -211,7 +169,7 @@ def test_each_method_gives_a_smaller_folder_within_its_bound(compressed: Dict[st
         assert math.isfinite(ppl["source"]) and math.isfinite(ppl["compressed"])
         assert ppl["ratio"] == pytest.approx(ppl["compressed"] / ppl["source"], rel=1e-4) and ppl["ratio"] <= ppl["max_ratio"] == 1.05
         greedy, decode = report["greedy"], report["decode"]
-        assert greedy["prompts"] == PROMPTS and 0 <= greedy["identical"] <= PROMPTS and 0.0 <= greedy["token_agreement"] <= 1.0
+        assert greedy["prompts"] == COMPRESS_PROMPTS and 0 <= greedy["identical"] <= COMPRESS_PROMPTS and 0.0 <= greedy["token_agreement"] <= 1.0
         assert decode["source_tokens_per_s"] > 0 and decode["compressed_tokens_per_s"] > 0
         assert report["source_export"] == json.loads((source / "export.json").read_text())
         assert not (folder / "export.json").exists()  # an export's marker: this folder is not one
@@ -258,7 +216,7 @@ def test_the_gate_fails_a_method_past_its_bound_and_writes_nothing(source: Path,
 
     out = tmp_path / "compressed" / "tiny-int8"
     # Below 1 the bound demands that perplexity fall by half: no int8 model of the source does that.
-    plan = plan_compression(_config(source, max_ppl_increase=0.5, output_dir=out))
+    plan = plan_compression(compress_config(source, max_ppl_increase=0.5, output_dir=out))
     with pytest.raises(CompressError, match=r"^compress\.max_ppl_increase=0\.5: int8 \(int8_weight_only\) takes validation "
                                             r"perplexity from [\d.]+ to [\d.]+ \(×[\d.]+, past the bound\) on \d+ rows of .*; "
                                             r"nothing written to .*tiny-int8$"):
@@ -270,88 +228,23 @@ def test_the_gate_fails_a_method_past_its_bound_and_writes_nothing(source: Path,
 def test_output_dir_follows_export_rules(compressed: Dict[str, Tuple[Path, Dict]], source: Path, exports: Dict[int, str],
                                          tmp_path: Path) -> None:
     folder, _ = compressed["int8"]
-    plan_compression(_config(source, output_dir=folder))  # an earlier compression may be replaced
+    plan_compression(compress_config(source, output_dir=folder))  # an earlier compression may be replaced
     with pytest.raises(ConfigError, match=r"^compress\.output_dir=.*: exists and holds something other than an earlier "
                                           r"compression \(no compress_report\.json\)"):
-        plan_compression(_config(source, output_dir=exports[1]))  # an export is not ours to replace
+        plan_compression(compress_config(source, output_dir=exports[1]))  # an export is not ours to replace
     with pytest.raises(ConfigError, match=r"^compress\.output_dir=.*: overlaps the source folder"):
-        plan_compression(_config(source, output_dir=source / "int8"))
+        plan_compression(compress_config(source, output_dir=source / "int8"))
     with pytest.raises(ConfigError, match=r"^compress\.model_path=.*: is quantised already \(torchao\)"):
-        plan_compression(_config(folder, output_dir=tmp_path / "again"))
+        plan_compression(compress_config(folder, output_dir=tmp_path / "again"))
 
 
 @pytest.mark.slow
 def test_a_sweeps_best_json_is_compressed_by_name(compressed: Dict[str, Tuple[Path, Dict]], source: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     assert compressed["int8"][1]["source"] == str(source)  # compressed through best.json by the fixture
-    best = _best_json(source, tmp_path / "outputs" / "sweeps")
+    best = sweep_best_json(source, tmp_path / "outputs" / "sweeps")
     monkeypatch.chdir(tmp_path)
-    plan = plan_compression(_config(best))  # compress.output_dir=null
-    assert plan.source == source and plan.output_dir == str(tmp_path / "outputs" / "compressed" / f"{SWEEP}-int8")
+    plan = plan_compression(compress_config(best))  # compress.output_dir=null
+    assert plan.source == source and plan.output_dir == str(tmp_path / "outputs" / "compressed" / f"{COMPRESS_SWEEP}-int8")
 
 
-# ---------------------------------------------------------------------------------------------
-# Serving the compressed folder unchanged
-
-@pytest.mark.slow
-def test_launch_serve_answers_from_the_int8_folder_as_transformers_does_and_drains_on_sigterm(compressed: Dict[str, Tuple[Path, Dict]]) -> None:
-    """launch/serve.py as a user runs it, on the int8 folder unchanged (its folder check first): the openai client gets
-    transformers' greedy text on the same folder; a stream in flight when SIGTERM comes is served to its end, then
-    Serve shuts down and the command exits 0, without a stack dump. (One server for both: each start is a vLLM engine.)"""
-    from openai import OpenAI
-    from transformers import AutoTokenizer
-
-    folder = compressed["int8"][0]
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch" / "serve.py"), f"serve.model_path={folder}", "serve.host=127.0.0.1",
-         f"serve.port={port}", "serve.app_name=test-compress", "serve.max_replicas=1", "serve.drain_timeout_s=120",
-         f"serve.api_key_env={SERVE_KEY_ENV}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    lines: List[str] = []
-    try:
-        for _ in range(600):
-            try:
-                if requests.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            time.sleep(1)
-        client = OpenAI(base_url=url + "/v1", api_key=SERVE_API_KEY, max_retries=0, timeout=60)
-        assert [m.id for m in client.models.list().data] == [folder.name]
-        for prompt in ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]:
-            completion = client.completions.create(model=folder.name, prompt=prompt, max_tokens=12, temperature=0)
-            assert completion.choices[0].text == greedy_reference(folder, prompt, 12), prompt
-        chat = client.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                              temperature=0)
-        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
-
-        started = threading.Event()
-        no_eos = {str(AutoTokenizer.from_pretrained(folder).eos_token_id): -100}  # decodes all of its max_tokens
-
-        def stream() -> None:
-            body = {"model": folder.name, "prompt": "def f(x):", "max_tokens": 96, "temperature": 0, "stream": True, "logit_bias": no_eos}
-            headers = {"Authorization": f"Bearer {SERVE_API_KEY}"}
-            with requests.post(url + "/v1/completions", json=body, headers=headers, stream=True, timeout=120) as response:
-                for line in response.iter_lines(decode_unicode=True):
-                    if line:
-                        lines.append(line)
-                        started.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(120)
-        process.send_signal(signal.SIGTERM)
-        reader.join(300)
-        out, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, err[-3000:]
-    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert "serve: stopped" in out
-    assert "SIGTERM received" not in err and "Traceback" not in err

@@ -102,10 +102,12 @@ def test_eval_scores_a_folder_through_the_engine_as_lm_eval_and_transformers_do(
     assert got["val/loss"]["count"] == (read_config(checkpoint).run.eval_rows or got["val/loss"]["count"])
     assert "eval/echo/exact_match" in result.stdout and "serve_snippets_choice" in result.stdout  # the table
 
-    # A second model, perplexity only (no engine), compared with the first's eval.json: its own eval.json, a plot.
+    # A second model, perplexity only (no engine, so in this process), compared with the first's eval.json: its own
+    # eval.json, a plot.
+    from framework.evaluation.job import run_eval
+
     other = _copy(exports[1], tmp_path / "other")
-    result = launch("eval.py", f"eval.model={other}", f"eval.compare=[{folder / 'eval.json'}]", timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_eval(EVAL.from_overrides([f"eval.model={other}", f"eval.compare=[{folder / 'eval.json'}]"]))
     assert (tmp_path / "other" / "eval-compare.png").stat().st_size > 10_000
     assert set(json.loads((other / "eval.json").read_text())["scores"]) == {"val/loss", "val/perplexity"}
 

@@ -197,15 +197,14 @@ def test_a_grpo_checkpoint_exports_to_a_verified_folder_that_answers_as_the_run_
     AutoModelForCausalLM.from_pretrained(folder)
 
 
-def test_a_sweep_over_grpo_ranks_its_trials_by_validation_reward_and_promotes_the_best(task, tmp_path) -> None:  # noqa: ANN001
-    """launch/tune.py experiment=grpo, as a user runs it: each trial a whole RL run with its own rollout engine (the
-    Train workers sized beside it), val_reward (mode max) the metric; the best trial is exported."""
-    import subprocess
-    import sys
-
+def test_a_sweep_over_grpo_ranks_its_trials_by_validation_reward_and_promotes_the_best(task, tmp_path, ray_session) -> None:  # noqa: ANN001
+    """A sweep of experiment=grpo (launch/tune.py's own path, in this process: test_tune runs the command): each trial a
+    whole RL run with its own rollout engine (the Train workers sized beside it), val_reward (mode max) the metric; the
+    best trial is exported."""
     import pandas as pd
 
-    from conftest import ROOT
+    from framework.tune.plan import plan_sweep
+    from framework.tune.runner import run_sweep
 
     _, model, source, data = task
     overrides = [o for o in grpo_overrides(model, source, data, tmp_path, "unused", **{
@@ -216,8 +215,8 @@ def test_a_sweep_over_grpo_ranks_its_trials_by_validation_reward_and_promotes_th
         "tune.mode=max", "tune.name=grpo-lr", f"tune.storage_path={tmp_path}", f"tune.output_dir={tmp_path}/results",
         "tune.max_concurrent_trials=1", "tune.verbose=0",
     ]
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = run_sweep(plan_sweep(overrides))
+    assert not result.interrupted
     table = pd.read_parquet(tmp_path / "results" / "results.parquet")
     best = json.loads((tmp_path / "results" / "best.json").read_text())
     assert len(table) == 2 and set(table["status"]) == {"completed"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -117,27 +118,33 @@ def _prompt_logprobs(folder: str, ids: list) -> list:
 
 
 @pytest.mark.slow
-def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answered(trained_runs, tmp_path):
-    """launch/serve.py serving the promotion record; clients send requests the whole time; a promotion, then a
-    rollback, each roll out in place: every request gets a 200, and after each the server scores a prompt as
-    transformers does with the folder the record names (and not as with the other)."""
+def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answered(trained_runs, compressed, tmp_path):
+    """launch/serve.py serving the promotion record; clients send requests the whole time; the int8 compression of the
+    finished run is promoted over the run's step-10 export and rolls out in place: every request gets a 200. Before
+    the rollout the server scores a prompt as transformers does with the step-10 folder; after it, it answers as
+    transformers does with the int8 folder, unchanged. SIGTERM with a stream in flight serves the stream to its end,
+    then Serve shuts down and the command exits 0 without a stack dump. A rollback rewrites the record as a
+    promotion does (the gate test shows it), so the server follows it by the same path: one rollout here, not two
+    (each is a vLLM engine start)."""
     import threading
 
     import requests
     from transformers import AutoTokenizer
 
-    from conftest import SERVE_API_KEY, SERVE_KEY_ENV, Interruptible, free_port, ray_head
+    from conftest import SERVE_API_KEY, SERVE_KEY_ENV, Interruptible, free_port, greedy_reference, ray_head
     from framework.export import export_checkpoint
     from framework.promote.job import run_promote
 
     KEY = {"Authorization": f"Bearer {SERVE_API_KEY}"}
-    run = trained_runs[2]
-    early = export_checkpoint(os.path.join(run, "checkpoint_00000010"), str(tmp_path / "early"))
-    late = export_checkpoint(os.path.join(run, "checkpoint_00000020"), str(tmp_path / "late"))
+    early = export_checkpoint(os.path.join(trained_runs[2], "checkpoint_00000010"), str(tmp_path / "early"))
+    int8 = str(tmp_path / "int8")  # a copy: the promotion writes its eval.json beside the model
+    shutil.copytree(compressed["int8"][0], int8)
     record = tmp_path / "promoted" / "champion.json"
     run_promote(PROMOTE.from_overrides([f"promote.record={record}", f"promote.candidate={early}"]))
     ids = AutoTokenizer.from_pretrained(early)("def main(argv):\n    return", add_special_tokens=False)["input_ids"]
-    expected = {folder: _prompt_logprobs(folder, ids) for folder in (early, late)}
+    expected = _prompt_logprobs(early, ids)
+    prompts = ["def wrap(text):", "class Template:\n    delimiter = '$'", "import os\n"]
+    int8_texts = [greedy_reference(int8, prompt, 12) for prompt in prompts]
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -146,7 +153,7 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
     with ray_head(num_cpus=4) as address, Interruptible(
             "serve.py", f"serve.model_path={record}", "serve.host=127.0.0.1", f"serve.port={port}",
             "serve.app_name=test-rollout", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.ray_address={address}",
-            f"serve.api_key_env={SERVE_KEY_ENV}", "serve.follow_interval_s=1", "serve.drain_timeout_s=30") as server:
+            f"serve.api_key_env={SERVE_KEY_ENV}", "serve.follow_interval_s=1", "serve.drain_timeout_s=120") as server:
         server.wait_until(lambda: "SIGTERM or Ctrl-C to stop" in server.text(), 600)
         model = requests.get(url + "/v1/models", headers=KEY, timeout=30).json()["data"][0]
         assert model["id"] == "promoted" and model["root"] == early
@@ -174,24 +181,46 @@ def test_a_promotion_rolls_out_into_the_running_server_and_every_request_is_answ
         for thread in clients:
             thread.start()
         try:
-            assert scored() == pytest.approx(expected[early], abs=2e-3)
-            run_promote(PROMOTE.from_overrides([f"promote.record={record}", f"promote.candidate={late}"]))
-            server.wait_until(lambda: serving(late), 600)
-            server.wait_until(lambda: "now serving " + late in server.text(), 300)  # the old replicas stopped too
-            got = scored()
-            assert got == pytest.approx(expected[late], abs=2e-3) and got != pytest.approx(expected[early], abs=2e-3)
-            served_before_rollback = len(statuses)
-
-            result = launch("promote.py", "rollback", f"promote.record={record}")
-            assert result.returncode == 0, result.stderr[-2000:]
-            server.wait_until(lambda: serving(early), 600)
-            server.wait_until(lambda: server.text().count("now serving " + early) == 1, 300)
-            assert scored() == pytest.approx(expected[early], abs=2e-3)
+            assert scored() == pytest.approx(expected, abs=2e-3)
+            # The gate passes it: the step-20 model's perplexity, within compression's bound, is well below step 10's.
+            run_promote(PROMOTE.from_overrides([f"promote.record={record}", f"promote.candidate={int8}"]))
+            server.wait_until(lambda: serving(int8), 600)
+            server.wait_until(lambda: "now serving " + int8 in server.text(), 300)  # the old replicas stopped too
         finally:
             stop.set()
             for thread in clients:
                 thread.join(timeout=300)
-        assert len(statuses) > served_before_rollback > 0
+        assert len(statuses) > 0
         assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+
+        # The int8 folder, served unchanged, answers as transformers does with it (greedy), and not as step 10 scores.
+        from openai import OpenAI
+
+        openai = OpenAI(base_url=url + "/v1", api_key=SERVE_API_KEY, max_retries=0, timeout=60)
+        for prompt, text in zip(prompts, int8_texts):
+            assert openai.completions.create(model="promoted", prompt=prompt, max_tokens=12, temperature=0).choices[0].text == text, prompt
+        chat = openai.chat.completions.create(model="promoted", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+        assert scored() != pytest.approx(expected, abs=2e-3)
+
+        # SIGTERM with a stream in flight: the stream is served to its end, then the command exits 0.
+        lines, started = [], threading.Event()
+        no_eos = {str(AutoTokenizer.from_pretrained(int8).eos_token_id): -100}  # decodes all of its max_tokens
+
+        def stream() -> None:
+            body = {"model": "promoted", "prompt": "def f(x):", "max_tokens": 96, "temperature": 0, "stream": True, "logit_bias": no_eos}
+            with requests.post(url + "/v1/completions", json=body, headers=KEY, stream=True, timeout=120) as response:
+                for line in response.iter_lines(decode_unicode=True):
+                    if line:
+                        lines.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(120)
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=120) == 0
+        reader.join(300)
+        assert server.process.wait(timeout=300) == 0, server.text()[-3000:]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert "serve: stopped" in server.text()
+    assert "SIGTERM received" not in server.text() and "Traceback" not in server.text(), server.text()[-3000:]
