@@ -43,7 +43,7 @@ from omegaconf import MISSING, DictConfig
 
 from framework import storage
 from framework.config import Job, RunError, absolute, register, require, typed
-from framework.hf_folder import DTYPE_NAMES, check_output_dir, quiet_progress_bars, replace_dir, share_permissions
+from framework.hf_folder import ADAPTER_DIR, DTYPE_NAMES, check_output_dir, quiet_progress_bars, replace_dir, share_permissions
 from framework.hf_folder import max_positions
 from framework.model import PROBE_TEXT, dtype_named, pad_token_id
 from framework.tracking import TrackingConfig
@@ -55,8 +55,6 @@ ZERO_SHARDS = "*_optim_states.pt"
 # What an export writes into its folder beside the weights: where it came from. An output_dir holding it
 # may be replaced by a new export; one without it is not ours to delete.
 EXPORT_MARKER = "export.json"
-# The PEFT adapter folder inside an export of a LoRA checkpoint (export.adapter=true).
-ADAPTER_DIR = "adapter"
 # Training engine and exported model run the same arithmetic on the same weights: a difference past
 # the rounding of the coarser of the two dtypes is a bug.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3}

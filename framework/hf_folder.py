@@ -31,6 +31,11 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # The quantisation this project writes (framework/compress/) and loads: config.json's quant_method.
 TORCHAO = "torchao"
+# The PEFT adapter folder inside an export of a LoRA checkpoint (export.adapter=true, and every LoRA trial a sweep
+# exports), and the folder under tune.output_dir where a sweep exports each finished trial (trials/<trial>): the
+# layout export and tune write and serving reads (serve.adapters, serve.adapters_from).
+ADAPTER_DIR = "adapter"
+TRIALS_DIR = "trials"
 
 
 def resolve_model_path(model_path: str, key: str = "serve.model_path") -> Path:

@@ -36,7 +36,8 @@ CONTEXT = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").hf_config.max_po
 # Small limits so that a burst of a few dozen requests overflows them. Requests wait in Serve's queue
 # while the router picks a replica, so the queue must hold the 4 concurrent requests a test sends.
 MAX_ONGOING, MAX_QUEUED, MAX_SEQUENCES = 4, 4, 4
-ADAPTERS = ("tiny-lora-a", "tiny-lora-b")
+# An adapter named in serve.adapters itself (a PEFT folder); the sweep's trials are served by serve.adapters_from.
+DIRECT = "tiny-lora-direct"
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +48,43 @@ def served_model_dir(exports: Dict[int, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapters(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Tuple[Path, Path]]:
-    """Two LoRA adapters on the served folder (random, non-zero, different seeds): each id → (what serve.adapters
-    names, the adapter merged into a copy of the base). One is laid out as an export.adapter=true export."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def lora_sweep(served_model_dir: Path, prepared_data: str, ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA sweep on the served folder (two learning rates, 10 steps each on the session's shards), then the same
+    command with tune.export_trials=true: its tune.output_dir, whose trials/<trial>/ are each trial's merged export with
+    its adapter/."""
+    from conftest import VAL_FRACTION
+    from framework.tune.plan import plan_sweep
+    from framework.tune.runner import run_sweep
 
-    made = {}
-    for seed, name in enumerate(ADAPTERS):
-        root = tmp_path_factory.mktemp(name)
-        torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(served_model_dir),
-                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
-        folder = root / "adapter" if seed == 1 else root  # the second as an export's adapter/ folder
-        model.save_pretrained(folder)
-        model.merge_and_unload().save_pretrained(root / "merged")
-        AutoTokenizer.from_pretrained(served_model_dir).save_pretrained(root / "merged")
-        made[name] = (root, root / "merged")
-    return made
+    root = tmp_path_factory.mktemp("lora-sweep")
+    overrides = [
+        "model=hf-local", "model/lora=default", f"model.pretrained_path={served_model_dir}", "deepspeed=zero1",
+        f"data.output_dir={prepared_data}", "data.seq_len=64", f"data.val_fraction={VAL_FRACTION}", "run.num_workers=1",
+        "run.max_steps=10", "run.global_batch_size=8", "run.micro_batch_size=8", "run.eval_interval=10",
+        "run.checkpoint_interval=10", "run.max_failures=0", "optim.warmup_steps=0",
+        "tune=grid", "~tune/space", '+tune.space.optim.lr="choice(1e-2,5e-2)"', "tune.scheduler=fifo", "tune.name=tiny-lora",
+        f"tune.storage_path={root}", f"tune.output_dir={root / 'results'}", "tune.max_concurrent_trials=2",
+        "tune.promote=false", "tune.verbose=0",
+    ]
+    run_sweep(plan_sweep(overrides))
+    assert not (root / "results" / "trials").exists()
+    # The same sweep again with tune.export_trials=true: resumed, nothing trained, every trial exported.
+    again = run_sweep(plan_sweep(overrides + ["tune.export_trials=true"]))
+    assert again.resumed and len(list((root / "results" / "trials").iterdir())) == 2
+    return root / "results"
 
 
 @pytest.fixture(scope="module")
-def server(served_model_dir: Path, adapters: Dict[str, Tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory):
+def adapters(lora_sweep: Path) -> Dict[str, Tuple[Path, Path]]:
+    """Each adapter id served → (its PEFT folder, its merged export): the sweep's trials by name, and DIRECT, the first
+    trial's adapter folder named in serve.adapters."""
+    trials = sorted(p for p in (lora_sweep / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 2
+    return {DIRECT: (trials[0] / "adapter", trials[0]), **{t.name: (t / "adapter", t) for t in trials}}
+
+
+@pytest.fixture(scope="module")
+def server(served_model_dir: Path, lora_sweep: Path, adapters: Dict[str, Tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory):
     """Base URL of the application, deployed from a sweep-style best.json that points at the folder."""
     import ray
     from ray import serve
@@ -90,7 +105,7 @@ def server(served_model_dir: Path, adapters: Dict[str, Tuple[Path, Path]], tmp_p
         "api_key_env": KEY_ENV, "app_name": "test-serve", "min_replicas": 1, "max_replicas": 1,
         "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED, "max_sequences": MAX_SEQUENCES,
         "default_max_tokens": 16, "max_request_bytes": MAX_REQUEST_BYTES,
-        "adapters": {name: str(folder) for name, (folder, _) in adapters.items()},
+        "adapters": {DIRECT: str(adapters[DIRECT][0])}, "adapters_from": str(lora_sweep),
     })
     url = deploy(cfg)
     yield url
@@ -145,9 +160,9 @@ def _client(url: str):
 # ---------------------------------------------------------------------------------------------
 # The OpenAI API
 
-def test_openai_client_gets_completion_chat_and_stream(server: str, served_model_dir: Path) -> None:
+def test_openai_client_gets_completion_chat_and_stream(server: str, served_model_dir: Path, adapters: Dict[str, Tuple[Path, Path]]) -> None:
     client = _client(server)
-    assert [m.id for m in client.models.list().data] == [MODEL_NAME, *ADAPTERS]
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME, *sorted(adapters)]
 
     completion = client.completions.create(model=MODEL_NAME, prompt="def wrap(text):", max_tokens=12, temperature=0)
     choice = completion.choices[0]
@@ -215,18 +230,37 @@ def test_seeded_requests_repeat_and_greedy_matches_transformers_generate(server:
 
 
 def test_each_adapter_is_its_own_model_and_answers_as_its_merged_export(server: str, adapters: Dict[str, Tuple[Path, Path]]) -> None:
-    """Multi-LoRA on one base: a request for an adapter's id gives the greedy text of that adapter merged into the base."""
+    """Multi-LoRA on one base: every trial of a LoRA sweep (serve.adapters_from) and an adapter named in serve.adapters
+    are models of their own; a request for one gives the greedy text of its merged export."""
     client = _client(server)
     prompt = "def wrap(text):"
-    base = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
     texts = {}
     for name, (_, merged) in adapters.items():
         assert client.models.retrieve(name).id == name
         texts[name] = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
         assert texts[name] == greedy_reference(merged, prompt, 12), name
-    assert len({base, *texts.values()}) == 3  # three models, three texts
-    chat = client.chat.completions.create(model=ADAPTERS[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
-    assert chat.model == ADAPTERS[0] and chat.usage.completion_tokens >= 1
+    # The base and the two trials are three models: their log-probs of the same greedy tokens differ (a short run's
+    # greedy texts may all be one repeated character).
+    def logprobs(model: str) -> tuple:
+        choice = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=1).choices[0]
+        return tuple(round(x, 4) for x in choice.logprobs.token_logprobs)
+
+    trials = sorted(set(adapters) - {DIRECT})
+    assert len({logprobs(model) for model in (MODEL_NAME, *trials)}) == 3
+    assert texts[DIRECT] == texts[trials[0]] and logprobs(DIRECT) == logprobs(trials[0])  # one adapter, two ids
+    chat = client.chat.completions.create(model=DIRECT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    assert chat.model == DIRECT and chat.usage.completion_tokens >= 1
+
+
+def test_a_sweeps_adapters_must_have_trained_on_the_served_base(lora_sweep: Path, exports: Dict[int, str]) -> None:
+    """serve.adapters_from on another base, or on a folder that is no sweep's, fails before Ray in one line."""
+    from framework.config import ConfigError
+    from framework.serve.config import compose_serve_config
+
+    with pytest.raises(ConfigError, match=r"^serve.adapters_from=.*: trial \S+'s adapter trained on .*, not on the served base "):
+        compose_serve_config({"model_path": exports[1], "adapters_from": str(lora_sweep)})
+    with pytest.raises(ConfigError, match=r"^serve.adapters_from=.*: expected a sweep's tune.output_dir holding trials/"):
+        compose_serve_config({"model_path": exports[1], "adapters_from": exports[1]})
 
 
 def _stop_inside(text: str) -> str:
@@ -341,7 +375,7 @@ def test_prompts_scored_beside_other_requests_on_a_lora_server_are_scored_as_alo
     bodies = []
     for i, p in enumerate(prompts):
         bodies.append({"model": MODEL_NAME, "prompt": p, "max_tokens": 0, "echo": True, "logprobs": 0})
-        bodies.append({"model": ADAPTERS[0] if i else MODEL_NAME, "prompt": p, "max_tokens": 24, "logit_bias": no_eos})
+        bodies.append({"model": DIRECT if i else MODEL_NAME, "prompt": p, "max_tokens": 24, "logit_bias": no_eos})
     results = asyncio.run(_concurrently(server, "/v1/completions", bodies))
     assert [status for status, _ in results] == [200] * len(bodies), results
     for i in range(len(prompts)):

@@ -31,6 +31,8 @@ class ServeConfig:
     model_name: Optional[str] = MISSING
     # LoRA adapters served on the base as their own model ids: id → a PEFT folder or an export.adapter=true export.
     adapters: Dict[str, str] = field(default_factory=dict)
+    # A LoRA sweep's tune.output_dir (or its best.json): every trial it exported served too, as its trial's name.
+    adapters_from: Optional[str] = MISSING
     dtype: str = MISSING  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     # Ray resources per replica (the vLLM engine's placement group bundle): CPUs the engine's threads use,
     # and GPUs (num_gpus > 0 runs vLLM's GPU build on them; 0 runs the CPU build).
@@ -160,7 +162,23 @@ def compose_serve_config(args: Dict[str, Any]) -> ServeConfig:
         raise
     except Exception as exc:  # noqa: BLE001 - OmegaConf/Hydra errors, reduced to one line
         raise ConfigError(one_line(exc)) from None
-    return validate_serve(cfg)
+    return with_sweep_adapters(validate_serve(cfg))
+
+
+def with_sweep_adapters(serve: ServeConfig) -> ServeConfig:
+    """`serve` with serve.adapters_from's trial adapters added to serve.adapters (what every later step reads)."""
+    if serve.adapters_from is None:
+        return serve
+    from dataclasses import replace
+
+    from framework.hf_folder import resolve_model_path
+    from framework.serve.lora import sweep_adapters
+
+    found = sweep_adapters(serve.adapters_from, resolve_model_path(serve.model_path))
+    for model_id in found:
+        require(model_id not in serve.adapters, f"serve.adapters.{model_id}", serve.adapters.get(model_id),
+                f"serve.adapters_from={serve.adapters_from} serves trial {model_id} under this id already")
+    return replace(serve, adapters={**serve.adapters, **{model_id: str(folder) for model_id, folder in found.items()}})
 
 
 def check_model_path(serve: ServeConfig) -> Path:
@@ -181,7 +199,7 @@ def check_model_path(serve: ServeConfig) -> Path:
 
 def load_serve(cfg: DictConfig) -> ServeConfig:
     """`launch/serve.py`'s root: schema, ranges, then the model folder itself (before Serve starts)."""
-    serve = validate_serve(to_serve_config(cfg))
+    serve = with_sweep_adapters(validate_serve(to_serve_config(cfg)))
     check_model_path(serve)
     # On the local cluster the replicas inherit this process's environment, so a missing key shows now.
     local = serve.ray_address is None and not os.environ.get("RAY_ADDRESS")
@@ -194,4 +212,5 @@ def load_serve(cfg: DictConfig) -> ServeConfig:
 SERVE = Job("serve", load=load_serve)
 
 
-__all__ = ["SERVE", "ConfigError", "ServeConfig", "check_model_path", "compose_serve_config", "load_serve", "to_serve_config", "validate_serve"]
+__all__ = ["SERVE", "ConfigError", "ServeConfig", "check_model_path", "compose_serve_config", "load_serve", "to_serve_config",
+           "validate_serve", "with_sweep_adapters"]

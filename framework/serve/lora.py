@@ -3,7 +3,9 @@ adapter folder, and a request for that id runs the base with the adapter (vLLM's
 Serve routes it to; the replica loads an adapter the first time it is asked for.
 
 An adapter folder is a PEFT folder (`adapter_config.json` + weights), or an export of a LoRA run made with
-`export.adapter=true`, which holds one as `adapter/`. Ray Serve LLM's own loader fetches adapters from
+`export.adapter=true`, which holds one as `adapter/`. `serve.adapters_from` names a LoRA sweep's results folder
+instead: every trial the sweep exported (`trials/<trial>/adapter`, tune.export_trials=true) is served by its trial's
+name, once each is shown to have trained on the served base. Ray Serve LLM's own loader fetches adapters from
 object storage (`dynamic_lora_loading_path`); these are on the replicas' disk (a shared volume on a
 cluster), so `LocalAdapterLoader` hands their folders to the engine as they are.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from framework.config import require
+from framework.hf_folder import ADAPTER_DIR, TRIALS_DIR
 
 # The replicas' environment variable holding serve.adapters as resolved folders (JSON: id → folder).
 ADAPTERS_ENV = "FRAMEWORK_SERVE_ADAPTERS"
@@ -25,8 +28,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 def adapter_folder(path: str, model_id: str) -> Path:
     """The PEFT folder `path` names (itself, or an export's `adapter/`); ConfigError naming serve.adapters.<id> otherwise."""
     folder = Path(path).expanduser().resolve()
-    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "adapter" / ADAPTER_CONFIG).is_file():
-        folder = folder / "adapter"
+    if not (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        folder = folder / ADAPTER_DIR
     require((folder / ADAPTER_CONFIG).is_file(), f"serve.adapters.{model_id}", path,
             f"expected a PEFT adapter folder ({ADAPTER_CONFIG}), or an export made with export.adapter=true")
     return folder
@@ -39,6 +42,29 @@ def check_adapters(adapters: Dict[str, str], base_id: str) -> Dict[str, Path]:
         require(model_id != base_id, f"serve.adapters.{model_id}", path, f"an adapter cannot take the base model's id '{base_id}'")
         folders[model_id] = adapter_folder(str(path), model_id)
     return folders
+
+
+def sweep_adapters(path: str, base: Path) -> Dict[str, Path]:
+    """serve.adapters_from resolved: trial name → the PEFT folder of every trial a LoRA sweep exported under
+    `<tune.output_dir>/trials/` (`path` is that folder, or a best.json in it). Each adapter must have trained on `base`
+    (its adapter_config.json names the base folder the run loaded); ConfigError naming serve.adapters_from otherwise."""
+    root = Path(path).expanduser().resolve()
+    if root.suffix == ".json":
+        root = root.parent
+    trials = root / TRIALS_DIR
+    require(trials.is_dir(), "serve.adapters_from", path,
+            f"expected a sweep's tune.output_dir holding {TRIALS_DIR}/ (a sweep run with tune.export_trials=true)")
+    found = {}
+    for folder in sorted(p for p in trials.iterdir() if p.is_dir() and not p.name.startswith(".")):  # not an export's staging
+        config = folder / ADAPTER_DIR / ADAPTER_CONFIG
+        require(config.is_file(), "serve.adapters_from", path,
+                f"trial {folder.name} has no {ADAPTER_DIR}/{ADAPTER_CONFIG}: a sweep of LoRA runs exports one per trial")
+        trained_on = json.loads(config.read_text()).get("base_model_name_or_path")
+        require(bool(trained_on) and Path(trained_on).expanduser().resolve() == base.resolve(), "serve.adapters_from", path,
+                f"trial {folder.name}'s adapter trained on {trained_on} (its {ADAPTER_CONFIG}), not on the served base {base}")
+        found[folder.name] = folder / ADAPTER_DIR
+    require(bool(found), "serve.adapters_from", path, f"no trial exported under {trials}")
+    return found
 
 
 def lora_settings(folders: Dict[str, Path]) -> Dict[str, Any]:

@@ -56,6 +56,9 @@ class TuneConfig:
     output_dir: str = MISSING
     # Export the best trial's checkpoint to <output_dir>/best when the sweep ends.
     promote: bool = MISSING
+    # Also export every finished trial to <output_dir>/trials/<trial> (a LoRA trial with its adapter/, which
+    # `launch/serve.py serve.adapters_from=<output_dir>` serves); a sweep ranked on an eval score exports them anyway.
+    export_trials: bool = MISSING
     # Ray Tune's console output: 0 silent, 1 status updates, 2 every result.
     verbose: int = MISSING
     asha: AshaConfig = field(default_factory=AshaConfig)

@@ -1,9 +1,11 @@
 """Promotion: the sweep's best trial (`results.best_trial`) exported as a Hugging Face folder, and best.json.
 
-    <output_dir>/best/      the best trial's final checkpoint, exported and verified (framework/export.py)
-    <output_dir>/best.json  {"trial", "metric", "value", "mode", "overrides", "path", "step", "checkpoint"}
+    <output_dir>/best/            the best trial's final checkpoint, exported and verified (framework/export.py)
+    <output_dir>/best.json        {"trial", "metric", "value", "mode", "overrides", "path", "step", "checkpoint"}
+    <output_dir>/trials/<trial>/  every finished trial exported (tune.export_trials, or a ranking on an eval score)
 
-`launch/serve.py serve.model_path=<output_dir>/best.json` serves it.
+`launch/serve.py serve.model_path=<output_dir>/best.json` serves the best. A LoRA trial's export holds its PEFT
+adapter folder too (`adapter/`), so that `serve.adapters_from=<output_dir>` serves every trial on their base.
 """
 
 from __future__ import annotations
@@ -15,8 +17,25 @@ from typing import Any, Dict, Optional
 
 import pandas as pd
 
+from framework.hf_folder import TRIALS_DIR
 from framework.tune.sweep import Sweep
 from framework.tune.results import best_trial, finished_trials
+
+
+def export_trial(checkpoint: str, folder: str, sweep: Sweep) -> str:
+    """A trial's checkpoint exported to `folder` (straight from its URI: export.json records where it lives); a LoRA
+    trial's with its adapter folder. Registered in the sweep's tracking, if any."""
+    from framework.export import export_checkpoint
+    from framework.train.checkpoint import read_config
+
+    lora = read_config(checkpoint).model.lora is not None
+    return export_checkpoint(checkpoint, folder, adapter=lora, tracking=sweep.base.tracking)
+
+
+def export_trials(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Dict[str, str]:
+    """Every finished trial exported to <output_dir>/trials/<trial>: trial → folder."""
+    return {str(trial["trial"]): export_trial(trial["checkpoint"], os.path.join(output_dir, TRIALS_DIR, str(trial["trial"])), sweep)
+            for _, trial in finished_trials(table).iterrows()}
 
 
 def promote_on_eval(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict[str, Any]]:
@@ -25,18 +44,18 @@ def promote_on_eval(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optio
     from framework.config import RunError
     from framework.evaluation.config import EVAL
     from framework.evaluation.job import run_eval
-    from framework.export import export_checkpoint
 
     metric, mode = sweep.ranking
     candidates = finished_trials(table)
     if not len(candidates):
         return None
+    folders = export_trials(table, sweep, output_dir)
     rows = []
     for _, trial in candidates.iterrows():
-        tracking = sweep.base.tracking  # the sweep's own: each export registered, each evaluation a run under it
-        folder = export_checkpoint(trial["checkpoint"], os.path.join(output_dir, "trials", str(trial["trial"])), tracking=tracking)
+        folder = folders[str(trial["trial"])]
         plan = EVAL.from_overrides([f"eval.model={folder}", *sweep.tune.eval])
-        [record] = run_eval(dataclasses.replace(plan, tracking=tracking))
+        # The sweep's own tracking: each evaluation a run under it.
+        [record] = run_eval(dataclasses.replace(plan, tracking=sweep.base.tracking))
         if metric not in record["scores"]:
             raise RunError(f"tune.metric={metric}: the evaluation of trial {trial['trial']} gave no such score (it gave: "
                            f"{', '.join(sorted(record['scores']))}); name the task that gives it in tune.eval")
@@ -63,8 +82,6 @@ def promote_on_eval(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optio
 
 def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict[str, Any]]:
     """Export the best trial's final checkpoint to <output_dir>/best and write best.json; gives best.json's content (None: no trial to promote)."""
-    from framework.export import export_checkpoint
-
     metric = sweep.tune.metric
     trial = best_trial(table, metric)
     if trial is None:
@@ -72,7 +89,7 @@ def promote(table: pd.DataFrame, sweep: Sweep, output_dir: str) -> Optional[Dict
     best = table[table["trial"] == trial].iloc[0]
     # Straight from the checkpoint's URI (export downloads one on object storage itself), so that export.json
     # records where the checkpoint lives, not a temporary copy: launch/compress.py finds the training shards there.
-    path = export_checkpoint(best["checkpoint"], os.path.join(output_dir, "best"), tracking=sweep.base.tracking)
+    path = export_trial(best["checkpoint"], os.path.join(output_dir, "best"), sweep)
     record = {
         "trial": str(best["trial"]),
         "metric": metric,

@@ -126,8 +126,10 @@ def publish(sweep: Sweep, trials: List[results.TrialOutcome], table: pd.DataFram
     results.plot_params(table, sweep, os.path.join(out, "params.png"))
     results.print_table(table, sweep)
     if sweep.ranking is not None:
-        best = promotion.promote_on_eval(table, sweep, out)
+        best = promotion.promote_on_eval(table, sweep, out)  # exports every finished trial to rank them
     else:
+        if t.export_trials:
+            promotion.export_trials(table, sweep, out)
         best = promotion.promote(table, sweep, out) if t.promote else None
     if "://" in sweep.sweep_dir:
         mirror(out, storage.join(sweep.sweep_dir, PUBLISHED), best)
