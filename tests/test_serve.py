@@ -252,8 +252,10 @@ def test_each_adapter_is_its_own_model_and_answers_as_its_merged_export(server: 
     assert chat.model == DIRECT and chat.usage.completion_tokens >= 1
 
 
-def test_a_sweeps_adapters_must_have_trained_on_the_served_base(lora_sweep: Path, exports: Dict[int, str]) -> None:
-    """serve.adapters_from on another base, or on a folder that is no sweep's, fails before Ray in one line."""
+def test_a_sweeps_adapters_must_have_trained_on_the_served_base(lora_sweep: Path, served_model_dir: Path, exports: Dict[int, str],
+                                                                tmp_path: Path) -> None:
+    """serve.adapters_from on another base, on a folder that is no sweep's, with a trial exported without its adapter,
+    or beside a serve.adapters id it also serves, fails before Ray in one line."""
     from framework.config import ConfigError
     from framework.serve.config import compose_serve_config
 
@@ -261,6 +263,15 @@ def test_a_sweeps_adapters_must_have_trained_on_the_served_base(lora_sweep: Path
         compose_serve_config({"model_path": exports[1], "adapters_from": str(lora_sweep)})
     with pytest.raises(ConfigError, match=r"^serve.adapters_from=.*: expected a sweep's tune.output_dir holding trials/"):
         compose_serve_config({"model_path": exports[1], "adapters_from": exports[1]})
+    trial = sorted((lora_sweep / "trials").iterdir())[0]
+    with pytest.raises(ConfigError, match=rf"^serve.adapters.{trial.name}=.*: serve.adapters_from=.* serves trial {trial.name} under this id already"):
+        compose_serve_config({"model_path": str(served_model_dir), "adapters_from": str(lora_sweep),
+                              "adapters": {trial.name: str(trial / "adapter")}})
+    copy = tmp_path / "results"
+    shutil.copytree(lora_sweep, copy)
+    shutil.rmtree(copy / "trials" / trial.name / "adapter")
+    with pytest.raises(ConfigError, match=rf"^serve.adapters_from=.*: trial {trial.name} has no adapter/adapter_config.json"):
+        compose_serve_config({"model_path": str(served_model_dir), "adapters_from": str(copy)})
 
 
 def _stop_inside(text: str) -> str:
