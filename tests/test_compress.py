@@ -1,5 +1,5 @@
-"""Compression on the real stack: torchao through transformers, the evaluation set on the prepared shards, the
-serving engine's greedy decoding, Ray Serve and the `openai` client.
+"""Compression on the real stack: torchao through transformers, the evaluation set on the prepared shards, greedy
+decoding through transformers' generate.
 
 The session's tiny export (trained under ZeRO-3 by the shared fixture) is compressed once per method this
 machine runs (the int8 one through a sweep's best.json: conftest's `compressed`); test_promote.py's rollout serves the
