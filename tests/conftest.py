@@ -45,6 +45,9 @@ _serve_ingress()
 # collection time, so that every driver (this process and the `launch/*.py` ones it starts) passes it to its
 # controller, as Ray Train does with its RAY_TRAIN_* variables.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's preemption watcher (an actor per worker group that polls the nodes' drain state, for spot instances
+# an autoscaler drains) is a process start per run, and no test here drains a node. Passed on the same way.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # The README's suite runs on two processes, a file at a time each (--dist loadfile). pytest-xdist hands the files out

@@ -137,13 +137,6 @@ def test_an_eval_json_of_someone_elses_is_never_overwritten(exports, tmp_path):
 
 
 @pytest.mark.slow  # lm-eval reads its whole task index (about 13 s)
-def test_a_task_lm_eval_does_not_know_fails_in_one_line(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"^eval.tasks=no_such_task: lm-eval knows no such task"):
-        _plan("eval.model=http://h:8000", "eval.perplexity=false", f"eval.tokenizer={tmp_path}", "eval.output=x.json",
-              "eval.tasks=[no_such_task]")
-
-
 def test_endpoint_options_on_a_folder_are_refused_not_ignored(tmp_path):
     with pytest.raises(ConfigError, match=r"^eval.model_name=x: applies to an endpoint"):
         _plan(f"eval.model={tmp_path}", "eval.model_name=x")

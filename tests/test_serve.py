@@ -464,6 +464,14 @@ def test_lm_evaluation_harness_scores_the_served_model(server: str, served_model
     assert written["scores"]["eval/serve_snippets_generate/exact_match"]["value"] == scores["serve_snippets_generate"]["exact_match,none"]
     assert written["scores"]["eval/arith/last_number"]["count"] == 4
 
+    # A task lm-eval does not know is refused by name, before any request (the task index for this include_path is
+    # built by now: lm-eval's own index costs 12 s per process).
+    from framework.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^eval.tasks=no_such_task: lm-eval knows no such task \(nor is it under .*lm_eval\)"):
+        EVAL.from_overrides([f"eval.model={server}", "eval.perplexity=false", f"eval.tokenizer={served_model_dir}",
+                             f"eval.output={tmp_path / 'x.json'}", f"eval.include_path={LM_EVAL_TASKS}", "eval.tasks=[no_such_task]"])
+
 
 # ---------------------------------------------------------------------------------------------
 # Keys, probes, health

@@ -254,3 +254,19 @@ def test_fine_tuning_starts_from_the_local_hugging_face_model(prepared_data, run
 
     tuned, trained = last_val_loss(os.path.join(run_storage, "fine-tune")), last_val_loss(trained_runs[1])
     assert tuned == pytest.approx(trained, rel=1e-4), (tuned, trained)
+
+
+def test_a_worker_builds_deepspeed_ops_with_the_ninja_of_its_environment(monkeypatch):
+    """torch builds DeepSpeed's C++ ops with the first `ninja` on PATH; a worker started without the environment on
+    PATH would find the system's, whose command hashes differ, and rebuild what the other built (a minute of CPU)."""
+    import sys
+
+    from framework.train.loop import environment_tools_first
+
+    bin_dir = os.path.dirname(sys.executable)
+    assert os.path.isfile(os.path.join(bin_dir, "ninja")), "DeepSpeed's `ninja` dependency is in the environment"
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", bin_dir]))
+    environment_tools_first()
+    environment_tools_first()
+    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+    assert shutil.which("ninja") == os.path.join(bin_dir, "ninja")

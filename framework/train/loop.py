@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from datetime import timedelta
 from typing import Any, Dict, List, Tuple
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -41,6 +41,24 @@ from framework.train.objectives import build_objective, report_key
 from framework.train.optim import apply_optim_settings, build_lr_schedule, build_optimizer, decay_flags
 from framework.train.plan import TrainPlan
 from framework.train.session import Session
+
+
+def _import_deepspeed() -> Any:
+    """DeepSpeed, without the `import mlflow` its autotuner tries when deepspeed is imported
+    (deepspeed/autotuning/autotuner.py): 2 s of CPU at every worker's start, for a tool no run here uses. A run that
+    tracks to MLflow imports it itself (framework/tracking.py)."""
+    if "mlflow" in sys.modules:
+        import deepspeed
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is set
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
+deepspeed = _import_deepspeed()
 
 
 def deepspeed_config(cfg: TrainRoot, world_size: int, use_gpu: bool, load_universal: bool = False) -> Dict[str, Any]:
@@ -75,6 +93,20 @@ def deepspeed_config(cfg: TrainRoot, world_size: int, use_gpu: bool, load_univer
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
+def environment_tools_first() -> None:
+    """Put this interpreter's bin folder first on PATH when it holds a `ninja`.
+
+    DeepSpeed builds its C++ ops with torch's JIT (on CPU, its shared-memory all-reduce at every engine start; cached
+    in ~/.cache/torch_extensions) by the first `ninja` on PATH. DeepSpeed installs one into its environment, but an
+    interpreter started by its path rather than from an activated environment finds the system's, and two ninja
+    versions hash the build's command lines differently: each rebuilds what the other built, a minute of CPU at
+    every switch (measured: 7 rebuilds in one test suite whose processes had either PATH)."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in path if p and p != bin_dir])
+
+
 def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: bool = False) -> tuple:
     """The model (LoRA-wrapped when model.lora is set), its optimizer over the weights that train and the LR
     schedule, inside a DeepSpeed engine; gives (engine, DeepSpeed config)."""
@@ -89,6 +121,7 @@ def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: boo
     ds_config = deepspeed_config(cfg, world, use_gpu, load_universal=load_universal)
     optimizer = build_optimizer(model, cfg.optim, fused=use_gpu and not cfg.deepspeed.offload_optimizer)
     scheduler = build_lr_schedule(optimizer, cfg.optim, cfg.run.max_steps)
+    environment_tools_first()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, ds_config
 
