@@ -48,6 +48,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train's preemption watcher (an actor per worker group that polls the nodes' drain state, for spot instances
 # an autoscaler drains) is a process start per run, and no test here drains a node. Passed on the same way.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's log monitor globs the session's log folder for new worker logs every 0.1 s until it holds 1,000 files, then
+# every 0.5 s: a long-lived test cluster holds hundreds, and each glob costs CPU both test processes need. At 0.5 s
+# from the start, a new worker's lines reach the driver at most 0.4 s later; none is lost (a file is read from its
+# start once found).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 
 # The README's suite runs on two processes, a file at a time each (--dist loadfile). pytest-xdist hands the files out
