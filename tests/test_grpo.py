@@ -186,6 +186,29 @@ def test_lora_sends_only_the_adapters_and_the_kl_is_to_the_base_with_adapters_of
     assert set(glob.glob(engine_copies)) <= before  # the run removed the engine's copy of the last adapters sent
 
 
+def test_a_rollout_reused_for_two_steps_clips_against_the_log_probs_it_was_sampled_under(grpo_run, task, tmp_path, ray_session) -> None:  # noqa: ANN001
+    """rl.iterations=2: one rollout per two steps, reading the rows the μ=1 run read at its first two steps. Its first step's
+    ratio is 1 (nothing clipped); its second step's is taken against the log-probs from before the first, so the
+    update of step 1 moves it and the clip binds; the engine gets the weights after the second step only, so its
+    log-probs of the reused tokens trail the trainer's there."""
+    from framework.train.config import TRAIN
+
+    root, model, source, data = task
+    run_dir, _ = train_bare(ray_session, TRAIN.from_overrides(grpo_overrides(model, source, data, tmp_path, "mu2", **{
+        "rl.iterations": 2, "run.max_steps": 4, "run.eval_interval": 4, "run.checkpoint_interval": 4, "optim.lr": 3e-2})))
+    steps = {r["step"]: r for r in _records(run_dir) if r["step"] > 0}
+    rollouts = _records(run_dir, "rollouts.jsonl")
+    original = {r["step"]: r for r in _records(grpo_run[0], "rollouts.jsonl")}
+    assert [r["step"] for r in rollouts] == [1, 3]
+    assert rollouts[0]["rows"] == original[1]["rows"] and rollouts[1]["rows"] == original[2]["rows"]
+    for first, second in ((1, 2), (3, 4)):
+        assert steps[second]["train/reward"] == steps[first]["train/reward"]  # the same completions
+        assert "perf/rollout_s" in steps[first] and "perf/rollout_s" not in steps[second]
+        assert steps[first]["perf/sync_s"] == 0.0 and steps[second]["perf/sync_s"] > 0
+        assert steps[first]["train/clip_ratio"] == 0.0 and steps[second]["train/clip_ratio"] > 0, steps
+        assert steps[first]["train/logprob_gap"] < 1e-3 < steps[second]["train/logprob_gap"], steps
+
+
 def test_a_grpo_checkpoint_exports_to_a_verified_folder_that_answers_as_the_run_measured(grpo_run, tmp_path) -> None:  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 

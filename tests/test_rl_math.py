@@ -174,6 +174,8 @@ def test_experiment_grpo_composes_the_rl_group_and_a_reward(folder: str) -> None
     (["~reward"], r"^reward=None: rl=grpo needs rewards"),
     (["rl.engine.placement=colocated", "rl.engine.num_gpus=1"], r"^rl\.engine\.placement=colocated: an engine colocated on the trainer's GPU needs vLLM's sleep mode"),
     (["data=stdlib"], r"^data=stdlib: rl samples completions of prompts: expected data=prompts"),
+    (["rl.iterations=0"], r"^rl\.iterations=0: expected 1 or more"),
+    (["rl.iterations=4"], r"^run\.checkpoint_interval=50: expected a multiple of rl\.iterations=4 \(each rollout trains that many steps\)"),
 ])
 def test_a_bad_rl_config_fails_in_one_line(folder: str, overrides, message) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match=message):

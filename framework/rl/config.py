@@ -41,6 +41,7 @@ class RLConfig:
     epsilon_low: float = MISSING         # the ratio's clip below: 1 − ε_low
     epsilon_high: float = MISSING        # and above: 1 + ε_high (DAPO's clip-higher: a larger ε_high)
     beta: float = MISSING                # KL coefficient to the reference (the starting weights; LoRA: adapters off); 0: none
+    iterations: int = MISSING            # μ: policy steps per rollout (TRL's num_iterations)
     scale_rewards: str = MISSING         # group | batch | none: what the advantages are divided by (TRL's scale_rewards)
     loss_normalization: str = MISSING    # token | sequence: what the step's loss is a mean over
     drop_equal_groups: bool = MISSING    # leave groups whose rewards are all equal out of the loss and its mean
@@ -65,6 +66,7 @@ def check_rl(rl: RLConfig) -> None:
     require(0 <= rl.epsilon_low < 1, "rl.epsilon_low", rl.epsilon_low, "expected a value in [0, 1)")
     require(rl.epsilon_high >= 0, "rl.epsilon_high", rl.epsilon_high, "expected 0 or more")
     require(rl.beta >= 0, "rl.beta", rl.beta, "expected 0 (no KL term) or a positive coefficient")
+    require(rl.iterations >= 1, "rl.iterations", rl.iterations, "expected 1 or more policy steps per rollout")
     require(rl.scale_rewards in SCALES, "rl.scale_rewards", rl.scale_rewards, f"expected one of {', '.join(SCALES)}")
     require(rl.loss_normalization in NORMALIZATIONS, "rl.loss_normalization", rl.loss_normalization,
             f"expected one of {', '.join(NORMALIZATIONS)}")

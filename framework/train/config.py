@@ -243,6 +243,12 @@ def check_rl_run(cfg: TrainRoot) -> None:
     require(cfg.rl is not None, "reward", cfg.reward.name if cfg.reward else None,
             "rewards score the completions of reinforcement learning: add rl=grpo (experiment=grpo sets both)")
     check_rl(cfg.rl)
+    # A rollout's μ steps run as one: evaluations and checkpoints fall between them, where the engine holds the
+    # policy's weights and no rollout is half used (a resume starts a new one).
+    for key in ("max_steps", "eval_interval", "checkpoint_interval"):
+        value = getattr(cfg.run, key)
+        require(value % cfg.rl.iterations == 0, f"run.{key}", value,
+                f"expected a multiple of rl.iterations={cfg.rl.iterations} (each rollout trains that many steps)")
     require(cfg.reward is not None, "reward", None, "rl=grpo needs rewards: expected reward=last-number or another conf/reward/ preset")
     reward_functions(cfg.reward)  # every function imported and its arguments checked, before any cluster work
     require(is_prompts(cfg.data), "data", cfg.data.name, "rl samples completions of prompts: expected data=prompts (experiment=grpo sets it)")

@@ -11,13 +11,15 @@ One step, with B = run.global_batch_size prompts, G = rl.group_size, W workers:
   3. every worker recomputes the log-probs of the sampled tokens with its policy (logits over rl.temperature), the
      reference's with rl.beta > 0, and back-propagates the clipped objective; the step's loss is a mean over its
      completion tokens (or completions) on all workers, as every loss of the project is
-  4. after DeepSpeed's step the new weights (LoRA: the adapters) go to the engine as a folder's files through the
+  4. after DeepSpeed's step (a rollout's last) the new weights (LoRA: the adapters) go to the engine as a folder's files through the
      object store (framework/train/policy_sync.py); ZeRO-3 workers gather them first
 
-The policy is updated once per rollout (TRL's num_iterations=1): the "old" log-probs of the ratio are the trainer's own,
-detached, so the ratio is 1, the gradient is the plain policy gradient A·∇log π, and the clip never binds (train/clip_ratio
-reads 0; it counts once a rollout is reused for more updates). The engine's log-probs of the same tokens are compared
-with the trainer's (train/logprob_gap: what the sampler and the trainer disagree by).
+Each rollout trains rl.iterations (μ, TRL's num_iterations) steps. With μ = 1 the "old" log-probs of the ratio are the
+trainer's own, detached, so the ratio is 1, the gradient is the plain policy gradient A·∇log π and the clip never binds
+(train/clip_ratio reads 0). With μ > 1 the trainer takes them once, before the rollout's first step, and the later
+steps' ratios move away from 1 until the clip cuts them; the weights go to the engine after the rollout's last step.
+The engine's log-probs of the same tokens are compared with the trainer's (train/logprob_gap: what the sampler and
+the trainer disagree by).
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ def validation_reward(rollouts: Rollouts, reader: ShardReader, eval_rows: np.nda
 
 def plan_step(rollouts: Rollouts, reader: ShardReader, order: SampleOrder, step: int, run: Any, rl: Any,
               world: int) -> Tuple[List[Dict[str, Any]], Dict[str, float], Dict[str, Any]]:
-    """Rank 0: sample, score and weigh the step's completions. Gives each worker's groups (its share of the prompts),
-    the step's rollout metrics, and the step's record for logs/rollouts.jsonl."""
+    """Rank 0: sample, score and weigh rollout number `step`'s completions (the step's, with rl.iterations=1). Gives each
+    worker's groups (its share of the prompts), the rollout's metrics, and its record for logs/rollouts.jsonl."""
     row_ids = order.step_rows(step, run.global_batch_size)
     rows = prompt_rows(reader.read(row_ids))
     groups, rollout_s = rollouts.sample(rows, row_ids, TRAIN_STREAM, step, rl.group_size, rl.temperature)
@@ -197,7 +199,11 @@ class PolicyGradient:
         ref = None
         if rl.beta > 0:
             ref = token_logps(self.reference(batch), batch["input_ids"], rl.temperature)
-        losses = token_losses(logps, logps.detach(), batch["advantages"], mask, rl.epsilon_low, rl.epsilon_high, rl.beta, ref)
+        # The log-probs the rollout was sampled under, by the trainer: its own, detached, on a rollout's first step
+        # (the ratio is 1); from before that step when a rollout trains more (rl.iterations > 1).
+        old = batch.get("old_logps")
+        losses = token_losses(logps, logps.detach() if old is None else old, batch["advantages"], mask, rl.epsilon_low,
+                              rl.epsilon_high, rl.beta, ref)
         loss = loss_sum(losses, mask, rl.loss_normalization) / scale
         sums = torch.stack([
             loss.detach().double(),
@@ -208,6 +214,13 @@ class PolicyGradient:
             ((logps.detach() - batch["engine_logps"]).abs() * mask).sum().double(),
         ])
         return loss, sums
+
+
+@torch.no_grad()
+def old_logps(engine: Any, batch: Dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """The policy's log-probs of a micro-batch's tokens before a rollout's first step (TRL's old_per_token_logps)."""
+    logits = engine(input_ids=batch["input_ids"], position_ids=batch[POSITIONS], use_cache=False).logits
+    return token_logps(logits, batch["input_ids"], temperature)
 
 
 def train_metrics(sums: torch.Tensor, units: float, world: int, accumulation: int, beta: float) -> Dict[str, float]:
@@ -315,19 +328,27 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
     try:
         while state.step < run.max_steps:
             step_started = time.perf_counter()
-            shares = rollout_metrics = record = None  # the metrics and the record stay on rank 0, which logs them
-            if rank == 0:
-                shares, rollout_metrics, record = plan_step(rollouts, train_prompts, order, state.step, run, rl, world)
-            mine = scatter(shares, rank)  # each worker receives its own groups only
+            first = state.step % rl.iterations == 0  # a rollout's first step samples it (checkpoints fall before one)
+            if first:
+                shares = rollout_metrics = record = None  # the metrics and the record stay on rank 0, which logs them
+                if rank == 0:
+                    # The rollout's number orders its prompts and seeds their sampling: μ steps read one batch of rows.
+                    shares, rollout_metrics, record = plan_step(rollouts, train_prompts, order, state.step // rl.iterations,
+                                                                run, rl, world)
+                    record["step"] = state.step + 1
+                mine = scatter(shares, rank)  # each worker receives its own groups only
+                groups = mine["groups"]
+                size = len(groups) // accumulation
+                batches = [micro_batch(groups[m * size : (m + 1) * size], device) for m in range(accumulation)]
+                if rl.iterations > 1:
+                    for batch in batches:
+                        batch["old_logps"] = old_logps(engine, batch, rl.temperature)
             units = mine["units"]
             per_micro = max(units, 1.0) / (world * accumulation)
             trained = time.perf_counter()
             sums = torch.zeros(len(TRAIN_SUMS), device=device, dtype=torch.float64)
-            groups = mine["groups"]
-            size = len(groups) // accumulation
             tokens = sum(len(g["prompt"]) + len(ids) for g in groups for ids, _, _ in g["samples"])
-            for m in range(accumulation):
-                batch = micro_batch(groups[m * size : (m + 1) * size], device)
+            for batch in batches:
                 loss, batch_sums = objective.loss(engine, batch, per_micro)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
@@ -335,14 +356,18 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
             if world > 1:
                 dist.all_reduce(sums)
             train_s = time.perf_counter() - trained
-            sync_s = sync_weights(engine, rollouts and rollouts.engine, lora, rank)
+            # The engine gets the weights once the rollout's last step is taken, before the next rollout samples.
+            last = (state.step + 1) % rl.iterations == 0
+            sync_s = sync_weights(engine, rollouts and rollouts.engine, lora, rank) if last else 0.0
             state.step += 1
-            state.rows += run.global_batch_size
+            state.rows += run.global_batch_size if first else 0
             state.tokens += int(all_reduced(float(tokens), device))
             if rank == 0:
-                metrics = {"step": state.step, **rollout_metrics, **train_metrics(sums, units, world, accumulation, rl.beta)}
+                # Every step of a rollout reports the rewards it trained on; the rollout's cost, once.
+                sampled = rollout_metrics if first else {k: v for k, v in rollout_metrics.items() if not k.startswith("perf/")}
+                metrics = {"step": state.step, **sampled, **train_metrics(sums, units, world, accumulation, rl.beta)}
                 metrics.update({
-                    "train/lr": engine.get_lr()[0], "train/epoch": order.epoch_of(state.step, run.global_batch_size),
+                    "train/lr": engine.get_lr()[0], "train/epoch": order.epoch_of(-(-state.step // rl.iterations), run.global_batch_size),
                     "perf/train_s": train_s, "perf/sync_s": sync_s, "perf/step_s": time.perf_counter() - step_started,
                     "perf/peak_mem_gb": peak_memory_gb(),
                 })
@@ -350,7 +375,8 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 pending.append(metrics)
-                samples_pending.append(record)
+                if first:
+                    samples_pending.append(record)
 
             checkpoint_now = state.step % run.checkpoint_interval == 0 or state.step == run.max_steps
             evaluate_now = state.step % run.eval_interval == 0 or checkpoint_now
