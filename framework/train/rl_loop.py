@@ -325,10 +325,13 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
     pending: List[Dict[str, float]] = []
     samples_pending: List[Dict[str, Any]] = []
     engine.train()
+    batches: Optional[List[Dict[str, torch.Tensor]]] = None
     try:
         while state.step < run.max_steps:
             step_started = time.perf_counter()
-            first = state.step % rl.iterations == 0  # a rollout's first step samples it (checkpoints fall before one)
+            # A rollout's first step samples it. Checkpoints fall between rollouts, so a run resumes at one, unless it
+            # resumes with another rl.iterations: then it starts with a rollout that trains until the next multiple.
+            first = state.step % rl.iterations == 0 or batches is None
             if first:
                 shares = rollout_metrics = record = None  # the metrics and the record stay on rank 0, which logs them
                 if rank == 0:
