@@ -209,6 +209,28 @@ def test_a_rollout_reused_for_two_steps_clips_against_the_log_probs_it_was_sampl
         assert steps[first]["train/logprob_gap"] < 1e-3 < steps[second]["train/logprob_gap"], steps
 
 
+def test_rl_iterations_is_a_resume_key_and_an_older_checkpoint_reads_as_one_step_per_rollout(grpo_run, task, tmp_path) -> None:  # noqa: ANN001
+    """μ decides which prompt rows each step trains on, as the seed does: a resume with another is refused before any
+    cluster work. A checkpoint written before the key existed reads as μ = 1."""
+    from omegaconf import OmegaConf
+
+    from framework.config import ConfigError
+    from framework.train.checkpoint import CONFIG, read_config
+    from framework.train.config import TRAIN
+    from framework.train.plan import make_plan
+
+    run_dir, _ = grpo_run
+    root, model, source, data = task
+    copy_run_until(run_dir, 20, str(tmp_path / "grpo"))
+    with pytest.raises(ConfigError, match=r"^rl\.iterations=2: run grpo resumes checkpoint_00000020, trained with rl\.iterations=1"):
+        make_plan(TRAIN.from_overrides(grpo_overrides(model, source, data, tmp_path, "grpo", **{"rl.iterations": 2})))
+    checkpoint = tmp_path / "grpo" / "checkpoint_00000020"
+    saved = OmegaConf.load(checkpoint / CONFIG)
+    del saved.rl["iterations"]
+    OmegaConf.save(saved, checkpoint / CONFIG)
+    assert read_config(str(checkpoint)).rl.iterations == 1
+
+
 def test_a_grpo_checkpoint_exports_to_a_verified_folder_that_answers_as_the_run_measured(grpo_run, tmp_path) -> None:  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 

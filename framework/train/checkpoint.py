@@ -192,17 +192,19 @@ def read_state(directory: str) -> TrainState:
 
 
 # Keys the config gained after checkpoints were first written, with what they mean for a checkpoint that
-# predates them: no LoRA, text packed plain, no chat settings.
+# predates them: no LoRA, text packed plain, no chat settings; an rl run's (only where `rl` is set) one step per rollout.
 ADDED_KEYS = {
     "model.lora": None, "data.packing": "plain", "data.chat_template": None, "data.train_on_prompt": None,
     "data.assistant_turns": None, "data.overlong": None,
 }
+ADDED_RL_KEYS = {"rl.iterations": 1}
 
 
 def read_config(directory: str) -> TrainRoot:
     """The config a checkpoint (a local directory or a URI) was trained with, typed."""
     saved = OmegaConf.create(storage.read_text(storage.join(directory, CONFIG)))
-    for key, value in ADDED_KEYS.items():
+    added = {**ADDED_KEYS, **(ADDED_RL_KEYS if OmegaConf.select(saved, "rl") is not None else {})}
+    for key, value in added.items():
         if OmegaConf.select(saved, key, default="absent") == "absent":
             OmegaConf.update(saved, key, value, force_add=True)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainRoot), saved))
@@ -237,12 +239,12 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 # What a resumed run must share with the checkpoint it resumes: the model's shape, the ZeRO stage of
 # its optimizer state, what a step means (the rows of a global batch), and the sample order (the seed and
 # the shuffle window decide the rows of every step; the seed also makes a LoRA run's base when the model
-# is built from config). The worker count and the micro-batch may change (the sample order and
+# is built from config; an rl run's rl.iterations, the steps that read one batch of prompts). The worker count and the micro-batch may change (the sample order and
 # DeepSpeed's universal checkpoint are independent of them), as may steps, learning rate and intervals;
 # the shards are compared by fingerprint.
 RESUME_KEYS = (
     "model.arch", "model.hf_config", "model.pretrained_path", "model.lora", "data.seq_len", "deepspeed.stage", "run.global_batch_size",
-    "run.seed", "run.shuffle_window",
+    "run.seed", "run.shuffle_window", "rl.iterations",
 )
 
 
@@ -250,6 +252,6 @@ def resume_conflicts(saved: TrainRoot, cfg: TrainRoot) -> List[Tuple[str, Any, A
     """(key, checkpoint's value, config's value) for every RESUME_KEYS value that differs."""
     def get(c: TrainRoot, key: str) -> Any:
         group, name = key.split(".")
-        return getattr(getattr(c, group), name)
+        return getattr(getattr(c, group), name, None)  # None: a group the run does not have (rl)
 
     return [(key, get(saved, key), get(cfg, key)) for key in RESUME_KEYS if get(saved, key) != get(cfg, key)]

@@ -109,7 +109,8 @@ def validation_reward(rollouts: Rollouts, reader: ShardReader, eval_rows: np.nda
 def plan_step(rollouts: Rollouts, reader: ShardReader, order: SampleOrder, step: int, run: Any, rl: Any,
               world: int) -> Tuple[List[Dict[str, Any]], Dict[str, float], Dict[str, Any]]:
     """Rank 0: sample, score and weigh rollout number `step`'s completions (the step's, with rl.iterations=1). Gives each
-    worker's groups (its share of the prompts), the rollout's metrics, and its record for logs/rollouts.jsonl."""
+    worker's groups (its share of the prompts), the rollout's metrics, and its record for logs/rollouts.jsonl (the
+    caller adds the step)."""
     row_ids = order.step_rows(step, run.global_batch_size)
     rows = prompt_rows(reader.read(row_ids))
     groups, rollout_s = rollouts.sample(rows, row_ids, TRAIN_STREAM, step, rl.group_size, rl.temperature)
@@ -141,7 +142,7 @@ def plan_step(rollouts: Rollouts, reader: ShardReader, order: SampleOrder, step:
             "groups": [{"prompt": rows[i].ids, "keep": bool(keep[i]), "samples": [
                 (s.token_ids, s.logprobs, float(advantages[i * rl.group_size + j])) for j, s in enumerate(groups[i])]} for i in mine],
         })
-    record = {"step": step + 1, "rows": [int(r) for r in row_ids], "groups": [
+    record = {"rows": [int(r) for r in row_ids], "groups": [
         {"row": int(row_ids[i]), "prompt": rows[i].prompt, "fields": rows[i].fields,
          "completions": [s.text for s in groups[i]], "rewards": per_group[i].tolist()}
         for i in range(min(rl.log_samples, len(rows)))]}
@@ -325,20 +326,19 @@ def train_rl(plan: TrainPlan, session: Session) -> None:
     pending: List[Dict[str, float]] = []
     samples_pending: List[Dict[str, Any]] = []
     engine.train()
-    batches: Optional[List[Dict[str, torch.Tensor]]] = None
     try:
         while state.step < run.max_steps:
             step_started = time.perf_counter()
-            # A rollout's first step samples it. Checkpoints fall between rollouts, so a run resumes at one, unless it
-            # resumes with another rl.iterations: then it starts with a rollout that trains until the next multiple.
-            first = state.step % rl.iterations == 0 or batches is None
+            # A rollout's first step samples it. Checkpoints fall between rollouts and rl.iterations is a resume key,
+            # so a resumed run starts with one.
+            first = state.step % rl.iterations == 0
             if first:
                 shares = rollout_metrics = record = None  # the metrics and the record stay on rank 0, which logs them
                 if rank == 0:
                     # The rollout's number orders its prompts and seeds their sampling: μ steps read one batch of rows.
                     shares, rollout_metrics, record = plan_step(rollouts, train_prompts, order, state.step // rl.iterations,
                                                                 run, rl, world)
-                    record["step"] = state.step + 1
+                    record = {"step": state.step + 1, **record}
                 mine = scatter(shares, rank)  # each worker receives its own groups only
                 groups = mine["groups"]
                 size = len(groups) // accumulation
