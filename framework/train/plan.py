@@ -30,7 +30,9 @@ from framework.train.config import RunConfig
 class TrainPlan:
     config: TrainRoot  # validated, local paths absolute
     manifest: Dict[str, Any]
-    model_config: Any  # the transformers config, sized to the shards' tokenizer
+    # The transformers config sized to the shards' tokenizer, as its dict: Ray Train's controller unpickles the plan
+    # it hands the workers, and a config object would make it import transformers (2 s of CPU per run) for nothing.
+    model_config_dict: Dict[str, Any]
     eval_rows: np.ndarray  # validation rows every evaluation measures (framework/data/sampler.py)
     probe: Any  # the fixed input whose logits every checkpoint stores (framework/model.py: probe_ids)
     run_dir: str  # <run.storage_path>/<run.name>: checkpoints, and logs/ when storage is local
@@ -38,6 +40,14 @@ class TrainPlan:
     resume_from: Optional[str]  # the latest complete checkpoint, resumed by a re-run of the same name
     resume_state: Optional[TrainState]
     tracking: Optional[RunRef] = None  # the MLflow run this run logs to (tracking=mlflow), set when it starts
+
+    @property
+    def model_config(self) -> Any:
+        """The transformers config (a new object at each call, from `model_config_dict`)."""
+        from transformers import AutoConfig
+
+        fields = dict(self.model_config_dict)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
     @property
     def data_dir(self) -> str:
@@ -144,7 +154,7 @@ def make_plan(cfg: TrainRoot) -> TrainPlan:
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     resume_from, resume_state = check_resume(cfg, manifest, run_dir)
     rows = evaluation_rows(manifest["splits"]["validation"]["rows"], cfg.run.eval_rows, manifest["seed"])
-    return TrainPlan(cfg, manifest, model_config, rows, probe, run_dir, log_dir(cfg), resume_from, resume_state)
+    return TrainPlan(cfg, manifest, model_config.to_dict(), rows, probe, run_dir, log_dir(cfg), resume_from, resume_state)
 
 
 # ---------------------------------------------------------------------------------------------
