@@ -771,6 +771,18 @@ def test_a_context_longer_than_the_model_fails_in_one_line(served_model_dir: Pat
     assert result.stderr.startswith(f"ConfigError: serve.max_model_len={CONTEXT + 1}:") and str(CONTEXT) in result.stderr
 
 
+def test_the_engine_of_a_local_folder_starts_without_ray_serve_llms_download_task(server: str) -> None:
+    """Ray Serve LLM runs a "download" task before each engine (a new process in the engine's environment that imports
+    torch and transformers, and for a local folder returns its path); framework/serve/callbacks.py skips it. The
+    engine replica's log says which executor it started and never that it ran the download tasks."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    text = "".join(p.read_text() for p in logs.glob("replica_test-serve_LLMServer_*.log"))
+    assert "Using executor class" in text
+    assert "download model files" not in text
+
+
 def test_the_engine_and_deployments_take_resources_autoscaling_and_limits_from_config(served_model_dir: Path) -> None:
     from framework.serve.app import config_from_args
     from framework.serve.llm import llm_config

@@ -95,6 +95,7 @@ def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
         placement_group_config={"bundles": [engine_bundle(cfg)]},
         runtime_env={"env_vars": env},
         lora_config=lora["config"] if lora is not None else None,
+        callback_config={"callback_class": "framework.serve.callbacks.LocalFolder"},
         deployment_config={
             # Deployed as "LLMServer:engine", whatever the model id (KubeRay's serveConfigV2 names it).
             "name": ENGINE_DEPLOYMENT,
