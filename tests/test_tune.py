@@ -77,8 +77,8 @@ def start_sweep(overrides: list, log: str) -> subprocess.Popen:
 
 
 def training_trials(sweep_dir: str) -> int:
-    """Trials whose training loop has logged a step."""
-    return sum(os.path.getsize(p) > 0 for p in glob.glob(os.path.join(sweep_dir, "*", "logs", "metrics.jsonl")))
+    """Trials whose training loop has started: rank 0 makes the run's `logs/` just before its first step."""
+    return len(glob.glob(os.path.join(sweep_dir, "*", "logs")))
 
 
 def published(output_dir: str) -> list:
@@ -88,7 +88,9 @@ def published(output_dir: str) -> list:
 @pytest.fixture(scope="module")
 def sweep_run(prepared_data, tmp_path_factory):
     """The sweep's own process interrupted (SIGINT) once its second trial trains, then the same command
-    run again to the end: what each run left and said."""
+    run again to the end: what each run left and said. The signal goes as the second trial's loop starts,
+    ten steps before its first report: at that report ASHA may stop it (a hopeless learning rate), and a
+    signal landing after that leaves no trial unfinished, only trials not yet made."""
     from framework.tune.runner import unfinished_trials
 
     root = str(tmp_path_factory.mktemp("sweeps"))
@@ -97,7 +99,7 @@ def sweep_run(prepared_data, tmp_path_factory):
     first = start_sweep(overrides, os.path.join(root, "first.log"))
     deadline = time.monotonic() + 900
     while training_trials(sweep_dir) < 2 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     first.send_signal(signal.SIGINT)
     first_rc = first.wait(timeout=600)
     interrupted = {"rc": first_rc, "published": published(output_dir), "unfinished": unfinished_trials(os.path.join(sweep_dir, "tune"))}
