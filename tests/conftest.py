@@ -10,7 +10,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -235,16 +235,18 @@ def bare_runs(prepared_data, run_storage, tmp_path_factory, request) -> Dict[int
     return _by_stage(made_once(tmp_path_factory, "bare_runs", make))
 
 
-def train_bare(ray, cfg) -> tuple:
+def train_bare(ray, cfg, env: Optional[Dict[str, str]] = None) -> tuple:
     """(run directory, reports) of `cfg` trained by the loop on a bare session, in a Ray task of one CPU
-    (its own process: the process group and environment a bare session sets up stay out of this one)."""
+    (its own process: the process group and environment a bare session sets up stay out of this one), with
+    `env` added to that process's environment."""
     from framework.train.trainer import run_bare
 
     def task(c):
         plan, reports = run_bare(c)
         return plan.run_dir, reports
 
-    return ray.get(ray.remote(task).options(num_cpus=1).remote(cfg))
+    options = {"num_cpus": 1, **({"runtime_env": {"env_vars": env}} if env else {})}
+    return ray.get(ray.remote(task).options(**options).remote(cfg))
 
 
 @pytest.fixture(scope="session")

@@ -256,17 +256,13 @@ def test_fine_tuning_starts_from_the_local_hugging_face_model(prepared_data, run
     assert tuned == pytest.approx(trained, rel=1e-4), (tuned, trained)
 
 
-def test_a_worker_builds_deepspeed_ops_with_the_ninja_of_its_environment(monkeypatch):
-    """torch builds DeepSpeed's C++ ops with the first `ninja` on PATH; a worker started without the environment on
-    PATH would find the system's, whose command hashes differ, and rebuild what the other built (a minute of CPU)."""
-    import sys
-
-    from framework.train.loop import environment_tools_first
-
-    bin_dir = os.path.dirname(sys.executable)
-    assert os.path.isfile(os.path.join(bin_dir, "ninja")), "DeepSpeed's `ninja` dependency is in the environment"
-    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", bin_dir]))
-    environment_tools_first()
-    environment_tools_first()
-    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
-    assert shutil.which("ninja") == os.path.join(bin_dir, "ninja")
+def test_a_cpu_run_builds_no_deepspeed_op(prepared_data, run_storage, ray_session, tmp_path):
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce (45-65 s of CPU) at the first engine start on a
+    machine, for its inference all-reduce only; a training worker tells it not to: its C++ build folder stays empty."""
+    extensions = tmp_path / "torch_extensions"
+    overrides = {"run.max_steps": 2, "optim.warmup_steps": 0, "run.eval_interval": 2, "run.checkpoint_interval": 2,
+                 "run.num_workers": 1}
+    _, reports = train_bare(ray_session, TRAIN.from_overrides(run_overrides(prepared_data, run_storage, "no-ops", **overrides)),
+                            env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert reports[-1]["step"] == 2
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(p.name for p in extensions.rglob("*"))

@@ -93,18 +93,17 @@ def deepspeed_config(cfg: TrainRoot, world_size: int, use_gpu: bool, load_univer
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
-def environment_tools_first() -> None:
-    """Put this interpreter's bin folder first on PATH when it holds a `ninja`.
+# DeepSpeed's op that its CPU backend builds and loads at every process group start (deepspeed/comm/torch.py).
+SHARED_MEMORY_ALLREDUCE_OP = "deepspeed_shm_comm"
 
-    DeepSpeed builds its C++ ops with torch's JIT (on CPU, its shared-memory all-reduce at every engine start; cached
-    in ~/.cache/torch_extensions) by the first `ninja` on PATH. DeepSpeed installs one into its environment, but an
-    interpreter started by its path rather than from an activated environment finds the system's, and two ninja
-    versions hash the build's command lines differently: each rebuilds what the other built, a minute of CPU at
-    every switch (measured: 7 rebuilds in one test suite whose processes had either PATH)."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path[:1] != [bin_dir]:
-        os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in path if p and p != bin_dir])
+
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce, a C++ op compiled on the machine's
+    first engine start (45-65 s of CPU, measured; then cached in ~/.cache/torch_extensions) that only its
+    `inference_all_reduce` uses: training never calls it, and inference here is vLLM's. DeepSpeed builds an op only
+    where its `deepspeed.ops.__compatible_ops__` says the op is compatible; that dict is kept in the module so that
+    edits to it persist (deepspeed/ops/__init__.py)."""
+    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_ALLREDUCE_OP] = False
 
 
 def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: bool = False) -> tuple:
@@ -121,7 +120,8 @@ def build_engine(plan: TrainPlan, world: int, use_gpu: bool, load_universal: boo
     ds_config = deepspeed_config(cfg, world, use_gpu, load_universal=load_universal)
     optimizer = build_optimizer(model, cfg.optim, fused=use_gpu and not cfg.deepspeed.offload_optimizer)
     scheduler = build_lr_schedule(optimizer, cfg.optim, cfg.run.max_steps)
-    environment_tools_first()
+    if not use_gpu:
+        skip_shared_memory_allreduce()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, ds_config
 
