@@ -799,4 +799,6 @@ def test_the_engine_and_deployments_take_resources_autoscaling_and_limits_from_c
     autoscaling = gpu.deployment_config["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (1, 6, 24)
     assert gpu.deployment_config["max_ongoing_requests"] == gpu_cfg.max_ongoing_requests
+    assert gpu.deployment_config["max_queued_requests"] == gpu_cfg.max_queued_requests
+    assert gpu.deployment_config["backpressure_config"] == {"status_code": gpu_cfg.backpressure_status}
     assert gpu.deployment_config["graceful_shutdown_timeout_s"] == gpu_cfg.drain_timeout_s

@@ -5,7 +5,7 @@ mapping (`PunicaWrapperCPU.add_lora_logits` indexes by `sampler_indices`): a req
 (`echo` with `logprobs`: the engine's prompt_logprobs) sharing a batch with another request makes the engine core
 raise (an einsum whose batch sizes differ), and a dead engine fails every request until Serve replaces it. (vLLM's
 GPU kernels map prompt tokens on their own: upstream vllm-project/vllm#16668, #29955.) So on a CPU server with
-adapters the ingress runs such a request alone: it waits for the requests in flight, and holds new ones until it is
+adapters the engine replica runs such a request alone: it waits for the requests in flight, and holds new ones until it is
 done. lm-evaluation-harness's loglikelihood requests are of this kind; against such a server they run one at a time.
 """
 

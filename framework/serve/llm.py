@@ -106,15 +106,17 @@ def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
                 "target_ongoing_requests": cfg.target_ongoing_requests,
             },
             "max_ongoing_requests": cfg.max_ongoing_requests,
-            # The ingress in front bounds the queue and answers serve.backpressure_status past it.
-            "max_queued_requests": -1,
+            # Past every replica's ongoing requests and then the queue, the proxy answers serve.backpressure_status at
+            # once (the replica is its own ingress: framework/serve/server.py).
+            "max_queued_requests": cfg.max_queued_requests,
+            "backpressure_config": {"status_code": cfg.backpressure_status},
             "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
             # A new model rolls out in place (framework/serve/app.py: follow): new replicas start and pass their health
             # check while the old ones serve, which then drain.
             "max_surge_percent": ROLLOUT_SURGE_PERCENT,
-            # A CPU replica is its engine's threads (the bundle's serve.num_cpus): the replica actor's own loop shares
-            # them, as the ingress shares the proxy's, rather than holding a CPU more (Ray Serve LLM's default: 1), so
-            # that a 2-core machine has room for the second replica a rollout starts.
+            # A CPU replica is its engine's threads (the bundle's serve.num_cpus): the replica actor's own loop (its
+            # routes) shares them rather than holding a CPU more (Ray Serve LLM's default: 1), so that a 2-core machine
+            # has room for the second replica a rollout starts.
             **({} if on_gpu(cfg) else {"ray_actor_options": {"num_cpus": 0}}),
         },
         log_engine_metrics=True,

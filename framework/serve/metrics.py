@@ -1,4 +1,4 @@
-"""The ingress's own metrics through Ray Serve's metrics API; Ray exports them, prefixed `ray_`, in Prometheus'
+"""The server's own metrics (its routes' and its HTTP proxies') through Ray Serve's metrics API; Ray exports them, prefixed `ray_`, in Prometheus'
 format on each node's metrics export port (`ray start --metrics-export-port`), beside Serve's metrics and
 vLLM's engine metrics (`ray_vllm_*`: time to first token, inter-token latency, tokens, running and
 waiting requests, KV-cache use), which Ray Serve LLM exports (`log_engine_metrics`). docs/serving.md
@@ -17,11 +17,11 @@ def ingress_refusals() -> Counter:
 
 
 class IngressMetrics:
-    """One ingress replica's counts of the requests it refused (4xx), failed (5xx, and streams that failed part-way),
+    """One replica's counts of the requests its routes refused (4xx), failed (5xx, and streams that failed part-way),
     and streams cancelled by their client."""
 
     def __init__(self) -> None:
-        self.refused = Counter("llm_refused_requests", description="Requests refused by the ingress (4xx), by reason.",
+        self.refused = Counter("llm_refused_requests", description="Requests refused by the server (4xx), by reason.",
                                tag_keys=("reason",))
         self.failed = Counter("llm_failed_requests",
                               description="Requests the server failed to answer (5xx, or a stream that failed part-way), by reason.",
