@@ -802,3 +802,4 @@ def test_the_engine_and_deployments_take_resources_autoscaling_and_limits_from_c
     assert gpu.deployment_config["max_queued_requests"] == gpu_cfg.max_queued_requests
     assert gpu.deployment_config["backpressure_config"] == {"status_code": gpu_cfg.backpressure_status}
     assert gpu.deployment_config["graceful_shutdown_timeout_s"] == gpu_cfg.drain_timeout_s
+    assert (cpu.experimental_configs["stream_batching_interval_ms"], gpu.experimental_configs["stream_batching_interval_ms"]) == (0, 50)

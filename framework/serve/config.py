@@ -60,6 +60,9 @@ class ServeConfig:
     enforce_eager: bool = MISSING
     # Reuse the KV cache of a shared prompt prefix across requests.
     enable_prefix_caching: bool = MISSING
+    # Ray Serve LLM's stream batching (stream_batching_interval_ms): a stream's tokens made within this window go
+    # to the client together; 0: each token as soon as the engine makes it.
+    stream_batching_ms: float = MISSING
     # max_tokens when a request leaves it out (clipped to what the context has left).
     default_max_tokens: int = MISSING
     # Largest request body, checked at the proxy and the replica before it is read (413 past it).
@@ -126,6 +129,8 @@ def validate_serve(serve: ServeConfig) -> ServeConfig:
     require(0 < serve.gpu_memory_utilization <= 1, "serve.gpu_memory_utilization", serve.gpu_memory_utilization,
             "expected a fraction in (0, 1]")
     require(serve.drain_timeout_s >= 0, "serve.drain_timeout_s", serve.drain_timeout_s, "expected 0 or more seconds")
+    require(serve.stream_batching_ms >= 0, "serve.stream_batching_ms", serve.stream_batching_ms,
+            "expected 0 or more milliseconds")
     require(serve.follow_interval_s >= 0, "serve.follow_interval_s", serve.follow_interval_s, "expected 0 or more seconds")
     require(
         serve.max_queued_requests == -1 or serve.max_queued_requests >= 0,

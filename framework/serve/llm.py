@@ -96,6 +96,7 @@ def llm_config(cfg: ServeConfig, folder: Path, model_id: str) -> Any:
         runtime_env={"env_vars": env},
         lora_config=lora["config"] if lora is not None else None,
         callback_config={"callback_class": "framework.serve.callbacks.LocalFolder"},
+        experimental_configs={"stream_batching_interval_ms": cfg.stream_batching_ms},
         deployment_config={
             # Deployed as "LLMServer:engine", whatever the model id (KubeRay's serveConfigV2 names it).
             "name": ENGINE_DEPLOYMENT,
