@@ -3,7 +3,7 @@
 One deployment, "LLMServer:engine": this class is Ray Serve LLM's `LLMServer` with the project's FastAPI routes as its
 ingress, so a request goes from Serve's proxy straight to the replica that holds the engine. (An ingress deployment in
 front of `LLMServer` cost a second hop per streamed chunk: on 2 cores, 0.79-0.84× vLLM's own server's tokens/s
-against 0.87-0.90× for this one replica; docs/benchmarks.md.) The routes: the API key and the body-size limit, checked at Serve's
+against 0.87-0.92× in most runs for this one replica; docs/benchmarks.md.) The routes: the API key and the body-size limit, checked at Serve's
 proxy before a request takes a queue place and again here (framework/serve/ingress.py); strict OpenAI request models
 whose every error is a 4xx naming the field; chats laid out as token ids by the project's encoder
 (framework/serve/routes.py); a LoRA adapter's requests loaded through `LLMServer`'s own adapter loader.
